@@ -1,0 +1,27 @@
+"""The FastAPI application: routers, auth and error handling wired together."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from fluxtrain import __version__
+from fluxtrain.api.deps import require_api_key
+from fluxtrain.api.errors import install_error_handlers
+from fluxtrain.api.routes import captions, dataset_config, datasets, health, runs
+from fluxtrain.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="fluxtrain",
+        version=__version__,
+        description="Image URLs in, a trained FLUX.1 LoRA out.",
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    protected = [Depends(require_api_key)]
+    for module in (datasets, dataset_config, captions, runs):
+        app.include_router(module.router, dependencies=protected)
+    return app

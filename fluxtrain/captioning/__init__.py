@@ -1,0 +1,1 @@
+"""Image captioning: the captioner interface and its Florence-2 implementation."""

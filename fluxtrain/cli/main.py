@@ -1,0 +1,27 @@
+"""Entry point of the `fluxtrain` command; each module below adds its own commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="fluxtrain",
+    help="Turn image URLs into a trained FLUX.1 LoRA: download, caption, configure, train.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="Address to bind (default FLUXTRAIN_HOST, 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port to listen on (default PORT, 8000)."),
+) -> None:
+    """Run the HTTP service on embedded defaults: SQLite, a local data folder."""
+    import uvicorn
+
+    from fluxtrain.api.app import create_app
+    from fluxtrain.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port)

@@ -1,0 +1,1 @@
+"""The kohya-style dataset TOML: its pydantic model and file form."""

@@ -1,0 +1,1 @@
+"""Dataset folders: safe fetching, image normalisation, captions on disk and the manifest."""

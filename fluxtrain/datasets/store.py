@@ -1,0 +1,75 @@
+"""Dataset folders on disk: `$DATA_ROOT/datasets/<name>/` with images, captions and a manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fluxtrain.errors import NotFoundError
+from fluxtrain.fsutil import atomic_write_json, atomic_write_text
+from fluxtrain.names import safe_join
+from fluxtrain.settings import Settings
+
+MANIFEST_NAME = "manifest.json"
+CAPTION_SUFFIX = ".txt"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def dataset_dir(settings: Settings, name: str, *, must_exist: bool = True) -> Path:
+    """The folder of dataset `name`; 404 when it must exist and does not."""
+    root = settings.datasets_dir
+    root.mkdir(parents=True, exist_ok=True)
+    folder = safe_join(root, name, what="dataset name")
+    if must_exist and not folder.is_dir():
+        raise NotFoundError(f"dataset '{name}' does not exist")
+    return folder
+
+
+def list_dataset_names(settings: Settings) -> list[str]:
+    root = settings.datasets_dir
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a dataset folder, sorted by name, hidden and temporary files skipped."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def caption_path(image: Path, extension: str = CAPTION_SUFFIX) -> Path:
+    return image.with_suffix(extension)
+
+
+def read_caption(image: Path) -> str | None:
+    path = caption_path(image)
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def write_caption(image: Path, caption: str) -> None:
+    atomic_write_text(caption_path(image), caption)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+
+
+def delete_dataset(settings: Settings, name: str) -> None:
+    shutil.rmtree(dataset_dir(settings, name))

@@ -1,0 +1,1 @@
+"""Run records, the queue and executor, launching the trainer, status, logs and cancel."""

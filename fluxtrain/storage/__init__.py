@@ -1,0 +1,1 @@
+"""Copying artifacts to S3 / GCS through fsspec."""

@@ -1,0 +1,32 @@
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from fluxtrain.api.app import create_app
+from fluxtrain.settings import Settings
+
+
+def test_health_is_open(client: TestClient) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_openapi_and_docs_stay_open_with_a_key(settings: Settings) -> None:
+    settings.api_key = SecretStr("s3cret")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/docs").status_code == 200
+
+
+def test_settings_read_seed_and_new_names(monkeypatch) -> None:
+    monkeypatch.setenv("PORT", "9123")
+    monkeypatch.setenv("MOUNT_PATH", "/tmp/ft-data")
+    monkeypatch.setenv("FLUXTRAIN_ALLOW_NETWORKS", "127.0.0.0/8, 10.0.0.0/8")
+    monkeypatch.setenv("FLUXTRAIN_MAX_URLS", "7")
+    settings = Settings(_env_file=None)
+    assert settings.port == 9123
+    assert str(settings.data_root) == "/tmp/ft-data"
+    assert str(settings.models_root) == "/tmp/ft-data/models"
+    assert [str(n) for n in settings.allow_networks] == ["127.0.0.0/8", "10.0.0.0/8"]
+    assert settings.max_urls == 7
