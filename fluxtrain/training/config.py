@@ -1,0 +1,82 @@
+"""The resolved training config: what `/train` validates and what `run.json` holds.
+
+Keys are the `/train` request's field names. Defaults follow kohya's sd-scripts FLUX.1 recipe
+where the seed is silent, so its users' settings carry over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fluxtrain.errors import InvalidInputError
+from fluxtrain.names import SafeName
+
+DEFAULT_MAX_TRAIN_STEPS = 1600
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output_name: SafeName
+    dataset_config: Path | None = Field(None, description="Absolute path of the dataset TOML.")
+    pretrained_model: str = "flux1-dev.sft"
+    clip_l: str = "clip_l.safetensors"
+    t5xxl: str = "t5xxl_fp16.safetensors"
+    ae: str = "ae.sft"
+    models_root: Path | None = Field(None, description="Folder that relative model paths are taken under.")
+    cache_dir: Path | None = Field(None, description="Latent and text-encoder cache folder.")
+
+    max_train_epochs: int | None = Field(None, ge=1, le=100_000)
+    max_train_steps: int | None = Field(None, ge=1, le=10_000_000)
+    learning_rate: float = Field(1e-4, gt=0, le=10)
+    network_dim: int = Field(4, ge=1, le=1024)
+    network_alpha: float = Field(1.0, gt=0)
+    save_every_n_epochs: int | None = Field(None, ge=1)
+    enable_bucket: bool | None = None
+    full_bf16: bool = False
+
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    seed: int = Field(42, ge=0, lt=2**32)
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    gradient_checkpointing: bool = True
+    fp8_base: bool = False
+    timestep_sampling: Literal["shift", "sigmoid", "uniform"] = "shift"
+    discrete_flow_shift: float = Field(3.1582, gt=0)
+    sigmoid_scale: float = Field(1.0, gt=0)
+    guidance_scale: float = Field(1.0, ge=0)
+    caption_dropout_rate: float = Field(0.0, ge=0, le=1)
+    sample_prompts: list[str] = Field(default_factory=list, max_length=64)
+    sample_every_n_steps: int | None = Field(None, ge=1)
+    sample_every_n_epochs: int | None = Field(None, ge=1)
+    save_format: Literal["diffusers", "kohya"] = "diffusers"
+
+    @model_validator(mode="after")
+    def _check_cuda_only_options(self) -> TrainConfig:
+        if self.optimizer == "adamw8bit" or self.fp8_base:
+            import torch
+
+            if not torch.cuda.is_available():
+                option = "optimizer 'adamw8bit'" if self.optimizer == "adamw8bit" else "fp8_base"
+                raise ValueError(f"{option} needs a CUDA GPU and none is visible")
+        return self
+
+
+def load_config(path: Path) -> TrainConfig:
+    """Read and validate `run.json`; a bad value raises InvalidInputError naming the field."""
+    try:
+        return TrainConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError as exc:
+        raise InvalidInputError(f"{path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path} is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'run.json'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidInputError(f"invalid {path.name}: {problems}") from exc
