@@ -25,3 +25,13 @@ def serve(
 
     settings = get_settings()
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port)
+
+
+def _register_commands() -> None:
+    from fluxtrain.cli import captions, dataset_config, datasets, dev, runs
+
+    for module in (datasets, dataset_config, captions, runs, dev):
+        module.register(app)
+
+
+_register_commands()
