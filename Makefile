@@ -2,20 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The CPU wheel of this exact version lies on the build machines' disk; an unpinned torch pulls
+# a multi-GB CUDA build. The package itself only asks for torch>=2.5.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install install-test run test lint
+.PHONY: install install-test run test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
+$(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e .
+	touch $@
 
-install-test: install
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
 
 run: install
 	$(BIN)/fluxtrain serve
@@ -25,3 +33,6 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV)
