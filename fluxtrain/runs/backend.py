@@ -1,0 +1,64 @@
+"""How the executor talks to whatever runs the trainer: a local process group or a Ray job.
+
+E2 (Ray backend): implement `TrainerBackend` in fluxtrain/runs/ray_backend.py (or under
+fluxtrain/storage/ as you see fit) with a class that takes `settings` in its constructor;
+`fluxtrain.runs.executor.make_backend` picks it when FLUXTRAIN_EXECUTOR=ray. The executor stores
+the string `launch` returns in the run row (`backend_ref`) and hands it back to `poll`, `cancel`
+and `logs`, also after a service restart, so it must identify the job on its own (a Ray job id).
+`slots()` returning None means the backend queues by itself (Ray's scheduler): the executor then
+submits every queued run at once instead of waiting for local GPUs.
+Finished uploads: write `RUN_DIR/uploads.json` ({"output/<file>": "s3://...", ...}, atomically);
+the status object shows those URLs in `outputs[].url`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class ProcessState(enum.Enum):
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+@dataclass(frozen=True)
+class PollResult:
+    state: ProcessState
+    returncode: int | None = None
+    """Exit status when the backend knows it (its own child, a Ray job); None when it does not."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    run_id: str
+    run_dir: Path
+    gpu_ids: list[str]
+    """Devices reserved for the run (empty on a CPU-only host or when the backend places it)."""
+    num_gpus: int
+
+
+class TrainerBackend(Protocol):
+    name: str
+
+    def slots(self) -> list[str] | None:
+        """Device ids runs are placed on (["cpu"] without a GPU); None when the backend queues itself."""
+        ...
+
+    def launch(self, spec: LaunchSpec) -> str:
+        """Start the trainer on `spec.run_dir` and return a reference that survives a restart."""
+        ...
+
+    def poll(self, ref: str, run_dir: Path) -> PollResult:
+        """Whether the trainer behind `ref` still runs."""
+        ...
+
+    def cancel(self, ref: str, *, force: bool) -> None:
+        """Ask the trainer to stop (it saves its state); `force` kills it outright."""
+        ...
+
+    def logs(self, ref: str | None, run_dir: Path, *, tail: int) -> list[str]:
+        """The last `tail` lines of the trainer's human log."""
+        ...
