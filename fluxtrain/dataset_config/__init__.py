@@ -1,1 +1,1 @@
-"""The kohya-style dataset TOML: its pydantic model and file form."""
+"""The kohya-style dataset TOML: its pydantic model, its file form and the service that writes it."""

@@ -1,0 +1,174 @@
+"""The kohya-style dataset TOML as pydantic models: the file as written, and the resolved view.
+
+Each section accepts only keys that kohya's sd-scripts accepts in that section, so whatever we
+write is a file sd-scripts reads unchanged, and a typo in a hand-written file is an error instead
+of a silently ignored option. Resolution follows kohya's fallbacks: a subset key falls back to
+its dataset, then to [general], then to kohya's default; a dataset key to [general], then to the
+default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from annotated_types import Len
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from fluxtrain.errors import InvalidInputError
+
+Resolution = PositiveInt | Annotated[list[PositiveInt], Len(2, 2)]
+
+# kohya's own defaults for a DreamBooth-style dataset, used when no section sets a key.
+KOHYA_DEFAULTS: dict[str, object] = {
+    "num_repeats": 1,
+    "shuffle_caption": False,
+    "keep_tokens": 0,
+    "flip_aug": False,
+    "color_aug": False,
+    "random_crop": False,
+    "caption_extension": ".caption",
+    "class_tokens": None,
+    "batch_size": 1,
+    "enable_bucket": False,
+    "min_bucket_reso": 256,
+    "max_bucket_reso": 1024,
+    "bucket_reso_steps": 64,
+    "bucket_no_upscale": False,
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SubsetOptions(_Section):
+    """Keys a subset may set itself or inherit from its dataset and from [general]."""
+
+    num_repeats: PositiveInt | None = None
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = Field(None, ge=0)
+    flip_aug: bool | None = None
+    color_aug: bool | None = None
+    random_crop: bool | None = None
+    caption_extension: str | None = None
+    class_tokens: str | None = None
+
+
+class DatasetOptions(_Section):
+    """Keys shared by every subset of a dataset; [general] may set them for all datasets."""
+
+    resolution: Resolution | None = None
+    batch_size: PositiveInt | None = None
+    enable_bucket: bool | None = None
+    min_bucket_reso: PositiveInt | None = None
+    max_bucket_reso: PositiveInt | None = None
+    bucket_reso_steps: PositiveInt | None = None
+    bucket_no_upscale: bool | None = None
+
+
+class GeneralSection(SubsetOptions, DatasetOptions):
+    """`[general]`: defaults for every dataset and subset."""
+
+
+class SubsetSection(SubsetOptions):
+    """`[[datasets.subsets]]`: one folder of images with its captions."""
+
+    image_dir: str
+
+
+class DatasetSection(SubsetOptions, DatasetOptions):
+    """`[[datasets]]`: subsets trained together at one resolution and batch size."""
+
+    subsets: list[SubsetSection] = Field(min_length=1)
+
+
+class KohyaDatasetToml(_Section):
+    """The whole file: `[general]` and one or more `[[datasets]]`."""
+
+    general: GeneralSection = Field(default_factory=GeneralSection)
+    datasets: list[DatasetSection] = Field(min_length=1)
+
+
+class SubsetSpec(BaseModel):
+    """One subset with every key resolved."""
+
+    model_config = ConfigDict(frozen=True)
+
+    image_dir: Path
+    class_tokens: str | None
+    num_repeats: int
+    caption_extension: str
+    keep_tokens: int
+    shuffle_caption: bool
+    flip_aug: bool
+    color_aug: bool
+    random_crop: bool
+
+
+class DatasetSpec(BaseModel):
+    """One dataset with every key resolved; `resolution` is (width, height)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    resolution: tuple[int, int]
+    batch_size: int
+    enable_bucket: bool
+    min_bucket_reso: int
+    max_bucket_reso: int
+    bucket_reso_steps: int
+    bucket_no_upscale: bool
+    subsets: list[SubsetSpec]
+
+
+class DatasetConfigFile(BaseModel):
+    """A dataset TOML as the trainer uses it: where it came from and its resolved datasets."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    datasets: list[DatasetSpec]
+
+
+def _pick(key: str, *sections: BaseModel) -> object:
+    for section in sections:
+        value = getattr(section, key, None)
+        if value is not None:
+            return value
+    return KOHYA_DEFAULTS[key]
+
+
+def resolve_document(document: KohyaDatasetToml, *, path: Path) -> DatasetConfigFile:
+    """Apply kohya's fallbacks; a relative `image_dir` is taken from the TOML's own folder."""
+    general = document.general
+    datasets: list[DatasetSpec] = []
+    for index, dataset in enumerate(document.datasets):
+        resolution = _pick_resolution(dataset, general, index=index)
+        subsets = [
+            SubsetSpec(
+                image_dir=(path.parent / subset.image_dir).resolve(),
+                **{key: _pick(key, subset, dataset, general) for key in SubsetOptions.model_fields},
+            )
+            for subset in dataset.subsets
+        ]
+        datasets.append(
+            DatasetSpec(
+                resolution=resolution,
+                subsets=subsets,
+                **{
+                    key: _pick(key, dataset, general)
+                    for key in DatasetOptions.model_fields
+                    if key != "resolution"
+                },
+            )
+        )
+    return DatasetConfigFile(path=path, datasets=datasets)
+
+
+def _pick_resolution(dataset: DatasetSection, general: GeneralSection, *, index: int) -> tuple[int, int]:
+    value = dataset.resolution if dataset.resolution is not None else general.resolution
+    if value is None:
+        raise InvalidInputError(f"datasets[{index}] has no resolution, and [general] sets none either")
+    if isinstance(value, int):
+        return (value, value)
+    return (value[0], value[1])

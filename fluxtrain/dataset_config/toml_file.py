@@ -1,0 +1,42 @@
+"""The dataset TOML on disk: render it with tomli_w, read it back with tomllib."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import tomli_w
+from pydantic import ValidationError
+
+from fluxtrain.dataset_config.model import DatasetConfigFile, KohyaDatasetToml, resolve_document
+from fluxtrain.errors import InvalidInputError, NotFoundError
+
+
+def render_dataset_toml(document: KohyaDatasetToml) -> str:
+    """The file text; keys left unset stay out so kohya's fallbacks apply to them."""
+    return tomli_w.dumps(document.model_dump(mode="json", exclude_none=True))
+
+
+def parse_dataset_toml(text: str) -> KohyaDatasetToml:
+    """Check a TOML text against kohya's sections and key types, with a readable message."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInputError(f"dataset config is not valid TOML: {exc}") from exc
+    try:
+        return KohyaDatasetToml.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'file'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise InvalidInputError(f"dataset config is not a valid kohya dataset TOML: {problems}") from exc
+
+
+def load_dataset_config(path: Path) -> DatasetConfigFile:
+    """Read a dataset TOML (ours or hand-written for kohya) with every inherited key resolved."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise NotFoundError(f"dataset config '{path}' does not exist")
+    document = parse_dataset_toml(path.read_text(encoding="utf-8"))
+    return resolve_document(document, path=path)
