@@ -1,0 +1,97 @@
+"""Turning any accepted image bytes into the one form a dataset holds: baseline JPEG, RGB, 8 bit.
+
+Whether bytes are an image is decided by decoding them with a fixed list of Pillow formats;
+the pixel count is read from the header and checked before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pillow_heif
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+pillow_heif.register_heif_opener()
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "HEIF", "AVIF")
+JPEG_QUALITY = 95
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_WHITE = (255, 255, 255, 255)
+
+
+class ImageRejectedError(Exception):
+    """The bytes are not an image we accept; the message is the short reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class NormalizedImage:
+    jpeg: bytes
+    width: int
+    height: int
+
+
+def _looks_like_markup(data: bytes) -> bool:
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith(b"<")
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageRejectedError("not an image: the body is empty")
+    if _looks_like_markup(data):
+        raise ImageRejectedError("not an image: looks like SVG, HTML or XML (refused)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageRejectedError(f"decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageRejectedError("not an image: could not be decoded as an accepted format") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejectedError(
+            f"decompression bomb: {width}x{height} is {width * height} pixels, the limit is {max_pixels}"
+        )
+    return image
+
+
+def _load_first_frame(image: Image.Image) -> Image.Image:
+    try:
+        image.seek(0)
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageRejectedError(f"decompression bomb: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageRejectedError(f"truncated or corrupt image: {exc}") from exc
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    elif image.mode == "F":
+        image = image.point(lambda value: min(max(value, 0), 255)).convert("L")
+    has_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def normalize_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
+    """Decode `data` and re-encode it as baseline JPEG q95, orientation applied and metadata dropped."""
+    with _open(data, max_pixels) as image:
+        frame = _load_first_frame(image)
+        try:
+            upright = ImageOps.exif_transpose(frame)
+        except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+            upright = frame
+        try:
+            rgb = _to_rgb(upright)
+        except (OSError, ValueError) as exc:
+            raise ImageRejectedError(f"unsupported image mode {upright.mode}: {exc}") from exc
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False)
+    return NormalizedImage(jpeg=out.getvalue(), width=rgb.width, height=rgb.height)

@@ -1,0 +1,220 @@
+"""Bringing images into a dataset: from URLs (concurrent, safe fetching) or from uploaded files.
+
+Fetching runs on the event loop; decoding, encoding and writing run in a shared thread pool, so
+the service keeps answering while a large batch is processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+
+from fluxtrain.datasets import archive, ledger
+from fluxtrain.datasets.fetch import FetchError, fetch_bytes, make_client
+from fluxtrain.datasets.images import ImageRejectedError, normalize_image
+from fluxtrain.datasets.store import dataset_dir
+from fluxtrain.errors import InvalidInputError
+from fluxtrain.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ResultCallback = Callable[[str, str | None, str | None], None]
+
+
+@dataclass
+class DownloadResult:
+    """Per source: the absolute path of its saved image, or the reason it was not saved."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=1)
+def image_executor() -> ThreadPoolExecutor:
+    """One pool for all image work in the process, as wide as the CPUs it may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ThreadPoolExecutor(max_workers=max(2, cpus), thread_name_prefix="fluxtrain-image")
+
+
+def prepare_dataset(settings: Settings, name: str) -> Path:
+    """The dataset folder for `name`, created when missing."""
+    folder = dataset_dir(settings, name, must_exist=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def store_image(
+    book: ledger.Ledger, *, source: ledger.Source, stem: str, data: bytes, max_pixels: int
+) -> Path:
+    """Normalise one image and commit it with its manifest entry; blocking, for the worker pool."""
+    image = normalize_image(data, max_pixels=max_pixels)
+    entry = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "width": image.width,
+        "height": image.height,
+    }
+    return book.commit(source=source, stem=stem, jpeg=image.jpeg, entry=entry)
+
+
+def _reason_for(exc: Exception) -> str:
+    if isinstance(exc, FetchError | ImageRejectedError | archive.ArchiveEntryError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"could not save the image: {exc.strerror or exc}"
+    logger.exception("unexpected error while ingesting an image")
+    return f"unexpected error: {type(exc).__name__}"
+
+
+def _in_order(keys: Iterable[str], result: DownloadResult) -> DownloadResult:
+    ordered = DownloadResult()
+    for key in keys:
+        if key in result.files:
+            ordered.files[key] = result.files[key]
+        elif key in result.failed:
+            ordered.failed[key] = result.failed[key]
+    return ordered
+
+
+async def download_images(
+    *,
+    settings: Settings,
+    name: str,
+    urls: list[str],
+    on_result: ResultCallback | None = None,
+) -> DownloadResult:
+    """Fetch every distinct URL into dataset `name`; per-URL trouble lands in `failed`, never raises."""
+    if not urls:
+        raise InvalidInputError("urls must not be empty")
+    if len(urls) > settings.max_urls:
+        raise InvalidInputError(f"at most {settings.max_urls} URLs per request, got {len(urls)}")
+    folder = prepare_dataset(settings, name)
+    unique = list(dict.fromkeys(urls))
+    result = DownloadResult()
+    loop = asyncio.get_running_loop()
+    executor = image_executor()
+    semaphore = asyncio.Semaphore(settings.download_concurrency)
+    allow = settings.allow_networks
+
+    async def one(client: httpx.AsyncClient, client_url: str, book: ledger.Ledger) -> None:
+        path: str | None = None
+        reason: str | None = None
+        async with semaphore:
+            try:
+                fetched = await fetch_bytes(
+                    client,
+                    client_url,
+                    allow=allow,
+                    max_bytes=settings.max_download_bytes,
+                    timeout=settings.download_timeout,
+                )
+                saved = await loop.run_in_executor(
+                    executor,
+                    lambda: store_image(
+                        book,
+                        source=ledger.Source(url=client_url),
+                        stem=ledger.stem_for_url(client_url),
+                        data=fetched.content,
+                        max_pixels=settings.max_image_pixels,
+                    ),
+                )
+                path = str(saved)
+            except Exception as exc:
+                reason = _reason_for(exc)
+        if path is not None:
+            result.files[client_url] = path
+        else:
+            result.failed[client_url] = reason or "failed"
+        if on_result is not None:
+            on_result(client_url, path, reason)
+
+    book = ledger.acquire(folder)
+    try:
+        async with make_client(
+            allow=allow, concurrency=settings.download_concurrency, timeout=settings.download_timeout
+        ) as client:
+            await asyncio.gather(*(one(client, url, book) for url in unique))
+    finally:
+        await loop.run_in_executor(executor, ledger.release, book)
+    return _in_order(unique, result)
+
+
+def _ingest_upload(
+    book: ledger.Ledger, settings: Settings, filename: str, handle: BinaryIO, result: DownloadResult
+) -> None:
+    """One uploaded file, which may be a zip of images; blocking, for the worker pool."""
+    if archive.is_zip(handle):
+        for label, data_or_error in archive.iter_images(
+            handle,
+            archive_name=filename,
+            max_entry_bytes=settings.max_download_bytes,
+            max_total_bytes=settings.max_upload_bytes,
+        ):
+            _store_one(book, settings, label, data_or_error, result)
+        return
+    data = handle.read(settings.max_download_bytes + 1)
+    if len(data) > settings.max_download_bytes:
+        _store_one(
+            book,
+            settings,
+            filename,
+            archive.ArchiveEntryError(f"too large: over the limit of {settings.max_download_bytes} bytes"),
+            result,
+        )
+        return
+    _store_one(book, settings, filename, data, result)
+
+
+def _store_one(
+    book: ledger.Ledger,
+    settings: Settings,
+    label: str,
+    data_or_error: bytes | Exception,
+    result: DownloadResult,
+) -> None:
+    try:
+        if isinstance(data_or_error, Exception):
+            raise data_or_error
+        path = store_image(
+            book,
+            source=ledger.Source(upload=label),
+            stem=ledger.stem_for(label),
+            data=data_or_error,
+            max_pixels=settings.max_image_pixels,
+        )
+    except Exception as exc:
+        result.failed[label] = _reason_for(exc)
+        result.files.pop(label, None)
+        return
+    result.files[label] = str(path)
+    result.failed.pop(label, None)
+
+
+async def add_uploads(
+    *, settings: Settings, name: str, uploads: Sequence[tuple[str, BinaryIO]]
+) -> DownloadResult:
+    """Normalise uploaded images (or zips of them) into dataset `name`, keyed by their file names."""
+    if not uploads:
+        raise InvalidInputError("no files were uploaded")
+    folder = prepare_dataset(settings, name)
+    loop = asyncio.get_running_loop()
+    executor = image_executor()
+    result = DownloadResult()
+    book = ledger.acquire(folder)
+    try:
+        for filename, handle in uploads:
+            label = filename or "upload"
+            await loop.run_in_executor(executor, _ingest_upload, book, settings, label, handle, result)
+    finally:
+        await loop.run_in_executor(executor, ledger.release, book)
+    return result
