@@ -51,7 +51,8 @@ def iter_images(
     with archive:
         infos = [info for info in archive.infolist() if not _skipped(info)]
         if len(infos) > MAX_ENTRIES:
-            yield archive_name, ArchiveEntryError(f"too many entries: {len(infos)}, the limit is {MAX_ENTRIES}")
+            reason = f"too many entries: {len(infos)}, the limit is {MAX_ENTRIES}"
+            yield archive_name, ArchiveEntryError(reason)
             return
         total = 0
         for info in infos:
@@ -60,19 +61,23 @@ def iter_images(
                 yield label, ArchiveEntryError("refused: unsafe path in archive")
                 continue
             if info.file_size > max_entry_bytes:
-                yield label, ArchiveEntryError(
-                    f"too large: {info.file_size} bytes uncompressed, the limit is {max_entry_bytes}"
+                yield (
+                    label,
+                    ArchiveEntryError(
+                        f"too large: {info.file_size} bytes uncompressed, the limit is {max_entry_bytes}"
+                    ),
                 )
                 continue
             if total + info.file_size > max_total_bytes:
-                yield label, ArchiveEntryError(
-                    f"too large: the archive unpacks to more than {max_total_bytes} bytes"
+                yield (
+                    label,
+                    ArchiveEntryError(f"too large: the archive unpacks to more than {max_total_bytes} bytes"),
                 )
                 continue
             try:
                 with archive.open(info) as entry:
                     data = entry.read(max_entry_bytes + 1)
-            except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
+            except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError) as exc:
                 yield label, ArchiveEntryError(f"corrupt archive entry: {exc}")
                 continue
             if len(data) > max_entry_bytes:
