@@ -1,0 +1,320 @@
+"""Loading FLUX.1's four models from the seed's single files (or diffusers folders), offline.
+
+Architecture sizes are read from tensor shapes, so the real files and the tiny test files go
+through the same code; what a single file cannot say (activation, epsilons, VAE scaling) comes
+from the configs shipped in `model_configs/`. Nothing is fetched from a hub when files are local.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from collections.abc import Mapping
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5EncoderModel,
+)
+
+from fluxtrain.errors import InvalidInputError, NotFoundError
+from fluxtrain.training.convert import (
+    bfl_to_diffusers_transformer,
+    bfl_to_diffusers_vae,
+    infer_transformer_config,
+    infer_vae_config,
+)
+
+SINGLE_FILE_SUFFIXES = (".sft", ".safetensors")
+TOKENIZER_HUB_IDS = {"clip_l": "openai/clip-vit-large-patch14", "t5xxl": "google/t5-v1_1-xxl"}
+CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "cond_stage_model.transformer.", "text_model.")
+T5_PREFIXES = ("text_encoders.t5xxl.transformer.",)
+
+
+@cache
+def shipped_config(name: str) -> dict[str, Any]:
+    """A config shipped with fluxtrain: clip_l, t5xxl, vae, scheduler, scheduler_schnell, transformer_dev."""
+    resource = files("fluxtrain.training").joinpath("model_configs", f"{name}.json")
+    return json.loads(resource.read_text(encoding="utf-8"))
+
+
+def tokenizer_dir(models_root: Path, kind: str) -> Path:
+    """Where the tokenizer of a text encoder lives under the models root: tokenizers/{clip_l,t5xxl}."""
+    return models_root / "tokenizers" / kind
+
+
+def resolve_model_path(models_root: Path, value: str) -> Path:
+    """Turn a run.json model path into an existing file or folder; relative ones stay under models_root."""
+    if not value or "\x00" in value:
+        raise InvalidInputError("model path must be a non-empty path")
+    raw = Path(value)
+    if raw.is_absolute():
+        path = raw
+    else:
+        root = models_root.resolve()
+        path = (root / raw).resolve()
+        if not path.is_relative_to(root):
+            raise InvalidInputError(f"model path {value!r} escapes the models folder {models_root}")
+    if not path.exists():
+        raise NotFoundError(f"model file {path.name!r} not found in {path.parent}")
+    return path
+
+
+def _read_single_file(path: Path) -> dict[str, Tensor]:
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise InvalidInputError(f"{path.name}: expected a .sft or .safetensors file or a diffusers folder")
+    try:
+        return load_file(str(path), device="cpu")
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"model file {path.name!r} not found in {path.parent}") from exc
+    except Exception as exc:
+        raise InvalidInputError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+
+
+def _component_folder(path: Path, subfolder: str) -> Path:
+    """A diffusers pipeline folder holds the model in a subfolder; a model folder holds it at its root."""
+    return path / subfolder if (path / subfolder / "config.json").is_file() else path
+
+
+def _dequantize(sd: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Bring every weight to `dtype`, applying the per-tensor scales of 'scaled' fp8 files."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in sd.items():
+        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = sd.get(key.removesuffix(".weight") + ".scale_weight") if key.endswith(".weight") else None
+        if scale is not None:
+            tensor = tensor.to(torch.float32) * scale.to(torch.float32)
+        elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            tensor = tensor.to(torch.float32)
+        out[key] = tensor.to(dtype)
+    return out
+
+
+def _assign_weights(model: nn.Module, sd: Mapping[str, Tensor], what: str) -> None:
+    """Put the file's tensors into a model built on the meta device; any gap or surplus is an error."""
+    result = model.load_state_dict(dict(sd), strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:5])
+        extra = ", ".join(result.unexpected_keys[:5])
+        raise InvalidInputError(
+            f"{what} does not match its architecture: missing [{missing}], unexpected [{extra}]"
+        )
+
+
+def _block_count(keys: Any, pattern: str) -> int:
+    regex = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := regex.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def load_transformer(
+    path: Path, *, dtype: torch.dtype, device: str | torch.device = "cpu", fp8: bool = False
+) -> FluxTransformer2DModel:
+    """The FLUX.1 transformer from a BFL single file (dev or schnell) or a diffusers folder.
+
+    With fp8 the weights are stored as float8_e4m3fn and cast to `dtype` layer by layer for compute
+    (diffusers' layerwise casting; norms and embeddings stay in `dtype`).
+    """
+    if path.is_dir():
+        model = FluxTransformer2DModel.from_pretrained(
+            _component_folder(path, "transformer"), torch_dtype=dtype, local_files_only=True
+        )
+    else:
+        bfl = _read_single_file(path)
+        config = infer_transformer_config(bfl)
+        sd = {k: v.to(dtype) for k, v in bfl_to_diffusers_transformer(bfl).items()}
+        del bfl
+        with init_empty_weights():
+            model = FluxTransformer2DModel(**config)
+        _assign_weights(model, sd, path.name)
+    model.requires_grad_(False)
+    if fp8:
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_autoencoder(path: Path, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> AutoencoderKL:
+    """The FLUX.1 autoencoder from a BFL `ae.sft` or a diffusers folder (scaling/shift of FLUX)."""
+    if path.is_dir():
+        model = AutoencoderKL.from_pretrained(
+            _component_folder(path, "vae"), torch_dtype=dtype, local_files_only=True
+        )
+    else:
+        bfl = _read_single_file(path)
+        config = {**shipped_config("vae"), **infer_vae_config(bfl)}
+        config.pop("_class_name", None)
+        sd = {k: v.to(dtype) for k, v in bfl_to_diffusers_vae(bfl).items()}
+        with init_empty_weights():
+            model = AutoencoderKL(**config)
+        _assign_weights(model, sd, path.name)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def _strip_known_prefix(sd: Mapping[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in sd):
+            return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    return dict(sd)
+
+
+def _clip_heads(hidden: int) -> int:
+    """CLIP-L's heads are 64 wide; a tiny model below that uses 16-wide heads (shapes do not say)."""
+    return hidden // 64 if hidden % 64 == 0 else max(1, hidden // 16)
+
+
+def clip_config_from_shapes(sd: Mapping[str, Tensor]) -> CLIPTextConfig:
+    """CLIPTextConfig for a CLIP-L-style text encoder state dict (keys without `text_model.`)."""
+    try:
+        vocab, hidden = sd["embeddings.token_embedding.weight"].shape
+        positions = sd["embeddings.position_embedding.weight"].shape[0]
+        intermediate = sd["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as exc:
+        raise InvalidInputError(f"not a CLIP text encoder: {exc.args[0]} is missing") from exc
+    values = {**shipped_config("clip_l")}
+    values.update(
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        projection_dim=int(hidden),
+        max_position_embeddings=int(positions),
+        intermediate_size=int(intermediate),
+        num_hidden_layers=_block_count(sd, r"^encoder\.layers\.(\d+)\."),
+        num_attention_heads=_clip_heads(int(hidden)),
+    )
+    return CLIPTextConfig(**values)
+
+
+def t5_config_from_shapes(sd: Mapping[str, Tensor]) -> T5Config:
+    """T5Config for a T5 encoder state dict (T5-XXL or a tiny one), read off its shapes."""
+    attn = "encoder.block.0.layer.0.SelfAttention"
+    ff = "encoder.block.0.layer.1.DenseReluDense"
+    try:
+        vocab, d_model = sd["shared.weight"].shape
+        buckets, heads = sd[f"{attn}.relative_attention_bias.weight"].shape
+        inner = sd[f"{attn}.q.weight"].shape[0]
+    except KeyError as exc:
+        raise InvalidInputError(f"not a T5 encoder: {exc.args[0]} is missing") from exc
+    gated = f"{ff}.wi_0.weight" in sd
+    d_ff = sd[f"{ff}.wi_0.weight" if gated else f"{ff}.wi.weight"].shape[0]
+    layers = _block_count(sd, r"^encoder\.block\.(\d+)\.")
+    values = {**shipped_config("t5xxl")}
+    values.update(
+        vocab_size=int(vocab),
+        d_model=int(d_model),
+        d_kv=int(inner // heads),
+        num_heads=int(heads),
+        d_ff=int(d_ff),
+        num_layers=layers,
+        num_decoder_layers=layers,
+        relative_attention_num_buckets=int(buckets),
+        feed_forward_proj="gated-gelu" if gated else "relu",
+    )
+    return T5Config(**values)
+
+
+def _network_available() -> bool:
+    offline_flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if any(flag not in ("", "0") for flag in offline_flags):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def load_tokenizer(kind: str, folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `folder`; else the hub's where there is a network; else NotFoundError."""
+    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    hub_id = TOKENIZER_HUB_IDS[kind]
+    if _network_available():
+        try:
+            return AutoTokenizer.from_pretrained(hub_id)
+        except OSError as exc:
+            raise NotFoundError(
+                f"{kind} tokenizer folder {folder} is missing and {hub_id} failed: {exc}"
+            ) from exc
+    raise NotFoundError(
+        f"{kind} tokenizer folder {folder} is missing (no network to fetch {hub_id}); "
+        f"save the tokenizer there, e.g. with `fluxtrain dev tiny-models` for tests"
+    )
+
+
+def _default_tokenizer_dir(path: Path, kind: str, pipeline_subfolder: str) -> Path:
+    if path.is_dir():
+        sibling = path.parent / pipeline_subfolder
+        if (path / "tokenizer_config.json").is_file():
+            return path
+        if (path / pipeline_subfolder).is_dir():
+            return path / pipeline_subfolder
+        if sibling.is_dir():
+            return sibling
+    return path.parent / "tokenizers" / kind
+
+
+def load_clip(
+    path: Path, *, tokenizer_dir: Path | None, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[CLIPTextModel, PreTrainedTokenizerBase]:
+    """CLIP-L text encoder (single file or diffusers folder) and its tokenizer.
+
+    `tokenizer_dir` None means `tokenizers/clip_l` beside the file (or a pipeline's `tokenizer`).
+    """
+    folder = tokenizer_dir or _default_tokenizer_dir(path, "clip_l", "tokenizer")
+    tokenizer = load_tokenizer("clip_l", folder)
+    if path.is_dir():
+        model = CLIPTextModel.from_pretrained(
+            _component_folder(path, "text_encoder"), torch_dtype=dtype, local_files_only=True
+        )
+    else:
+        sd = _strip_known_prefix(_read_single_file(path), CLIP_PREFIXES)
+        sd = {k: v for k, v in sd.items() if not k.endswith("position_ids") and k != "text_projection.weight"}
+        sd = _dequantize(sd, dtype)
+        with init_empty_weights():
+            model = CLIPTextModel(clip_config_from_shapes(sd))
+        _assign_weights(model, sd, path.name)
+    model.requires_grad_(False)
+    return model.to(device).eval(), tokenizer
+
+
+def load_t5(
+    path: Path, *, tokenizer_dir: Path | None, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[T5EncoderModel, PreTrainedTokenizerBase]:
+    """T5-XXL encoder (fp16/bf16/fp8 or scaled-fp8 single file, or a diffusers folder) and tokenizer.
+
+    `tokenizer_dir` None means `tokenizers/t5xxl` beside the file (or a pipeline's `tokenizer_2`).
+    """
+    folder = tokenizer_dir or _default_tokenizer_dir(path, "t5xxl", "tokenizer_2")
+    tokenizer = load_tokenizer("t5xxl", folder)
+    if path.is_dir():
+        model = T5EncoderModel.from_pretrained(
+            _component_folder(path, "text_encoder_2"), torch_dtype=dtype, local_files_only=True
+        )
+    else:
+        sd = _dequantize(_strip_known_prefix(_read_single_file(path), T5_PREFIXES), dtype)
+        shared, embed = sd.pop("shared.weight", None), sd.pop("encoder.embed_tokens.weight", None)
+        embedding = shared if shared is not None else embed
+        if embedding is None:
+            raise InvalidInputError(f"{path.name} is not a T5 encoder: shared.weight is missing")
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = embedding
+        with init_empty_weights():
+            model = T5EncoderModel(t5_config_from_shapes(sd))
+        _assign_weights(model, sd, path.name)
+        model.encoder.embed_tokens.weight = model.shared.weight
+    model.requires_grad_(False)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,32 @@
+"""Shared fixtures for training tests: the tiny FLUX.1 model files, written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fluxtrain.training.tiny import write_tiny_flux_files
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models root with flux1-dev.sft, ae.sft, clip_l.safetensors, t5xxl_fp16.safetensors, tokenizers/."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    write_tiny_flux_files(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like tiny_models, but the transformer has no guidance embedding (FLUX.1-schnell layout)."""
+    root = tmp_path_factory.mktemp("tiny_schnell_models")
+    write_tiny_flux_files(root, guidance=False)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training tests never reach a model hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
