@@ -1,0 +1,99 @@
+"""Captioning a dataset folder: every image gets `<stem>.txt` = "<trigger word>, <caption>" beside it.
+
+Captions are written as each batch finishes, and existing ones are kept unless `overwrite` is set,
+so an interrupted run resumes where it stopped and a repeated call costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxtrain.captioning.captioner import Florence2Captioner, GenerationOptions
+from fluxtrain.captioning.model import default_batch_size, get_caption_model
+from fluxtrain.captioning.prompts import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_NUM_BEAMS,
+    DEFAULT_PROMPT,
+    CaptionTask,
+    model_prompt,
+    training_caption,
+)
+from fluxtrain.datasets.store import dataset_dir, list_images, read_caption, write_caption
+from fluxtrain.errors import InvalidInputError, NotFoundError
+from fluxtrain.names import safe_join
+from fluxtrain.settings import Settings
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class CaptionResult:
+    """Captions by image file name (kept and new ones), and images that failed with the reason."""
+
+    captions: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def caption_dataset(
+    *,
+    settings: Settings,
+    name: str,
+    trigger_word: str,
+    prompt: str = DEFAULT_PROMPT,
+    overwrite: bool = False,
+    task: CaptionTask | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    num_beams: int = DEFAULT_NUM_BEAMS,
+    on_progress: ProgressCallback | None = None,
+) -> CaptionResult:
+    """Caption a dataset so it can train; `on_progress(done, total)` counts the images still to caption."""
+    folder = dataset_dir(settings, name)
+    images = list_images(folder)
+    if not images:
+        raise InvalidInputError(f"dataset '{name}' has no images to caption")
+    if not trigger_word.strip():
+        raise InvalidInputError("trigger_word must not be empty")
+    options = GenerationOptions(
+        prompt=model_prompt(prompt, task), max_new_tokens=max_new_tokens, num_beams=num_beams
+    )
+    kept: dict[Path, str] = {}
+    if not overwrite:
+        kept = {image: text for image in images if (text := read_caption(image))}
+    pending = [image for image in images if image not in kept]
+    result = CaptionResult()
+    written: dict[Path, str] = {}
+    if on_progress is not None:
+        on_progress(0, len(pending))
+    if pending:
+        loaded = get_caption_model(settings)
+        captioner = Florence2Captioner(
+            loaded,
+            batch_size=default_batch_size(settings, loaded.device),
+            max_image_pixels=settings.max_image_pixels,
+        )
+        done = 0
+        for outcome in captioner.caption(pending, options):
+            for image, caption in outcome.captions.items():
+                line = training_caption(trigger_word, caption)
+                write_caption(image, line)
+                written[image] = line
+            result.failed.update({image.name: reason for image, reason in outcome.failed.items()})
+            done += len(outcome.captions) + len(outcome.failed)
+            if on_progress is not None:
+                on_progress(done, len(pending))
+    for image in images:
+        if image in kept or image in written:
+            result.captions[image.name] = kept.get(image) or written[image]
+    return result
+
+
+def set_caption(*, settings: Settings, name: str, image: str, caption: str) -> Path:
+    """Write one caption by hand, exactly as given, beside an image of the dataset."""
+    folder = dataset_dir(settings, name)
+    path = safe_join(folder, image, what="image name")
+    if path not in list_images(folder):
+        raise NotFoundError(f"dataset '{name}' has no image named '{image}'")
+    write_caption(path, caption)
+    return path
