@@ -1,0 +1,473 @@
+"""Download benchmark: fluxtrain's downloader against the latency bound and against img2dataset.
+
+A loopback server (127.0.0.1 only, in its own process) answers every request after `--latency`
+seconds with a distinct 512x512 PNG (a handful of photo-like bodies made distinct per URL by a
+text chunk). fluxtrain downloads `--n` distinct URLs from it at `--concurrency`; then img2dataset
+(never a fluxtrain dependency: install it in its own venv and pass `--img2dataset-python`) fetches
+the same URLs at the same total concurrency, re-encoding to JPEG quality 95 like fluxtrain does.
+
+    .venv/bin/python bench/download.py [--n 1000] [--concurrency 32] \\
+        [--img2dataset-python /tmp/i2d-venv/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import ipaddress
+import json
+import math
+import multiprocessing
+import os
+import pstats
+import resource
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fluxtrain.datasets.ingest import download_images
+from fluxtrain.settings import Settings
+
+DEFAULT_CONCURRENCY: int = Settings.model_fields["download_concurrency"].default
+IMAGE_SIDE = 512
+DISTINCT_BODIES = 8
+PNG_SIGNATURE_AND_IHDR = 8 + 25
+
+
+def make_png_bodies(count: int, side: int) -> list[bytes]:
+    """Photo-like PNGs (smooth colour fields plus sensor-like noise), about 0.5 MB each."""
+    rng = np.random.default_rng(2024)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    bodies = []
+    for index in range(count):
+        phase = index * 0.7
+        red = 128 + 100 * np.sin(x / 61 + phase) * np.cos(y / 97)
+        green = 128 + 90 * np.sin((x + y) / 83 + 2 * phase)
+        blue = 128 + 110 * np.cos(y / 53 - phase) * np.sin(x / 131)
+        pixels = np.stack([red, green, blue], axis=-1) + rng.normal(0, 5, (side, side, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(buffer, "PNG")
+        bodies.append(buffer.getvalue())
+    return bodies
+
+
+def with_text_chunk(png: bytes, text: str) -> bytes:
+    """The same picture with a tEXt chunk after IHDR, so every URL's bytes differ."""
+    data = b"Comment\x00" + text.encode("ascii")
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    return png[:PNG_SIGNATURE_AND_IHDR] + chunk + png[PNG_SIGNATURE_AND_IHDR:]
+
+
+def _serve(sock: socket.socket, bodies: list[bytes], latency: float, served: Synchronized) -> None:
+    import uvicorn
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(latency)
+        path = scope["path"]
+        body = with_text_chunk(bodies[zlib.crc32(path.encode()) % len(bodies)], path)
+        headers = [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        with served.get_lock():
+            served.value += 1
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+@dataclass
+class ImageServer:
+    """The loopback server process; `served` counts the answered requests."""
+
+    port: int
+    process: multiprocessing.Process
+    served: Synchronized
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def image_server(latency: float) -> Iterator[ImageServer]:
+    """Listen before forking, so no request can arrive before the server is ready to queue it."""
+    bodies = make_png_bodies(DISTINCT_BODIES, IMAGE_SIDE)
+    print(
+        f"server: {len(bodies)} {IMAGE_SIDE}x{IMAGE_SIDE} PNG bodies, "
+        f"{sum(map(len, bodies)) / len(bodies) / 1e6:.2f} MB on average, made distinct per URL"
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    context = multiprocessing.get_context("fork")
+    served = context.Value("l", 0)
+    process = context.Process(target=_serve, args=(sock, bodies, latency, served), daemon=True)
+    process.start()
+    try:
+        yield ImageServer(port=sock.getsockname()[1], process=process, served=served)
+    finally:
+        process.terminate()
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+        sock.close()
+
+
+@dataclass
+class Outcome:
+    tool: str
+    wall_s: float
+    ok: int
+    failed: dict[str, str] = field(default_factory=dict)
+    cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
+    requests: int = 0
+    note: str = ""
+
+
+class StageProbe:
+    """Per-URL timings of fluxtrain's stages, taken by wrapping its fetch and store steps, plus
+    how late the event loop runs a 5 ms timer (how busy the loop thread is)."""
+
+    def __init__(self) -> None:
+        self.fetch: dict[str, tuple[float, float]] = {}
+        self.store: dict[str, tuple[float, float, float]] = {}
+        self.done: dict[str, float] = {}
+        self.loop_lag: list[float] = []
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        from fluxtrain.datasets import ingest
+
+        fetch_bytes, store_image = ingest.fetch_bytes, ingest.store_image
+
+        async def timed_fetch(client: Any, url: str, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await fetch_bytes(client, url, **kwargs)
+            finally:
+                self.fetch[url] = (started, time.perf_counter())
+
+        def timed_store(book: Any, *, source: Any, **kwargs: Any) -> Any:
+            started, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return store_image(book, source=source, **kwargs)
+            finally:
+                self.store[source.url] = (started, time.perf_counter(), time.thread_time() - cpu)
+
+        ingest.fetch_bytes, ingest.store_image = timed_fetch, timed_store
+        try:
+            yield
+        finally:
+            ingest.fetch_bytes, ingest.store_image = fetch_bytes, store_image
+
+    def on_result(self, url: str, _path: str | None, _reason: str | None) -> None:
+        self.done[url] = time.perf_counter()
+
+    async def watch_loop(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.005)
+            self.loop_lag.append(time.perf_counter() - started - 0.005)
+
+    def report(self, *, concurrency: int, wall: float) -> None:
+        urls = [u for u in self.done if u in self.fetch and u in self.store]
+        if not urls:
+            return
+        fetch = [self.fetch[u][1] - self.fetch[u][0] for u in urls]
+        queued = [self.store[u][0] - self.fetch[u][1] for u in urls]
+        store = [self.store[u][1] - self.store[u][0] for u in urls]
+        store_cpu = [self.store[u][2] for u in urls]
+        back = [self.done[u] - self.store[u][1] for u in urls]
+        slot = [self.done[u] - self.fetch[u][0] for u in urls]
+        first = min(self.fetch[u][0] for u in urls)
+        last = max(self.done.values())
+
+        def line(label: str, values: list[float]) -> str:
+            ordered = sorted(values)
+            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            return (
+                f"  {label:<34} mean {statistics.fmean(values) * 1000:7.1f} ms  "
+                f"p50 {statistics.median(values) * 1000:7.1f}  p95 {p95 * 1000:7.1f}  "
+                f"sum {sum(values):6.2f} s"
+            )
+
+        print("\nfluxtrain stage profile (each URL holds a concurrency slot from fetch start to result)")
+        print(line("fetch (request to last byte)", fetch))
+        print(line("wait for an image worker", queued))
+        print(line("normalise + save (worker wall)", store))
+        print(line("normalise + save (worker CPU)", store_cpu))
+        print(line("back on the event loop", back))
+        print(line("slot held", slot))
+        print(
+            f"  slot-time bound: n x mean slot / concurrency = "
+            f"{len(urls) * statistics.fmean(slot) / concurrency:.2f} s; first fetch after "
+            f"{(first - self.t0) * 1000:.0f} ms, last result {(wall - (last - self.t0)) * 1000:.0f} ms "
+            f"before the call returned"
+        )
+        if self.loop_lag:
+            lag = sorted(self.loop_lag)
+            print(
+                f"  event-loop lag on a 5 ms timer: mean {statistics.fmean(lag) * 1000:.1f} ms, "
+                f"p95 {lag[int(0.95 * (len(lag) - 1))] * 1000:.1f} ms, max {lag[-1] * 1000:.1f} ms"
+            )
+
+    t0: float = 0.0
+
+
+def run_fluxtrain(
+    *, server: ImageServer, urls: list[str], concurrency: int, workdir: Path, profile: bool, cprofile: bool
+) -> Outcome:
+    settings = Settings(
+        mount_path=workdir / "data",
+        allow_networks=[ipaddress.ip_network("127.0.0.0/8")],
+        download_concurrency=concurrency,
+        max_urls=max(len(urls), 1),
+        _env_file=None,
+    )
+    probe = StageProbe() if profile else None
+    profiler = cProfile.Profile() if cprofile else None
+
+    async def download() -> Any:
+        watcher = asyncio.create_task(probe.watch_loop()) if probe else None
+        try:
+            return await download_images(
+                settings=settings, name="bench", urls=urls, on_result=probe.on_result if probe else None
+            )
+        finally:
+            if watcher:
+                watcher.cancel()
+
+    requests_before, server_cpu_before = server.served.value, server.cpu_seconds()
+    cpu_before = _own_cpu_seconds()
+    with probe.installed() if probe else nullcontext():
+        started = time.perf_counter()
+        if probe:
+            probe.t0 = started
+        if profiler:
+            profiler.enable()
+        result = asyncio.run(download())
+        if profiler:
+            profiler.disable()
+        wall = time.perf_counter() - started
+    outcome = Outcome(
+        tool="fluxtrain",
+        wall_s=wall,
+        ok=len(result.files),
+        failed=dict(result.failed),
+        cpu_s=_own_cpu_seconds() - cpu_before,
+        server_cpu_s=server.cpu_seconds() - server_cpu_before,
+        requests=server.served.value - requests_before,
+    )
+    if probe:
+        probe.report(concurrency=concurrency, wall=wall)
+    if profiler:
+        print("\nfluxtrain cProfile (event-loop thread only, top 25 by internal time):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    return outcome
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+_IMG2DATASET_DRIVER = (
+    "import json, sys\nfrom img2dataset import download\ndownload(**json.loads(sys.argv[1]))\n"
+)
+
+
+def find_img2dataset_python(given: str | None) -> str | None:
+    """An interpreter that can import img2dataset: the one given, the one behind the
+    `img2dataset` command on PATH, or this one."""
+    candidates = [given] if given else []
+    command = shutil.which("img2dataset")
+    if command:
+        candidates.append(str(Path(command).resolve().parent / "python"))
+    candidates.append(sys.executable)
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            probe = subprocess.run([candidate, "-c", "import img2dataset"], capture_output=True)
+            if probe.returncode == 0:
+                return candidate
+    return None
+
+
+def split_concurrency(concurrency: int, cores: int) -> tuple[int, int]:
+    """img2dataset's processes x threads: one process a core where the total divides evenly."""
+    processes = max(p for p in range(1, min(cores, concurrency) + 1) if concurrency % p == 0)
+    return processes, concurrency // processes
+
+
+def run_img2dataset(
+    *, python: str, server: ImageServer, urls: list[str], concurrency: int, workdir: Path
+) -> Outcome:
+    processes, threads = split_concurrency(concurrency, os.cpu_count() or 1)
+    url_list = workdir / "urls.txt"
+    url_list.write_text("\n".join(urls) + "\n", encoding="utf-8")
+    output = workdir / "img2dataset"
+    options = {
+        "url_list": str(url_list),
+        "input_format": "txt",
+        "output_folder": str(output),
+        "output_format": "files",
+        "encode_format": "jpg",
+        "encode_quality": 95,
+        "resize_mode": "no",
+        "processes_count": processes,
+        "thread_count": threads,
+        "number_sample_per_shard": math.ceil(len(urls) / processes),
+        "timeout": 30,
+        "retries": 0,
+        "enable_wandb": False,
+        "disallowed_header_directives": [],
+    }
+    requests_before, server_cpu_before = server.served.value, server.cpu_seconds()
+    cpu_before = _children_cpu_seconds()
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [python, "-c", _IMG2DATASET_DRIVER, json.dumps(options)], capture_output=True, text=True
+    )
+    total_wall = time.perf_counter() - started
+    if completed.returncode != 0:
+        raise RuntimeError(f"img2dataset failed:\n{completed.stderr[-3000:]}")
+    stats = [json.loads(p.read_text()) for p in output.glob("*_stats.json")]
+    if not stats:
+        raise RuntimeError(f"img2dataset wrote no stats:\n{completed.stderr[-3000:]}")
+    download_wall = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
+    return Outcome(
+        tool="img2dataset",
+        wall_s=download_wall,
+        ok=sum(s["successes"] for s in stats),
+        failed={
+            f"shard {index}: {s['count'] - s['successes']} URLs": str(s["status_dict"])
+            for index, s in enumerate(stats)
+            if s["count"] > s["successes"]
+        },
+        cpu_s=_children_cpu_seconds() - cpu_before,
+        server_cpu_s=server.cpu_seconds() - server_cpu_before,
+        requests=server.served.value - requests_before,
+        note=f"{processes} processes x {threads} threads; {total_wall:.2f} s with start-up and imports",
+    )
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def _report(outcome: Outcome, *, n: int, bound: float) -> None:
+    print(
+        f"{outcome.tool:<12} {outcome.wall_s:7.2f} s  {n / outcome.wall_s:7.1f} img/s  "
+        f"{outcome.wall_s / bound:5.2f}x bound  ok {outcome.ok}/{n}  "
+        f"cpu {outcome.cpu_s:5.1f} s (server {outcome.server_cpu_s:4.1f} s)  requests {outcome.requests}"
+    )
+    if outcome.note:
+        print(f"{'':<12} {outcome.note}")
+    for url, reason in list(outcome.failed.items())[:5]:
+        print(f"{'':<12} failed {url}: {reason}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=1000, help="distinct image URLs (default 1000)")
+    parser.add_argument(
+        "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help=f"default {DEFAULT_CONCURRENCY}"
+    )
+    parser.add_argument("--latency", type=float, default=0.25, help="server delay per request, s")
+    parser.add_argument("--runs", type=int, default=1, help="repeat each tool, report the median")
+    parser.add_argument("--img2dataset-python", help="interpreter of a venv that has img2dataset")
+    parser.add_argument("--skip-img2dataset", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="time fluxtrain's stages per URL")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile fluxtrain's event-loop thread")
+    args = parser.parse_args(argv)
+
+    bound = args.n * args.latency / args.concurrency
+    python = None if args.skip_img2dataset else find_img2dataset_python(args.img2dataset_python)
+    print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; python {sys.version.split()[0]}")
+    print(
+        f"n={args.n} concurrency={args.concurrency} latency={args.latency * 1000:.0f} ms "
+        f"-> latency bound {bound:.2f} s ({args.n / bound:.1f} img/s)"
+    )
+    results: dict[str, list[Outcome]] = {"fluxtrain": [], "img2dataset": []}
+    with image_server(args.latency) as server:
+        print(f"server: http://127.0.0.1:{server.port}/")
+        for run in range(args.runs):
+            urls = [f"http://127.0.0.1:{server.port}/r{run}/img/{i:06d}.png" for i in range(args.n)]
+            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
+                results["fluxtrain"].append(
+                    run_fluxtrain(
+                        server=server,
+                        urls=urls,
+                        concurrency=args.concurrency,
+                        workdir=Path(tmp),
+                        profile=args.profile and run == 0,
+                        cprofile=args.cprofile and run == 0,
+                    )
+                )
+                _report(results["fluxtrain"][-1], n=args.n, bound=bound)
+            if python:
+                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-") as tmp:
+                    results["img2dataset"].append(
+                        run_img2dataset(
+                            python=python,
+                            server=server,
+                            urls=urls,
+                            concurrency=args.concurrency,
+                            workdir=Path(tmp),
+                        )
+                    )
+                    _report(results["img2dataset"][-1], n=args.n, bound=bound)
+    if not python and not args.skip_img2dataset:
+        print(
+            "img2dataset: not found, comparison skipped. Install it in its own venv "
+            "(python3 -m venv /tmp/i2d-venv && /tmp/i2d-venv/bin/pip install img2dataset) and pass "
+            "--img2dataset-python /tmp/i2d-venv/bin/python"
+        )
+    ours = statistics.median(o.wall_s for o in results["fluxtrain"])
+    print("\nsummary (median wall time)")
+    print(
+        f"  fluxtrain    {ours:.2f} s  {args.n / ours:.1f} img/s  "
+        f"{ours / bound:.2f}x the latency bound (target <= 1.25)"
+    )
+    if results["img2dataset"]:
+        theirs = statistics.median(o.wall_s for o in results["img2dataset"])
+        print(
+            f"  img2dataset  {theirs:.2f} s  {args.n / theirs:.1f} img/s  "
+            f"{theirs / bound:.2f}x the latency bound"
+        )
+        print(f"  fluxtrain is {theirs / ours:.2f}x faster than img2dataset (target >= 1.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
