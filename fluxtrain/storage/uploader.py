@@ -1,0 +1,291 @@
+"""Copying a run's checkpoints, final LoRA and samples to S3 / GCS as they appear.
+
+A run's files go to `<prefix>/<run_id>/<path in run dir>`, e.g.
+`s3://bucket/prefix/<run_id>/output/mylora-000001.safetensors`. Only finished files are sent:
+every regular file under `output/` and `samples/` whose path has no part starting with '.'
+(the trainer writes to hidden temporary names and renames). A file whose size or mtime changed
+since its upload is sent again. Local files are never deleted or modified.
+
+What was uploaded is recorded in `run_dir/uploads.json`, written atomically (the runs layer
+reads it to fill `outputs[].url`; `remote_url(run_dir, "output/<file>")` does that lookup):
+
+    {
+      "version": 1,
+      "uploaded": {
+        "output/mylora-000001.safetensors": {
+          "url": "s3://bucket/prefix/<run_id>/output/mylora-000001.safetensors",
+          "size": 1234, "mtime_ns": 1732540000000000000, "uploaded_at": 1732540001.25
+        }
+      },
+      "failed": {
+        "samples/000100-0.png": {
+          "attempts": 2, "error": "Could not connect to the endpoint URL ...",
+          "last_attempt_at": 1732540001.25, "next_attempt_at": 1732540005.25
+        }
+      }
+    }
+
+Keys of both maps are paths relative to the run dir with '/' separators; `uploaded_at`,
+`last_attempt_at` and `next_attempt_at` are Unix times. A file leaves `failed` once uploaded.
+
+Each outcome is also appended to `run_dir/events.jsonl` in the trainer's event format:
+
+    {"event": "upload", "time": 1732540001.25, "file": "output/mylora.safetensors",
+     "url": "s3://...", "size": 1234}
+    {"event": "upload_failed", "time": 1732540001.25, "file": "output/mylora.safetensors",
+     "error": "...", "attempts": 2, "retry_in": 4.0}
+
+(`retry_in` is null when no further try is planned: the final sync gave up.)
+
+Use `sync_once` on every executor tick, or an `ArtifactSync` thread per run, and `final_sync`
+(or `ArtifactSync.stop()`) when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.fsutil import atomic_write_json
+from fluxtrain.storage.remote import RemoteStore
+
+logger = logging.getLogger(__name__)
+
+UPLOADS_FILE = "uploads.json"
+EVENTS_FILE = "events.jsonl"
+WATCHED_DIRS = ("output", "samples")
+MAX_ERROR_CHARS = 500
+MAX_RETRY_DELAY_S = 300.0
+
+_locks_guard = threading.Lock()
+_locks: dict[Path, threading.Lock] = {}
+
+
+class UploadError(FluxtrainError):
+    """An artifact could not be copied to the remote store after every attempt."""
+
+
+class UploadedFile(BaseModel):
+    url: str
+    size: int
+    mtime_ns: int
+    uploaded_at: float
+
+
+class FailedUpload(BaseModel):
+    attempts: int
+    error: str
+    last_attempt_at: float
+    next_attempt_at: float
+
+
+class UploadsManifest(BaseModel):
+    version: int = 1
+    uploaded: dict[str, UploadedFile] = Field(default_factory=dict)
+    failed: dict[str, FailedUpload] = Field(default_factory=dict)
+
+
+class SyncReport(BaseModel):
+    uploaded: list[str] = Field(default_factory=list)
+    failed: list[str] = Field(default_factory=list)
+    pending: list[str] = Field(default_factory=list)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def upload_file(
+    *,
+    store: RemoteStore,
+    local_path: Path,
+    key: str,
+    attempts: int = 3,
+    backoff_s: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Copy one file to the store, retrying with doubling delays; a network blip must not lose it."""
+    remote_path = store.path(key)
+    last: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        if not local_path.is_file():
+            raise UploadError(f"{local_path} no longer exists; nothing to upload")
+        try:
+            store.fs.put_file(str(local_path), remote_path)
+            return store.url(key)
+        except Exception as exc:  # every library and network error is worth another try
+            last = exc
+            logger.warning("upload of %s to %s failed (attempt %d/%d): %s",
+                           local_path.name, store.url(key), attempt, attempts, _short(exc))
+            if attempt < attempts:
+                sleep(backoff_s * 2 ** (attempt - 1))
+    raise UploadError(f"upload of {local_path.name} to {store.url(key)} failed: {_short(last)}") from last
+
+
+def load_uploads(run_dir: Path) -> UploadsManifest:
+    """The run's upload record; an absent or unreadable file means nothing was uploaded yet."""
+    path = run_dir / UPLOADS_FILE
+    try:
+        return UploadsManifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return UploadsManifest()
+    except (ValidationError, ValueError) as exc:
+        logger.warning("ignoring unreadable %s: %s", path, exc)
+        return UploadsManifest()
+
+
+def remote_url(run_dir: Path, relpath: str) -> str | None:
+    """The remote URL of `relpath` (e.g. 'output/x.safetensors') once uploaded, else None."""
+    record = load_uploads(run_dir).uploaded.get(relpath)
+    return record.url if record else None
+
+
+def _append_event(run_dir: Path, event: str, **fields: object) -> None:
+    line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
+    fd = os.open(run_dir / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def _finished_files(run_dir: Path) -> Iterator[tuple[str, Path]]:
+    for folder in WATCHED_DIRS:
+        root = run_dir / folder
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if not name.startswith(".") and path.is_file() and not path.is_symlink():
+                    yield path.relative_to(run_dir).as_posix(), path
+
+
+def _run_lock(run_dir: Path) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(run_dir.resolve(), threading.Lock())
+
+
+def _retry_delay(attempts: int, backoff_s: float) -> float:
+    return min(backoff_s * 2**attempts, MAX_RETRY_DELAY_S)
+
+
+def sync_once(
+    *,
+    store: RemoteStore,
+    run_dir: Path,
+    force: bool = False,
+    give_up: bool = False,
+    attempts: int = 2,
+    backoff_s: float = 1.0,
+) -> SyncReport:
+    """Upload every finished artifact not yet sent; failures wait for a later pass, with backoff."""
+    report = SyncReport()
+    with _run_lock(run_dir):
+        manifest = load_uploads(run_dir)
+        run_id = run_dir.name
+        for relpath, path in _finished_files(run_dir):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            done = manifest.uploaded.get(relpath)
+            if done and done.size == stat.st_size and done.mtime_ns == stat.st_mtime_ns:
+                continue
+            failed = manifest.failed.get(relpath)
+            now = time.time()
+            if failed and not force and now < failed.next_attempt_at:
+                report.pending.append(relpath)
+                continue
+            try:
+                url = upload_file(
+                    store=store, local_path=path, key=f"{run_id}/{relpath}",
+                    attempts=attempts, backoff_s=backoff_s,
+                )
+            except UploadError as exc:
+                tries = (failed.attempts if failed else 0) + 1
+                delay = _retry_delay(tries, backoff_s)
+                manifest.failed[relpath] = FailedUpload(
+                    attempts=tries, error=exc.message, last_attempt_at=now, next_attempt_at=now + delay
+                )
+                atomic_write_json(run_dir / UPLOADS_FILE, manifest.model_dump(mode="json"))
+                _append_event(run_dir, "upload_failed", file=relpath, error=exc.message, attempts=tries,
+                              retry_in=None if give_up else delay)
+                report.failed.append(relpath)
+                continue
+            manifest.failed.pop(relpath, None)
+            manifest.uploaded[relpath] = UploadedFile(
+                url=url, size=stat.st_size, mtime_ns=stat.st_mtime_ns, uploaded_at=time.time()
+            )
+            atomic_write_json(run_dir / UPLOADS_FILE, manifest.model_dump(mode="json"))
+            _append_event(run_dir, "upload", file=relpath, url=url, size=stat.st_size)
+            report.uploaded.append(relpath)
+    return report
+
+
+def final_sync(
+    *,
+    store: RemoteStore,
+    run_dir: Path,
+    passes: int = 4,
+    backoff_s: float = 1.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SyncReport:
+    """At run end, try every unsent artifact now and a few more times, so nothing stays behind quietly."""
+    total = SyncReport()
+    for number in range(1, passes + 1):
+        last = number == passes
+        report = sync_once(store=store, run_dir=run_dir, force=True, give_up=last, backoff_s=backoff_s)
+        total.uploaded.extend(report.uploaded)
+        total.failed = report.failed
+        if not report.failed:
+            break
+        if not last:
+            sleep(_retry_delay(number, backoff_s))
+    return total
+
+
+class ArtifactSync:
+    """A background thread for one run that uploads artifacts as they appear and once more at the end."""
+
+    def __init__(self, *, store: RemoteStore, run_dir: Path, interval_s: float = 5.0) -> None:
+        self.store = store
+        self.run_dir = run_dir
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"artifact-sync-{run_dir.name}", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sync_once(store=self.store, run_dir=self.run_dir)
+            except Exception:  # a broken pass must not end the watcher; the next one retries
+                logger.exception("artifact sync of %s failed", self.run_dir)
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> ArtifactSync:
+        self._thread.start()
+        return self
+
+    def stop(self, *, final: bool = True) -> SyncReport:
+        """Stop watching and, unless told otherwise, upload whatever is still unsent."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return final_sync(store=self.store, run_dir=self.run_dir) if final else SyncReport()
+
+    def __enter__(self) -> ArtifactSync:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
