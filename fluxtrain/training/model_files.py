@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import (
@@ -52,6 +52,12 @@ def shipped_config(name: str) -> dict[str, Any]:
     return json.loads(resource.read_text(encoding="utf-8"))
 
 
+def make_scheduler(*, schnell: bool = False) -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's sampler: dev shifts timesteps with the image size, schnell does not."""
+    config = shipped_config("scheduler_schnell" if schnell else "scheduler")
+    return FlowMatchEulerDiscreteScheduler(**{k: v for k, v in config.items() if not k.startswith("_")})
+
+
 def tokenizer_dir(models_root: Path, kind: str) -> Path:
     """Where the tokenizer of a text encoder lives under the models root: tokenizers/{clip_l,t5xxl}."""
     return models_root / "tokenizers" / kind
@@ -65,9 +71,10 @@ def resolve_model_path(models_root: Path, value: str) -> Path:
     if raw.is_absolute():
         path = raw
     else:
-        root = models_root.resolve()
-        path = (root / raw).resolve()
-        if not path.is_relative_to(root):
+        # Lexical check: '..' may not climb out, while links an operator placed in the root still work.
+        root = Path(os.path.normpath(models_root.absolute()))
+        path = Path(os.path.normpath(root / raw))
+        if not path.is_relative_to(root) or path == root:
             raise InvalidInputError(f"model path {value!r} escapes the models folder {models_root}")
     if not path.exists():
         raise NotFoundError(f"model file {path.name!r} not found in {path.parent}")
@@ -90,19 +97,21 @@ def _component_folder(path: Path, subfolder: str) -> Path:
     return path / subfolder if (path / subfolder / "config.json").is_file() else path
 
 
-def _dequantize(sd: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """Bring every weight to `dtype`, applying the per-tensor scales of 'scaled' fp8 files."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in sd.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+def _dequantize(sd: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Bring every weight to `dtype` in place (one tensor at a time), applying scaled-fp8 scales."""
+    scales = {k: sd.pop(k) for k in list(sd) if k.endswith(".scale_weight")}
+    for key in list(sd):
+        if key == "scaled_fp8" or key.endswith(".scale_input"):
+            del sd[key]
             continue
-        scale = sd.get(key.removesuffix(".weight") + ".scale_weight") if key.endswith(".weight") else None
+        tensor = sd.pop(key)
+        scale = scales.get(key.removesuffix(".weight") + ".scale_weight")
         if scale is not None:
             tensor = tensor.to(torch.float32) * scale.to(torch.float32)
         elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             tensor = tensor.to(torch.float32)
-        out[key] = tensor.to(dtype)
-    return out
+        sd[key] = tensor.to(dtype)
+    return sd
 
 
 def _assign_weights(model: nn.Module, sd: Mapping[str, Tensor], what: str) -> None:
@@ -137,8 +146,9 @@ def load_transformer(
     else:
         bfl = _read_single_file(path)
         config = infer_transformer_config(bfl)
-        sd = {k: v.to(dtype) for k, v in bfl_to_diffusers_transformer(bfl).items()}
+        sd = bfl_to_diffusers_transformer(bfl)
         del bfl
+        sd = _dequantize(sd, dtype)
         with init_empty_weights():
             model = FluxTransformer2DModel(**config)
         _assign_weights(model, sd, path.name)
@@ -158,7 +168,8 @@ def load_autoencoder(path: Path, *, dtype: torch.dtype, device: str | torch.devi
         bfl = _read_single_file(path)
         config = {**shipped_config("vae"), **infer_vae_config(bfl)}
         config.pop("_class_name", None)
-        sd = {k: v.to(dtype) for k, v in bfl_to_diffusers_vae(bfl).items()}
+        sd = _dequantize(bfl_to_diffusers_vae(bfl), dtype)
+        del bfl
         with init_empty_weights():
             model = AutoencoderKL(**config)
         _assign_weights(model, sd, path.name)
@@ -283,8 +294,10 @@ def load_clip(
         )
     else:
         sd = _strip_known_prefix(_read_single_file(path), CLIP_PREFIXES)
-        sd = {k: v for k, v in sd.items() if not k.endswith("position_ids") and k != "text_projection.weight"}
-        sd = _dequantize(sd, dtype)
+        sd = _dequantize(
+            {k: v for k, v in sd.items() if not k.endswith("position_ids") and k != "text_projection.weight"},
+            dtype,
+        )
         with init_empty_weights():
             model = CLIPTextModel(clip_config_from_shapes(sd))
         _assign_weights(model, sd, path.name)

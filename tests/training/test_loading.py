@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from fluxtrain.errors import InvalidInputError, NotFoundError
@@ -17,8 +17,8 @@ from fluxtrain.training.model_files import (
     load_clip,
     load_t5,
     load_transformer,
+    make_scheduler,
     resolve_model_path,
-    shipped_config,
     tokenizer_dir,
 )
 
@@ -44,14 +44,17 @@ def _transformer_inputs(config: dict, *, seed: int = 0) -> dict[str, torch.Tenso
 
 
 def test_resolve_model_path(tiny_models: Path, tmp_path: Path) -> None:
-    assert resolve_model_path(tiny_models, "ae.sft") == (tiny_models / "ae.sft").resolve()
+    assert resolve_model_path(tiny_models, "ae.sft") == tiny_models / "ae.sft"
+    assert resolve_model_path(tiny_models, "tokenizers/../ae.sft") == tiny_models / "ae.sft"
     absolute = tiny_models / "clip_l.safetensors"
     assert resolve_model_path(tmp_path, str(absolute)) == absolute
     with pytest.raises(InvalidInputError, match="escapes"):
         resolve_model_path(tiny_models / "tokenizers", "../ae.sft")
     with pytest.raises(NotFoundError) as err:
         resolve_model_path(tiny_models, "flux1-schnell.sft")
-    assert "flux1-schnell.sft" in err.value.message and str(tiny_models.resolve()) in err.value.message
+    assert "flux1-schnell.sft" in err.value.message and str(tiny_models) in err.value.message
+    with pytest.raises(InvalidInputError):
+        resolve_model_path(tiny_models, "")
 
 
 def test_single_file_transformer_matches_a_diffusers_folder(tiny_models: Path, tmp_path: Path) -> None:
@@ -179,13 +182,12 @@ def test_wrong_files_are_refused(tiny_models: Path, tmp_path: Path) -> None:
         )
 
 
-def test_tiny_files_make_a_working_flux_pipeline(tiny_models: Path) -> None:
+def test_tiny_files_make_a_working_flux_pipeline_and_folders_load(tiny_models: Path, tmp_path: Path) -> None:
     dtype = torch.float32
     clip, clip_tok = load_clip(tiny_models / "clip_l.safetensors", tokenizer_dir=None, dtype=dtype)
     t5, t5_tok = load_t5(tiny_models / "t5xxl_fp16.safetensors", tokenizer_dir=None, dtype=dtype)
-    scheduler_config = {k: v for k, v in shipped_config("scheduler").items() if not k.startswith("_")}
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+        scheduler=make_scheduler(),
         vae=load_autoencoder(tiny_models / "ae.sft", dtype=dtype),
         text_encoder=clip,
         tokenizer=clip_tok,
@@ -205,3 +207,14 @@ def test_tiny_files_make_a_working_flux_pipeline(tiny_models: Path) -> None:
         output_type="np",
     ).images
     assert image.shape == (1, 32, 32, 3) and (image >= 0).all() and (image <= 1).all()
+    assert image.std() > 0
+
+    pipe.save_pretrained(tmp_path / "pipeline")
+    folder = tmp_path / "pipeline"
+    clip2, tok2 = load_clip(folder, tokenizer_dir=None, dtype=dtype)
+    t5_2, _ = load_t5(folder / "text_encoder_2", tokenizer_dir=None, dtype=dtype)
+    vae2 = load_autoencoder(folder, dtype=dtype)
+    assert tok2.get_vocab() == clip_tok.get_vocab()
+    assert torch.equal(clip2.embeddings.token_embedding.weight, clip.embeddings.token_embedding.weight)
+    assert torch.equal(t5_2.shared.weight, t5.shared.weight)
+    assert vae2.config.shift_factor == pytest.approx(0.1159)
