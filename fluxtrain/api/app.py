@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import Depends, FastAPI
 
 from fluxtrain import __version__
@@ -11,12 +15,26 @@ from fluxtrain.api.routes import captions, dataset_config, datasets, health, run
 from fluxtrain.settings import Settings, get_settings
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run the training executor for as long as the app serves (only the lease holder acts)."""
+    from fluxtrain.runs.executor import start_executor
+
+    executor = start_executor(app.state.settings)
+    app.state.executor = executor
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(executor.stop)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
         title="fluxtrain",
         version=__version__,
         description="Image URLs in, a trained FLUX.1 LoRA out.",
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     install_error_handlers(app)

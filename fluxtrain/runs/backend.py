@@ -55,7 +55,7 @@ class TrainerBackend(Protocol):
         """Whether the trainer behind `ref` still runs."""
         ...
 
-    def cancel(self, ref: str, *, force: bool) -> None:
+    def cancel(self, ref: str, run_dir: Path, *, force: bool) -> None:
         """Ask the trainer to stop (it saves its state); `force` kills it outright."""
         ...
 

@@ -1,0 +1,280 @@
+"""The executor: starts queued runs FIFO as devices free up, watches them, and settles how they end.
+
+It runs in one thread of one process (whoever holds the database lease) and keeps nothing a
+restart could lose: every decision is read back from the run table and the run directory.
+On taking the lease it looks at every run marked running: a live trainer is adopted; a dead
+one that ended while nobody watched is settled from what it left behind, and one killed with
+the service is resumed from its saved state (or failed when it saved none).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from fluxtrain.errors import UnavailableError
+from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState, TrainerBackend
+from fluxtrain.runs.db import Database, get_database
+from fluxtrain.runs.launcher import LocalBackend
+from fluxtrain.runs.lease import DatabaseLease
+from fluxtrain.runs.models import Run, utcnow
+from fluxtrain.runs.status import build_status, final_lora, last_event, recent_events, run_dir
+from fluxtrain.runs.webhooks import notify
+from fluxtrain.settings import Settings
+
+log = logging.getLogger(__name__)
+ERROR_LOG_LINES = 20
+CPU_SLOT = "cpu"
+
+
+def make_backend(settings: Settings) -> TrainerBackend:
+    """The backend FLUXTRAIN_EXECUTOR names: `local` (process groups here) or `ray` (Ray jobs)."""
+    if settings.executor == "ray":
+        try:
+            from fluxtrain.runs.ray_backend import RayBackend  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise UnavailableError(f"the Ray executor is not available: {exc}") from exc
+        return RayBackend(settings)
+    return LocalBackend(gpus=settings.gpus)
+
+
+def _has_state(folder: Path) -> bool:
+    state = folder / "state"
+    return state.is_dir() and any(state.iterdir())
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        backend: TrainerBackend,
+        poll_interval: float = 1.0,
+        lease_ttl: float = 15.0,
+        cancel_grace: float = 60.0,
+        max_attempts: int = 3,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.backend = backend
+        self.poll_interval = poll_interval
+        self.cancel_grace = cancel_grace
+        self.max_attempts = max_attempts
+        self.lease = DatabaseLease(db, ttl=lease_ttl)
+        self._leader = False
+        self._terminated: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fluxtrain-executor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching; trainers keep running and the next executor adopts them."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._leader:
+            self.lease.release()
+            self._leader = False
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the service must outlive any one bad tick
+                log.exception("executor tick failed")
+            self._stop.wait(self.poll_interval)
+
+    def tick(self) -> None:
+        """One pass: hold the lease, settle runs that ended, send cancels, start what fits."""
+        if not self.lease.acquire():
+            self._leader = False
+            return
+        if not self._leader:
+            self._leader = True
+            self._recover()
+        self._watch()
+        self._start_queued()
+
+    def _runs(self, status: str) -> list[Run]:
+        with self.db.session() as session:
+            return list(
+                session.scalars(select(Run).where(Run.status == status).order_by(Run.created_at, Run.id))
+            )
+
+    def _recover(self) -> None:
+        for run in self._runs("running"):
+            folder = run_dir(self.settings, run.id)
+            if run.backend_ref is None:
+                self._settle(run, PollResult(ProcessState.EXITED), lost=True)
+                continue
+            result = self.backend.poll(run.backend_ref, folder)
+            if result.state is ProcessState.RUNNING:
+                log.info("adopted run %s (still running)", run.id)
+            else:
+                self._settle(run, result, lost=True)
+
+    def _watch(self) -> None:
+        for run in self._runs("running"):
+            if run.backend_ref is None:
+                continue
+            folder = run_dir(self.settings, run.id)
+            result = self.backend.poll(run.backend_ref, folder)
+            if result.state is ProcessState.EXITED:
+                self._settle(run, result, lost=False)
+                continue
+            if run.cancel_requested_at is not None:
+                if run.id not in self._terminated:
+                    self.backend.cancel(run.backend_ref, folder, force=False)
+                    self._terminated.add(run.id)
+                elif time.time() - run.cancel_requested_at > self.cancel_grace:
+                    self.backend.cancel(run.backend_ref, folder, force=True)
+
+    def _log_tail(self, run: Run, folder: Path) -> list[str]:
+        return self.backend.logs(run.backend_ref, folder, tail=ERROR_LOG_LINES)
+
+    def _settle(self, run: Run, result: PollResult, *, lost: bool) -> None:
+        """Decide how a trainer that is no longer running ended, from what it left behind."""
+        folder = run_dir(self.settings, run.id)
+        self._terminated.discard(run.id)
+        events = recent_events(folder)
+        ended = last_event(events, "finished", "interrupted", "error", "started")
+        kind = ended["event"] if ended else None
+        code = result.returncode
+        has_final = final_lora(folder, run.output_name).is_file()
+        if run.cancel_requested_at is not None:
+            self._finish(run, "canceled", None)
+        elif kind == "interrupted" and not has_final:
+            self._resume(run, folder, "the trainer was interrupted")
+        elif code not in (None, 0):
+            reason = (
+                f"the trainer exited with code {code}"
+                if code > 0
+                else f"the trainer was killed by signal {-code}"
+            )
+            self._finish(run, "failed", self._error(run, folder, reason, ended))
+        elif has_final and kind != "error":
+            self._finish(run, "succeeded", None)
+        elif lost and kind not in ("error", "finished"):
+            self._resume(run, folder, "the trainer was lost with the service")
+        elif kind == "error":
+            self._finish(run, "failed", self._error(run, folder, "the trainer reported an error", ended))
+        else:
+            reason = "the trainer exited without writing its final LoRA"
+            self._finish(run, "failed", self._error(run, folder, reason, ended))
+
+    def _error(self, run: Run, folder: Path, reason: str, ended: dict | None) -> str:
+        message = ended.get("message") or ended.get("error") if ended and ended["event"] == "error" else None
+        lines = self._log_tail(run, folder)
+        head = f"{reason}: {message}" if message else reason
+        return "\n".join([head, *lines]) if lines else head
+
+    def _resume(self, run: Run, folder: Path, reason: str) -> None:
+        if not _has_state(folder):
+            self._finish(
+                run, "failed", self._error(run, folder, f"{reason} and had saved no state to resume", None)
+            )
+        elif run.attempts >= self.max_attempts:
+            self._finish(
+                run,
+                "failed",
+                self._error(run, folder, f"{reason}; gave up after {run.attempts} starts", None),
+            )
+        else:
+            log.info("run %s: %s; queued again to resume from its saved state", run.id, reason)
+            with self.db.session() as session:
+                session.execute(
+                    update(Run)
+                    .where(Run.id == run.id, Run.status == "running")
+                    .values(status="queued", backend_ref=None, gpu_ids=None)
+                )
+
+    def _finish(self, run: Run, status: str, error: str | None) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Run)
+                .where(Run.id == run.id, Run.status == "running")
+                .values(status=status, error=error, finished_at=utcnow())
+            )
+            finished = session.get(Run, run.id)
+        log.info("run %s %s", run.id, status)
+        if finished is not None:
+            notify(finished.webhook, build_status(self.settings, finished), self.settings)
+
+    def _start_queued(self) -> None:
+        queued = self._runs("queued")
+        if not queued:
+            return
+        slots = self.backend.slots()
+        if slots is None:
+            for run in queued:
+                self._launch(run, [])
+            return
+        busy = {gpu for run in self._runs("running") for gpu in (run.gpu_ids or "").split(",") if gpu}
+        free = [slot for slot in slots if slot not in busy]
+        for run in queued:
+            need = 1 if slots == [CPU_SLOT] else run.gpus
+            if need > len(slots):
+                error = f"the run needs {need} GPUs and this host has {len(slots)}"
+                self._claim(run, [])
+                self._finish(run, "failed", error)
+                continue
+            if need > len(free):
+                break
+            taken, free = free[:need], free[need:]
+            self._launch(run, taken)
+
+    def _claim(self, run: Run, slots: list[str]) -> bool:
+        with self.db.session() as session:
+            return bool(
+                session.execute(
+                    update(Run)
+                    .where(Run.id == run.id, Run.status == "queued")
+                    .values(
+                        status="running",
+                        gpu_ids=",".join(slots) or None,
+                        started_at=run.started_at or utcnow(),
+                        attempts=run.attempts + 1,
+                        backend=self.backend.name,
+                        backend_ref=None,
+                    )
+                ).rowcount
+            )
+
+    def _launch(self, run: Run, slots: list[str]) -> None:
+        if not self._claim(run, slots):
+            return
+        folder = run_dir(self.settings, run.id)
+        gpu_ids = [slot for slot in slots if slot != CPU_SLOT]
+        try:
+            ref = self.backend.launch(
+                LaunchSpec(run_id=run.id, run_dir=folder, gpu_ids=gpu_ids, num_gpus=max(1, len(gpu_ids)))
+            )
+        except Exception as exc:  # noqa: BLE001 - a launch failure fails the run, not the service
+            log.exception("could not start run %s", run.id)
+            self._finish(run, "failed", f"could not start the trainer: {exc}")
+            return
+        with self.db.session() as session:
+            session.execute(update(Run).where(Run.id == run.id).values(backend_ref=ref))
+            started = session.get(Run, run.id)
+        log.info("started run %s (attempt %d)", run.id, run.attempts + 1)
+        if started is not None and run.attempts == 0:
+            notify(started.webhook, build_status(self.settings, started), self.settings)
+
+
+def start_executor(settings: Settings) -> Executor:
+    """The executor the service runs in its lifespan; only the lease holder does any work."""
+    executor = Executor(settings=settings, db=get_database(settings), backend=make_backend(settings))
+    executor.start()
+    return executor

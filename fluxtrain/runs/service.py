@@ -1,0 +1,181 @@
+"""Run records: create (checked in full before anything exists), read, list and cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
+from fluxtrain.fsutil import atomic_write_json
+from fluxtrain.runs.db import Database
+from fluxtrain.runs.launcher import visible_gpus
+from fluxtrain.runs.models import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
+from fluxtrain.runs.schemas import request_fields
+from fluxtrain.runs.status import build_status, run_dir
+from fluxtrain.runs.webhooks import check_webhook, notify
+from fluxtrain.settings import Settings
+from fluxtrain.training.config import TrainConfig
+
+MODEL_FIELDS = ("pretrained_model", "clip_l", "t5xxl", "ae")
+MAX_LIST_LIMIT = 1000
+
+
+@lru_cache
+def _local_gpus(setting: str) -> tuple[str, ...]:
+    return tuple(visible_gpus(setting))
+
+
+def _model_path(models_root: Path, field: str, value: str) -> Path:
+    root = models_root.resolve()
+    if Path(value).is_absolute():
+        raise InvalidInputError(f"{field}: '{value}' must be a path relative to the models folder")
+    path = (root / value).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise InvalidInputError(f"{field}: '{value}' leaves the models folder")
+    if not path.exists():
+        raise NotFoundError(f"{field}: model file '{value}' not found in {root}")
+    return path
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
+    """Turn a request into the run's config, or raise the 404/422 that explains why not."""
+    fields = request_fields(request)
+    dataset = getattr(request, "dataset", None) or fields["output_name"]
+    toml = settings.datasets_dir / f"{dataset}.toml"
+    if not toml.is_file():
+        raise NotFoundError(f"dataset config '{dataset}.toml' not found in {settings.datasets_dir}")
+    for field in MODEL_FIELDS:
+        _model_path(settings.models_root, field, fields[field])
+    webhook = getattr(request, "webhook", None)
+    if webhook:
+        check_webhook(webhook, settings)
+    gpus = getattr(request, "gpus", 1)
+    if settings.executor == "local":
+        available = _local_gpus(settings.gpus)
+        if available and gpus > len(available):
+            raise InvalidInputError(f"gpus: {gpus} asked for, this host has {len(available)}")
+    try:
+        return TrainConfig.model_validate(
+            {
+                **fields,
+                "dataset_config": str(toml.resolve()),
+                "models_root": str(settings.models_root),
+                "cache_dir": str(settings.cache_dir),
+            }
+        )
+    except ValidationError as exc:
+        raise InvalidInputError(_validation_message(exc)) from exc
+
+
+def _request_hash(request: BaseModel) -> str:
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(db: Database, key: str, digest: str) -> Run | None:
+    with db.session() as session:
+        run = session.scalar(select(Run).where(Run.idempotency_key == key))
+    if run is not None and run.request_hash != digest:
+        raise ConflictError("Idempotency-Key was already used with a different request")
+    return run
+
+
+def create_run(
+    *, settings: Settings, db: Database, request: BaseModel, idempotency_key: str | None = None
+) -> Run:
+    """Queue a run; the same Idempotency-Key with the same body gives back the first run."""
+    digest = _request_hash(request)
+    if idempotency_key:
+        existing = _replay(db, idempotency_key, digest)
+        if existing is not None:
+            return existing
+    config = resolve_config(settings=settings, request=request)
+    run_id = uuid.uuid4().hex
+    folder = run_dir(settings, run_id)
+    folder.mkdir(parents=True)
+    try:
+        atomic_write_json(folder / "run.json", config.model_dump(mode="json"))
+        run = Run(
+            id=run_id,
+            output_name=config.output_name,
+            dataset=Path(str(config.dataset_config)).stem,
+            status="queued",
+            gpus=getattr(request, "gpus", 1),
+            webhook=getattr(request, "webhook", None),
+            created_at=utcnow(),
+            attempts=0,
+            idempotency_key=idempotency_key or None,
+            request_hash=digest,
+        )
+        with db.session() as session:
+            session.add(run)
+    except IntegrityError:
+        shutil.rmtree(folder, ignore_errors=True)
+        existing = _replay(db, idempotency_key or "", digest)
+        if existing is None:
+            raise
+        return existing
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return run
+
+
+def get_run(*, db: Database, run_id: str) -> Run:
+    """The run's row, or a 404 that names the id."""
+    with db.session() as session:
+        run = session.get(Run, run_id) if len(run_id) <= 64 else None
+    if run is None:
+        raise NotFoundError(f"run '{run_id}' does not exist")
+    return run
+
+
+def list_runs(*, db: Database, status: str | None = None, limit: int = 100) -> list[Run]:
+    """Newest first, so a dashboard sees what was just started."""
+    if status is not None and status not in RUN_STATUSES:
+        raise InvalidInputError(f"status must be one of {', '.join(RUN_STATUSES)}")
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidInputError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Run.status == status)
+    with db.session() as session:
+        return list(session.scalars(query))
+
+
+def cancel_run(*, settings: Settings, db: Database, run_id: str) -> Run:
+    """Drop a queued run at once; ask the executor to stop a running one (SIGTERM, then SIGKILL)."""
+    run = get_run(db=db, run_id=run_id)
+    if run.status in TERMINAL_STATUSES:
+        raise ConflictError(f"run '{run_id}' already {run.status}")
+    with db.session() as session:
+        dropped = session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == "queued")
+            .values(status="canceled", finished_at=utcnow())
+        ).rowcount
+        if not dropped:
+            session.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == "running", Run.cancel_requested_at.is_(None))
+                .values(cancel_requested_at=time.time())
+            )
+    run = get_run(db=db, run_id=run_id)
+    if dropped:
+        notify(run.webhook, build_status(settings, run), settings)
+    return run

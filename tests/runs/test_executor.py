@@ -1,0 +1,141 @@
+"""The executor against a trainer double: outcomes, cancel, FIFO on one slot, adoption and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+from sqlalchemy import update
+
+from fluxtrain.runs.launcher import _parse
+from fluxtrain.runs.models import Run
+from fluxtrain.runs.service import cancel_run, get_run
+from fluxtrain.runs.status import build_status, run_dir
+
+
+def _pgid_alive(ref: str) -> bool:
+    pgid, _ = _parse(ref)
+    return any(
+        os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE
+        for p in psutil.process_iter()
+        if p.pid != os.getpid() and _safe_pgid(p.pid) == pgid
+    )
+
+
+def _safe_pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_run_succeeds_with_progress_and_lora(make_executor, submit, drive, run_settings, db):
+    run = submit("demo", max_train_steps=4)
+    executor = make_executor()
+    done = drive(executor, run.id, lambda r: r.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    status = build_status(run_settings, done)
+    assert status.progress.step == 4 and status.progress.total_steps == 4
+    assert [o.name for o in status.outputs] == ["demo.safetensors"]
+    assert status.started_at is not None and status.finished_at is not None
+    assert any("fake trainer demo" in line for line in status.logs)
+
+
+def test_nonzero_exit_fails_with_last_log_lines(make_executor, submit, drive):
+    run = submit("fail")
+    done = drive(make_executor(), run.id, lambda r: r.status not in ("queued", "running"))
+    assert done.status == "failed"
+    assert "the trainer exited with code" in done.error
+    assert "boom, out of memory" in done.error
+
+
+def test_exit_zero_without_final_lora_fails(make_executor, submit, drive):
+    run = submit("silent")
+    done = drive(make_executor(), run.id, lambda r: r.status not in ("queued", "running"))
+    assert done.status == "failed"
+    assert "without writing its final LoRA" in done.error
+
+
+def test_cancel_running_stops_the_process_group(make_executor, submit, drive, run_settings, db):
+    run = submit("slow", max_train_steps=50)
+    executor = make_executor(cancel_grace=5)
+    events = run_dir(run_settings, run.id) / "events.jsonl"
+    running = drive(executor, run.id, lambda r: events.is_file() and '"step"' in events.read_text())
+    assert _pgid_alive(running.backend_ref)
+    cancel_run(settings=run_settings, db=db, run_id=run.id)
+    done = drive(executor, run.id, lambda r: r.status == "canceled", timeout=15)
+    assert done.finished_at is not None
+    assert not _pgid_alive(running.backend_ref)
+    assert '"interrupted"' in events.read_text()
+
+
+def test_two_runs_on_one_slot_run_one_after_the_other(make_executor, submit, drive, db):
+    first = submit("demo", max_train_steps=3)
+    second = submit("other", max_train_steps=3)
+    executor = make_executor()
+    drive(executor, first.id, lambda r: r.status == "running")
+    assert get_run(db=db, run_id=second.id).status == "queued"
+    done = drive(executor, second.id, lambda r: r.status == "succeeded")
+    first_done = get_run(db=db, run_id=first.id)
+    assert first_done.status == "succeeded"
+    assert done.started_at >= first_done.finished_at
+
+
+def test_restarted_executor_adopts_a_live_trainer(make_executor, submit, drive, db):
+    run = submit("slow", max_train_steps=6)
+    first = make_executor()
+    running = drive(first, run.id, lambda r: r.backend_ref is not None)
+    first.lease.release()
+    second = make_executor()
+    second.tick()
+    assert second.is_leader
+    adopted = get_run(db=db, run_id=run.id)
+    assert adopted.status == "running" and adopted.backend_ref == running.backend_ref
+    done = drive(second, run.id, lambda r: r.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 1
+
+
+def test_trainer_killed_with_the_service_resumes_from_state(make_executor, submit, drive, run_settings, db):
+    run = submit("slow", max_train_steps=5)
+    first = make_executor()
+    folder = run_dir(run_settings, run.id)
+    running = drive(first, run.id, lambda r: (folder / "state" / "step").exists())
+    os.killpg(_parse(running.backend_ref)[0], signal.SIGKILL)
+    time.sleep(0.3)
+    first.lease.release()
+    second = make_executor()
+    done = drive(second, run.id, lambda r: r.status in ("succeeded", "failed"), timeout=40)
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 2
+    assert '"resumed_from": 0' not in (folder / "events.jsonl").read_text().split("\n", 1)[1]
+
+
+def test_lost_trainer_without_state_fails_with_reason(make_executor, submit, drive, run_settings, db):
+    run = submit("demo")
+    with db.session() as session:
+        lost = update(Run).where(Run.id == run.id).values(status="running", backend_ref="999999:1.0")
+        session.execute(lost)
+    done = drive(make_executor(), run.id, lambda r: r.status != "running")
+    assert done.status == "failed"
+    assert "lost with the service" in done.error and "no state" in done.error
+
+
+def test_only_one_executor_holds_the_lease(make_executor):
+    first, second = make_executor(), make_executor()
+    first.tick()
+    second.tick()
+    assert first.is_leader and not second.is_leader
+    first.stop()
+    second.tick()
+    assert second.is_leader
+
+
+def test_queued_run_cancel_is_immediate(make_executor, submit, run_settings, db):
+    run = submit("demo")
+    canceled = cancel_run(settings=run_settings, db=db, run_id=run.id)
+    assert canceled.status == "canceled"
+    make_executor().tick()
+    assert get_run(db=db, run_id=run.id).backend_ref is None
