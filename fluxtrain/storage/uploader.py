@@ -6,27 +6,28 @@ every regular file under `output/` and `samples/` whose path has no part startin
 (the trainer writes to hidden temporary names and renames). A file whose size or mtime changed
 since its upload is sent again. Local files are never deleted or modified.
 
-What was uploaded is recorded in `run_dir/uploads.json`, written atomically (the runs layer
-reads it to fill `outputs[].url`; `remote_url(run_dir, "output/<file>")` does that lookup):
+Two files in the run dir record what was sent, both written atomically (temp file + rename):
+
+`uploads.json`, the one the runs layer reads to fill `outputs[].url` (a flat map from the
+file's path inside the run dir, '/'-separated, to its remote URL; absent until the first upload):
+
+    {
+      "output/mylora-000001.safetensors": "s3://bucket/prefix/<run_id>/output/mylora-000001.safetensors",
+      "samples/000010-0.png": "s3://bucket/prefix/<run_id>/samples/000010-0.png"
+    }
+
+`uploads-state.json`, this module's own bookkeeping (what size/mtime was sent, failures and
+when to try again; Unix times):
 
     {
       "version": 1,
-      "uploaded": {
-        "output/mylora-000001.safetensors": {
-          "url": "s3://bucket/prefix/<run_id>/output/mylora-000001.safetensors",
-          "size": 1234, "mtime_ns": 1732540000000000000, "uploaded_at": 1732540001.25
-        }
-      },
-      "failed": {
-        "samples/000100-0.png": {
-          "attempts": 2, "error": "Could not connect to the endpoint URL ...",
-          "last_attempt_at": 1732540001.25, "next_attempt_at": 1732540005.25
-        }
-      }
+      "uploaded": {"output/mylora-000001.safetensors": {"url": "s3://...", "size": 1234,
+                   "mtime_ns": 1732540000000000000, "uploaded_at": 1732540001.25}},
+      "failed": {"samples/000010-0.png": {"attempts": 2, "error": "EndpointConnectionError: ...",
+                 "last_attempt_at": 1732540001.25, "next_attempt_at": 1732540005.25}}
     }
 
-Keys of both maps are paths relative to the run dir with '/' separators; `uploaded_at`,
-`last_attempt_at` and `next_attempt_at` are Unix times. A file leaves `failed` once uploaded.
+A file leaves `failed` once uploaded.
 
 Each outcome is also appended to `run_dir/events.jsonl` in the trainer's event format:
 
@@ -60,6 +61,7 @@ from fluxtrain.storage.remote import RemoteStore
 logger = logging.getLogger(__name__)
 
 UPLOADS_FILE = "uploads.json"
+STATE_FILE = "uploads-state.json"
 EVENTS_FILE = "events.jsonl"
 WATCHED_DIRS = ("output", "samples")
 MAX_ERROR_CHARS = 500
@@ -87,7 +89,7 @@ class FailedUpload(BaseModel):
     next_attempt_at: float
 
 
-class UploadsManifest(BaseModel):
+class UploadState(BaseModel):
     version: int = 1
     uploaded: dict[str, UploadedFile] = Field(default_factory=dict)
     failed: dict[str, FailedUpload] = Field(default_factory=dict)
@@ -131,22 +133,31 @@ def upload_file(
     raise UploadError(f"upload of {local_path.name} to {store.url(key)} failed: {_short(last)}") from last
 
 
-def load_uploads(run_dir: Path) -> UploadsManifest:
-    """The run's upload record; an absent or unreadable file means nothing was uploaded yet."""
-    path = run_dir / UPLOADS_FILE
+def load_state(run_dir: Path) -> UploadState:
+    """What this module sent and what failed; absent or unreadable means nothing was sent yet."""
+    path = run_dir / STATE_FILE
     try:
-        return UploadsManifest.model_validate_json(path.read_bytes())
+        return UploadState.model_validate_json(path.read_bytes())
     except FileNotFoundError:
-        return UploadsManifest()
+        return UploadState()
     except (ValidationError, ValueError) as exc:
         logger.warning("ignoring unreadable %s: %s", path, exc)
-        return UploadsManifest()
+        return UploadState()
+
+
+def _save_state(run_dir: Path, state: UploadState) -> None:
+    atomic_write_json(run_dir / STATE_FILE, state.model_dump(mode="json"))
+    atomic_write_json(run_dir / UPLOADS_FILE, {key: record.url for key, record in state.uploaded.items()})
 
 
 def remote_url(run_dir: Path, relpath: str) -> str | None:
     """The remote URL of `relpath` (e.g. 'output/x.safetensors') once uploaded, else None."""
-    record = load_uploads(run_dir).uploaded.get(relpath)
-    return record.url if record else None
+    try:
+        urls = json.loads((run_dir / UPLOADS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    url = urls.get(relpath) if isinstance(urls, dict) else None
+    return url if isinstance(url, str) else None
 
 
 def _append_event(run_dir: Path, event: str, **fields: object) -> None:
@@ -192,17 +203,17 @@ def sync_once(
     """Upload every finished artifact not yet sent; failures wait for a later pass, with backoff."""
     report = SyncReport()
     with _run_lock(run_dir):
-        manifest = load_uploads(run_dir)
+        state = load_state(run_dir)
         run_id = run_dir.name
         for relpath, path in _finished_files(run_dir):
             try:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            done = manifest.uploaded.get(relpath)
+            done = state.uploaded.get(relpath)
             if done and done.size == stat.st_size and done.mtime_ns == stat.st_mtime_ns:
                 continue
-            failed = manifest.failed.get(relpath)
+            failed = state.failed.get(relpath)
             now = time.time()
             if failed and not force and now < failed.next_attempt_at:
                 report.pending.append(relpath)
@@ -215,19 +226,19 @@ def sync_once(
             except UploadError as exc:
                 tries = (failed.attempts if failed else 0) + 1
                 delay = _retry_delay(tries, backoff_s)
-                manifest.failed[relpath] = FailedUpload(
+                state.failed[relpath] = FailedUpload(
                     attempts=tries, error=exc.message, last_attempt_at=now, next_attempt_at=now + delay
                 )
-                atomic_write_json(run_dir / UPLOADS_FILE, manifest.model_dump(mode="json"))
+                _save_state(run_dir, state)
                 _append_event(run_dir, "upload_failed", file=relpath, error=exc.message, attempts=tries,
                               retry_in=None if give_up else delay)
                 report.failed.append(relpath)
                 continue
-            manifest.failed.pop(relpath, None)
-            manifest.uploaded[relpath] = UploadedFile(
+            state.failed.pop(relpath, None)
+            state.uploaded[relpath] = UploadedFile(
                 url=url, size=stat.st_size, mtime_ns=stat.st_mtime_ns, uploaded_at=time.time()
             )
-            atomic_write_json(run_dir / UPLOADS_FILE, manifest.model_dump(mode="json"))
+            _save_state(run_dir, state)
             _append_event(run_dir, "upload", file=relpath, url=url, size=stat.st_size)
             report.uploaded.append(relpath)
     return report

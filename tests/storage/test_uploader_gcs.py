@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fluxtrain.settings import Settings
 from fluxtrain.storage.remote import open_remote
-from fluxtrain.storage.uploader import load_uploads, sync_once
+from fluxtrain.storage.uploader import load_state, sync_once
 
 
 def test_checkpoint_and_sample_land_in_the_gcs_bucket(gcs_server: str, tmp_path: Path, run_dir: Path) -> None:
@@ -22,7 +22,7 @@ def test_checkpoint_and_sample_land_in_the_gcs_bucket(gcs_server: str, tmp_path:
     assert store.fs.cat_file(key) == (run_dir / "output" / "mylora-000001.safetensors").read_bytes()
     sample = f"artifacts/loras/{run_dir.name}/samples/000010-0.png"
     assert store.fs.cat_file(sample) == (run_dir / "samples" / "000010-0.png").read_bytes()
-    assert load_uploads(run_dir).uploaded["samples/000010-0.png"].url == f"gs://{sample}"
+    assert json.loads((run_dir / "uploads.json").read_text())["samples/000010-0.png"] == f"gs://{sample}"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["started", "upload", "upload"]
 
@@ -36,5 +36,5 @@ def test_missing_gcs_bucket_is_reported_and_the_file_kept(
     assert store is not None
     report = sync_once(store=store, run_dir=run_dir, attempts=1)
     assert report.failed == ["output/mylora-000001.safetensors", "samples/000010-0.png"]
-    assert "no-such-bucket" in load_uploads(run_dir).failed["samples/000010-0.png"].error
+    assert "no-such-bucket" in load_state(run_dir).failed["samples/000010-0.png"].error
     assert (run_dir / "samples" / "000010-0.png").exists()

@@ -15,7 +15,7 @@ from fluxtrain.storage.uploader import (
     ArtifactSync,
     UploadError,
     final_sync,
-    load_uploads,
+    load_state,
     remote_url,
     sync_once,
     upload_file,
@@ -52,15 +52,19 @@ def test_sync_uploads_checkpoint_and_sample_and_records_them(moto_server: object
     ]
     assert s3_store.fs.cat_file(remote[1]) == (run_dir / "samples" / "000010-0.png").read_bytes()
 
-    raw = json.loads((run_dir / "uploads.json").read_text())
-    assert raw["version"] == 1 and raw["failed"] == {}
-    checkpoint = raw["uploaded"]["output/mylora-000001.safetensors"]
+    assert json.loads((run_dir / "uploads.json").read_text()) == {
+        "output/mylora-000001.safetensors": f"{PREFIX}/output/mylora-000001.safetensors",
+        "samples/000010-0.png": f"{PREFIX}/samples/000010-0.png",
+    }
+    state = json.loads((run_dir / "uploads-state.json").read_text())
+    assert state["version"] == 1 and state["failed"] == {}
+    checkpoint = state["uploaded"]["output/mylora-000001.safetensors"]
     assert checkpoint["url"] == f"{PREFIX}/output/mylora-000001.safetensors"
     assert checkpoint["size"] == 1200
     assert checkpoint["mtime_ns"] == (run_dir / "output" / "mylora-000001.safetensors").stat().st_mtime_ns
     assert remote_url(run_dir, "samples/000010-0.png") == f"{PREFIX}/samples/000010-0.png"
     assert remote_url(run_dir, "output/mylora.safetensors") is None
-    assert not list(run_dir.glob(".uploads.json*")), "the record is written through a renamed temp file"
+    assert not list(run_dir.glob(".uploads*")), "the records are written through renamed temp files"
 
     events = _events(run_dir)
     assert [e["event"] for e in events] == ["started", "upload", "upload"]
@@ -79,7 +83,7 @@ def test_sync_uploads_checkpoint_and_sample_and_records_them(moto_server: object
     (run_dir / "output" / "mylora.safetensors").write_bytes(b"final lora, rewritten after resume")
     assert sync_once(store=s3_store, run_dir=run_dir).uploaded == ["output/mylora.safetensors"]
     assert s3_store.fs.cat_file(s3_store.path(f"{RUN_ID}/output/mylora.safetensors")).endswith(b"resume")
-    assert set(load_uploads(run_dir).uploaded) == {
+    assert set(json.loads((run_dir / "uploads.json").read_text())) == {
         "output/mylora-000001.safetensors", "output/mylora-000002.safetensors",
         "output/mylora.safetensors", "samples/000010-0.png",
     }
@@ -123,9 +127,10 @@ def test_server_down_then_up_fails_then_uploads_without_losing_files(
     report = sync_once(store=s3_store, run_dir=run_dir, attempts=1, backoff_s=2.0)
     assert report.failed == ["output/mylora-000001.safetensors", "samples/000010-0.png"]
     assert checkpoint.read_bytes() == before
-    manifest = load_uploads(run_dir)
-    assert manifest.uploaded == {}
-    failed = manifest.failed["output/mylora-000001.safetensors"]
+    state = load_state(run_dir)
+    assert state.uploaded == {}
+    assert json.loads((run_dir / "uploads.json").read_text()) == {}
+    failed = state.failed["output/mylora-000001.safetensors"]
     assert failed.attempts == 1 and "Could not connect" in failed.error
     assert failed.next_attempt_at == pytest.approx(failed.last_attempt_at + 4.0)
     failure_events = [e for e in _events(run_dir) if e["event"] == "upload_failed"]
@@ -145,7 +150,7 @@ def test_server_down_then_up_fails_then_uploads_without_losing_files(
         s3_store.fs.mkdir("artifacts")
         report = sync_once(store=s3_store, run_dir=run_dir, force=True)
         assert report.uploaded == ["output/mylora-000001.safetensors", "samples/000010-0.png"]
-        assert load_uploads(run_dir).failed == {}
+        assert load_state(run_dir).failed == {}
         assert s3_store.fs.cat_file(s3_store.path(f"{RUN_ID}/output/mylora-000001.safetensors")) == before
     finally:
         server.stop()
@@ -153,7 +158,7 @@ def test_server_down_then_up_fails_then_uploads_without_losing_files(
     secret = "testing-secret-value"
     assert secret not in caplog.text
     assert secret not in (run_dir / "events.jsonl").read_text()
-    assert secret not in (run_dir / "uploads.json").read_text()
+    assert secret not in (run_dir / "uploads-state.json").read_text()
 
 
 def test_final_sync_gives_up_after_its_passes_and_says_so(s3_store: RemoteStore, run_dir: Path) -> None:
