@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
     sample_every_n_steps: int | None = Field(None, ge=1)
     sample_every_n_epochs: int | None = Field(None, ge=1)
     save_format: Literal["diffusers", "kohya"] = "diffusers"
+    sample_steps: int = Field(20, ge=1, le=200, description="Denoising steps of each sample image.")
+    sample_guidance_scale: float = Field(3.5, ge=0, description="Distilled guidance of sample images (dev).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
 
     @model_validator(mode="after")
     def _check_cuda_only_options(self) -> TrainConfig:
@@ -64,7 +67,25 @@ class TrainConfig(BaseModel):
             if not torch.cuda.is_available():
                 option = "optimizer 'adamw8bit'" if self.optimizer == "adamw8bit" else "fp8_base"
                 raise ValueError(f"{option} needs a CUDA GPU and none is visible")
+        if self.mixed_precision == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("mixed_precision 'fp16' needs a CUDA GPU and none is visible")
+        if self.full_bf16 and self.mixed_precision in ("no", "fp16"):
+            raise ValueError(f"full_bf16 needs mixed_precision 'bf16', not '{self.mixed_precision}'")
         return self
+
+    @property
+    def resolved_mixed_precision(self) -> Literal["no", "bf16", "fp16"]:
+        """The precision the run uses: as asked, else bf16 with full_bf16 or on CUDA, else no."""
+        if self.mixed_precision is not None:
+            return self.mixed_precision
+        if self.full_bf16:
+            return "bf16"
+        import torch
+
+        return "bf16" if torch.cuda.is_available() else "no"
 
 
 def load_config(path: Path) -> TrainConfig:

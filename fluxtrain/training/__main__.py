@@ -1,0 +1,68 @@
+"""`python -m fluxtrain.training RUN_DIR` (or under `accelerate launch -m`): train one run directory.
+
+Exit status: 0 when the run finished or was interrupted with its state saved (SIGTERM), 2 when
+run.json or the dataset is invalid, 1 on any other failure; every failure is also an `error`
+event in events.jsonl with its message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.training.config import load_config
+from fluxtrain.training.events import EventLog
+
+USAGE = "usage: python -m fluxtrain.training RUN_DIR"
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def main(argv: list[str]) -> int:
+    """Run the trainer on the run directory named by `argv`; returns the exit status."""
+    if len(argv) != 1:
+        print(USAGE, file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0]).resolve()
+    if not run_dir.is_dir():
+        print(f"run directory {run_dir} does not exist", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
+    errors = EventLog(run_dir / "events.jsonl", enabled=_is_main_process())
+    try:
+        config = load_config(run_dir / "run.json")
+    except FluxtrainError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        errors.emit("error", message=exc.message, kind="config")
+        return 2
+    from fluxtrain.training.trainer import StopFlag, Trainer
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        outcome = Trainer(run_dir, config, stop=stop).run()
+    except FluxtrainError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        errors.emit("error", message=exc.message, kind="input")
+        return 2
+    except Exception as exc:
+        traceback.print_exc()
+        errors.emit("error", message=f"{type(exc).__name__}: {exc}", kind="internal")
+        return 1
+    finally:
+        errors.close()
+    print(f"run {outcome}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,151 @@
+"""Latents and text-encoder outputs, computed once and kept under the cache folder.
+
+A latent is keyed by the image's content hash, the autoencoder file's identity, the bucket size
+and whether it is mirrored; a text entry by the caption and both text encoders' identities and
+the T5 length. Entries are safetensors files written atomically, so a second run on the same
+data (or a crashed first one) reuses every finished entry and loads no encoder at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save
+
+from fluxtrain.fsutil import atomic_write_bytes
+from fluxtrain.training.buckets import Size, fit_to_bucket
+
+ENCODE_BATCH = 4
+
+
+def file_identity(path: Path) -> str:
+    """A cheap identity of a model file or folder: resolved path, sizes and modification times."""
+    path = path.resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    parts = [str(path)]
+    for file in files:
+        stat = file.stat()
+        parts.append(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LatentKey:
+    image_sha256: str
+    size: Size
+    flip: bool
+
+
+class TextEncoders:
+    """CLIP-L (pooled output) and T5-XXL (hidden states), tokenised as FluxPipeline does."""
+
+    def __init__(self, *, clip, clip_tokenizer, t5, t5_tokenizer, max_length: int) -> None:
+        self.clip, self.clip_tokenizer = clip, clip_tokenizer
+        self.t5, self.t5_tokenizer = t5, t5_tokenizer
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 hidden states (B, L, D), CLIP pooled (B, 768)) in float32 on the CPU."""
+        clip_ids = self.clip_tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.clip_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.clip.device)
+        pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output
+        t5_ids = self.t5_tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.t5.device)
+        hidden = self.t5(t5_ids, output_hidden_states=False).last_hidden_state
+        return hidden.float().cpu(), pooled.float().cpu()
+
+
+def image_tensor(path: Path, size: Size, *, flip: bool) -> torch.Tensor:
+    """The image fitted to its bucket as a (3, H, W) tensor in [-1, 1]."""
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    image = fit_to_bucket(image, size)
+    if flip:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (the distribution's mean) of a pixel batch in [-1, 1]."""
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    mean = vae.encode(pixels).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((mean - shift) * vae.config.scaling_factor).float().cpu()
+
+
+class FeatureCache:
+    """Where the cached tensors live, under names derived from what they depend on."""
+
+    def __init__(self, root: Path, *, vae_id: str, text_id: str, max_length: int) -> None:
+        self.root = root
+        self.vae_id = vae_id
+        self.text_id = f"{text_id}:{max_length}"
+
+    def latent_path(self, key: LatentKey) -> Path:
+        name = _key("latent", self.vae_id, key.image_sha256, key.size, key.flip)
+        return self.root / "latents" / name[:2] / f"{name}.safetensors"
+
+    def text_path(self, caption: str) -> Path:
+        name = _key("text", self.text_id, caption)
+        return self.root / "text" / name[:2] / f"{name}.safetensors"
+
+    def load_latent(self, key: LatentKey) -> torch.Tensor:
+        return load_file(self.latent_path(key))["latent"]
+
+    def load_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = load_file(self.text_path(caption))
+        return tensors["t5"].float(), tensors["pooled"]
+
+    def fill_latents(self, wanted: dict[LatentKey, Path], load_vae: Callable[[], object]) -> tuple[int, int]:
+        """Encode every missing latent; returns (encoded, from cache)."""
+        missing = [key for key in wanted if not self.latent_path(key).exists()]
+        if missing:
+            vae = load_vae()
+            for chunk in _chunks(missing, ENCODE_BATCH):
+                by_size: dict[Size, list[LatentKey]] = {}
+                for key in chunk:
+                    by_size.setdefault(key.size, []).append(key)
+                for keys in by_size.values():
+                    pixels = torch.stack([image_tensor(wanted[k], k.size, flip=k.flip) for k in keys])
+                    for key, latent in zip(keys, encode_latents(vae, pixels), strict=True):
+                        atomic_write_bytes(self.latent_path(key), save({"latent": latent.contiguous()}))
+        return len(missing), len(wanted) - len(missing)
+
+    def fill_texts(
+        self, captions: Iterable[str], load_encoders: Callable[[], TextEncoders]
+    ) -> tuple[int, int]:
+        """Encode every missing caption; returns (encoded, from cache)."""
+        unique = list(dict.fromkeys(captions))
+        missing = [caption for caption in unique if not self.text_path(caption).exists()]
+        if missing:
+            encoders = load_encoders()
+            for chunk in _chunks(missing, ENCODE_BATCH):
+                hidden, pooled = encoders.encode(list(chunk))
+                for caption, h, p in zip(chunk, hidden, pooled, strict=True):
+                    tensors = {"t5": h.to(torch.bfloat16).contiguous(), "pooled": p.contiguous()}
+                    atomic_write_bytes(self.text_path(caption), save(tensors))
+        return len(missing), len(unique) - len(missing)
+
+
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

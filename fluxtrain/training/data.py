@@ -1,0 +1,162 @@
+"""The training images and captions a kohya-style dataset TOML describes.
+
+The file is read by `fluxtrain.dataset_config` (kohya's cascade of `[general]`, `[[datasets]]`
+and `[[datasets.subsets]]` resolved there).
+Captions come from `<stem><caption_extension>` next to each image, or the subset's
+`class_tokens` (the trigger word) when that file is missing. With `shuffle_caption` the
+comma-separated tags after the first `keep_tokens` are shuffled; since text-encoder outputs are
+cached, each caption gets a fixed set of shuffled variants and a step picks one of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from fluxtrain.dataset_config.toml_file import load_dataset_config
+from fluxtrain.errors import InvalidInputError
+from fluxtrain.training.buckets import BucketSpec, Size, choose_bucket
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+SHUFFLED_VARIANTS = 8
+
+
+@dataclass
+class TrainImage:
+    path: Path
+    sha256: str
+    size: Size
+    bucket: Size
+    captions: list[str]
+    flip_aug: bool
+    num_repeats: int
+    dataset_index: int
+
+
+@dataclass
+class TrainingData:
+    images: list[TrainImage]
+    batch_sizes: list[int]
+    resolution: Size
+    trigger_words: list[str]
+    dataset_hash: str
+    buckets: dict[Size, int] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        """Images times their repeats: what one epoch shows."""
+        return sum(image.num_repeats for image in self.images)
+
+
+def shuffled_captions(caption: str, *, shuffle: bool, keep_tokens: int, seed: str) -> list[str]:
+    """The caption itself, plus fixed shuffles of its tags after the first `keep_tokens`."""
+    if not shuffle:
+        return [caption]
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
+    rng = random.Random(seed)
+    variants = [", ".join(tags)]
+    for _ in range(SHUFFLED_VARIANTS - 1):
+        order = rest[:]
+        rng.shuffle(order)
+        variants.append(", ".join(fixed + order))
+    return list(dict.fromkeys(variants))
+
+
+def _read_caption(image_path: Path, extension: str, class_tokens: str) -> str:
+    caption_path = image_path.with_suffix(extension)
+    if caption_path.is_file():
+        text = caption_path.read_text(encoding="utf-8").strip()
+        if text:
+            return text
+    return class_tokens
+
+
+def _image_size(path: Path) -> Size:
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).size
+
+
+def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) -> TrainingData:
+    """Read the dataset TOML, find every image and caption, and assign buckets."""
+    config = load_dataset_config(toml_path)
+    images: list[TrainImage] = []
+    trigger_words: list[str] = []
+    digest = hashlib.sha256()
+    for d_index, dataset in enumerate(config.datasets):
+        spec = BucketSpec(
+            resolution=dataset.resolution,
+            enable=dataset.enable_bucket if enable_bucket is None else enable_bucket,
+            min_reso=dataset.min_bucket_reso,
+            max_reso=dataset.max_bucket_reso,
+            steps=dataset.bucket_reso_steps,
+            no_upscale=dataset.bucket_no_upscale,
+        )
+        if any(side % 16 for side in dataset.resolution) or (spec.enable and spec.steps % 16):
+            raise InvalidInputError(
+                f"datasets[{d_index}]: resolution and bucket_reso_steps must be multiples of 16 for FLUX.1"
+            )
+        for s_index, subset in enumerate(dataset.subsets):
+            if not subset.image_dir.is_dir():
+                raise InvalidInputError(
+                    f"datasets[{d_index}].subsets[{s_index}].image_dir {subset.image_dir} is not a folder"
+                )
+            class_tokens = subset.class_tokens or ""
+            if class_tokens:
+                trigger_words.append(class_tokens)
+            extension = subset.caption_extension
+            if not extension.startswith("."):
+                extension = "." + extension
+            for path in sorted(subset.image_dir.iterdir()):
+                if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+                    continue
+                sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                caption = _read_caption(path, extension, class_tokens)
+                size = _image_size(path)
+                digest.update(f"{sha}\0{caption}\0{subset.num_repeats}\n".encode())
+                images.append(
+                    TrainImage(
+                        path=path,
+                        sha256=sha,
+                        size=size,
+                        bucket=choose_bucket(spec, *size),
+                        captions=shuffled_captions(
+                            caption, shuffle=subset.shuffle_caption, keep_tokens=subset.keep_tokens, seed=sha
+                        ),
+                        flip_aug=subset.flip_aug,
+                        num_repeats=subset.num_repeats,
+                        dataset_index=d_index,
+                    )
+                )
+    if not images:
+        raise InvalidInputError(f"dataset_config {toml_path} lists no images")
+    buckets: dict[Size, int] = {}
+    for image in images:
+        buckets[image.bucket] = buckets.get(image.bucket, 0) + image.num_repeats
+    return TrainingData(
+        images=images,
+        batch_sizes=[dataset.batch_size for dataset in config.datasets],
+        resolution=config.datasets[0].resolution,
+        trigger_words=list(dict.fromkeys(trigger_words)),
+        dataset_hash=digest.hexdigest(),
+        buckets=buckets,
+    )
+
+
+def epoch_batches(data: TrainingData, *, epoch: int, seed: int) -> list[list[int]]:
+    """This epoch's batches as image indices: repeats included, one bucket per batch, shuffled."""
+    rng = random.Random(f"{seed}:{epoch}")
+    groups: dict[tuple[int, Size], list[int]] = {}
+    for index, image in enumerate(data.images):
+        groups.setdefault((image.dataset_index, image.bucket), []).extend([index] * image.num_repeats)
+    batches: list[list[int]] = []
+    for (d_index, _), members in sorted(groups.items()):
+        rng.shuffle(members)
+        size = data.batch_sizes[d_index]
+        batches.extend(members[i : i + size] for i in range(0, len(members), size))
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,74 @@
+"""Rectified-flow matching as FLUX.1 was trained.
+
+The latent image is packed into 2x2 patches (one token each, 4 x channels wide) and given
+position ids (0, row, column); text tokens get all-zero ids. A step draws t in (0, 1), forms
+x_t = (1 - t) x0 + t noise and regresses the transformer's raw output on the velocity
+noise - x0 with a mean squared error. `shift` sampling (kohya's FLUX recipe) pushes t towards
+noise: t = sigmoid(scale * n), n ~ N(0, 1), then t' = s t / (1 + (s - 1) t).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+TimestepSampling = Literal["shift", "sigmoid", "uniform"]
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents to (B, H/2 * W/2, 4C) tokens."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of `pack_latents` for latents of `height` x `width`."""
+    b, _, packed = tokens.shape
+    c = packed // 4
+    patches = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, c, height, width)
+
+
+def image_ids(height: int, width: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Position ids (0, row, column) of the packed tokens of a `height` x `width` latent."""
+    rows = torch.arange(height // 2, device=device, dtype=dtype)
+    cols = torch.arange(width // 2, device=device, dtype=dtype)
+    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = rows[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.reshape(-1, 3)
+
+
+def text_ids(length: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def sample_timesteps(
+    batch: int,
+    *,
+    method: TimestepSampling,
+    shift: float,
+    sigmoid_scale: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Draw t in (0, 1) per sample, on the CPU generator's device."""
+    if method == "uniform":
+        return torch.rand(batch, generator=generator)
+    t = torch.sigmoid(sigmoid_scale * torch.randn(batch, generator=generator))
+    if method == "shift":
+        t = (t * shift) / (1 + (shift - 1) * t)
+    return t
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise, t broadcast over all but the batch dimension."""
+    t = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * noise
+
+
+def flow_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Mean squared error against the velocity noise - x0, in float32."""
+    return F.mse_loss(prediction.float(), (noise - x0).float())

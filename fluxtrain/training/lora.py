@@ -1,0 +1,80 @@
+"""The LoRA adapter on the FLUX transformer, through peft.
+
+Targets (diffusers module names), the attention and MLP projections of every block:
+  double blocks `transformer_blocks.N.`: attn.to_q, attn.to_k, attn.to_v, attn.to_out.0 (image
+  stream), attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out (text stream),
+  ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2 (the two MLPs);
+  single blocks `single_transformer_blocks.N.`: attn.to_q, attn.to_k, attn.to_v, proj_mlp
+  (BFL's fused linear1) and proj_out (BFL's linear2, attention output and MLP down projection).
+Not targeted: the modulation (norm*.linear), the embedders and the final `proj_out`.
+In kohya's naming these are img_attn_qkv/proj, txt_attn_qkv/proj, img_mlp_0/2, txt_mlp_0/2,
+linear1 and linear2.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+ADAPTER_NAME = "default"
+DOUBLE_BLOCK_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+SINGLE_BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+
+
+def _alternatives(names: tuple[str, ...]) -> str:
+    return "|".join(name.replace(".", r"\.") for name in names)
+
+
+TARGET_PATTERN = (
+    rf"(transformer_blocks\.\d+\.({_alternatives(DOUBLE_BLOCK_TARGETS)}))"
+    rf"|(single_transformer_blocks\.\d+\.({_alternatives(SINGLE_BLOCK_TARGETS)}))"
+)
+
+
+def lora_config(*, rank: int, alpha: float) -> LoraConfig:
+    """peft's config for our targets; scale alpha / rank as kohya's networks use it."""
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_PATTERN, init_lora_weights=True)
+
+
+def add_lora(
+    transformer: torch.nn.Module, *, rank: int, alpha: float, dtype: torch.dtype
+) -> list[torch.nn.Parameter]:
+    """Freeze the transformer, attach the adapter and return its (only) trainable parameters."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(lora_config(rank=rank, alpha=alpha), adapter_name=ADAPTER_NAME)
+    params = []
+    for name, param in transformer.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(dtype)
+            param.requires_grad_(True)
+            params.append(param)
+    if not params:
+        raise RuntimeError("the LoRA adapter matched no module of the transformer")
+    return params
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights under peft's names, e.g. `transformer_blocks.0.attn.to_q.lora_A.weight`."""
+    return get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+
+
+def load_lora_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter weights back in place (resume); every key must match."""
+    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"saved LoRA state has keys the adapter lacks: {unexpected[:5]}")

@@ -1,0 +1,89 @@
+"""Sample images from the current weights, with prompt embeddings computed before training.
+
+The denoising loop is FluxPipeline's (FlowMatchEulerDiscreteScheduler with FLUX.1's
+resolution-dependent shift for dev, none for schnell) written out, so it runs on the training
+transformer whatever its storage dtype and needs no text encoder: the prompts' T5 and CLIP
+outputs come from the feature cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+
+from fluxtrain.training.flow import image_ids, pack_latents, text_ids, unpack_latents
+
+
+def flux_scheduler(*, guidance_distilled: bool) -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler config FLUX.1-dev (dynamic shift) or schnell (no shift) ships with."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0 if guidance_distilled else 1.0,
+        use_dynamic_shifting=guidance_distilled,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+@torch.no_grad()
+def generate(
+    transformer: torch.nn.Module,
+    vae,
+    *,
+    t5: torch.Tensor,
+    pooled: torch.Tensor,
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Image.Image:
+    """Denoise one image from `seed` with the given prompt embedding and decode it."""
+    guidance_distilled = transformer.config.guidance_embeds
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    lat_h, lat_w = 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
+    channels = transformer.config.in_channels // 4
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(1, channels, lat_h, lat_w, generator=generator)
+    latents = pack_latents(noise).to(device=device, dtype=dtype)
+    scheduler = flux_scheduler(guidance_distilled=guidance_distilled)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    mu = calculate_shift(latents.shape[1]) if guidance_distilled else None
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+    img_ids = image_ids(lat_h, lat_w, device=device, dtype=dtype)
+    txt_ids = text_ids(t5.shape[-2], device=device, dtype=dtype)
+    encoder_states = t5.reshape(1, *t5.shape[-2:]).to(device=device, dtype=dtype)
+    pooled = pooled.reshape(1, -1).to(device=device, dtype=dtype)
+    guidance = torch.full((1,), guidance_scale, device=device, dtype=dtype) if guidance_distilled else None
+    for t in scheduler.timesteps:
+        prediction = transformer(
+            hidden_states=latents,
+            encoder_hidden_states=encoder_states,
+            pooled_projections=pooled,
+            timestep=(t / 1000).expand(1).to(dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+    unpacked = unpack_latents(latents.float(), lat_h, lat_w)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    unpacked = unpacked / vae.config.scaling_factor + shift
+    vae_device = next(vae.parameters()).device
+    pixels = vae.decode(unpacked.to(device=vae_device, dtype=vae.dtype), return_dict=False)[0]
+    array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def sample_path(samples_dir: Path, *, output_name: str, step: int, index: int) -> Path:
+    return samples_dir / f"{output_name}_{step:06d}_{index:02d}.png"

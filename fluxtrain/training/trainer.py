@@ -1,0 +1,576 @@
+"""The training loop: one run directory in, a LoRA file out.
+
+Order of work: validate run.json, read the dataset, fill the latent and text caches (encoders
+loaded only for what is missing, then dropped), load the transformer, attach the LoRA, resume
+from `state/` when it exists, then step. Every step's randomness (timesteps, noise, flips,
+caption choice) comes from a generator seeded by (seed, step, rank), so a resumed run draws the
+same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import resource
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fluxtrain.errors import InvalidInputError
+from fluxtrain.training import model_files as loading
+from fluxtrain.training.cache import FeatureCache, LatentKey, TextEncoders, file_identity
+from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig
+from fluxtrain.training.data import epoch_batches, load_training_data
+from fluxtrain.training.events import EventLog
+from fluxtrain.training.export import lora_metadata, save_lora
+from fluxtrain.training.flow import (
+    flow_loss,
+    image_ids,
+    noisy_latents,
+    pack_latents,
+    sample_timesteps,
+    text_ids,
+)
+from fluxtrain.training.lora import add_lora, load_lora_state_dict, lora_state_dict
+from fluxtrain.training.optim import build_optimizer, build_scheduler
+from fluxtrain.training.sampling import generate, sample_path
+
+log = logging.getLogger("fluxtrain.training")
+STATE_LORA_FILE = "lora_state.safetensors"
+
+
+@dataclass
+class Progress:
+    """Completed optimizer steps; saved in `state/` with the optimizer and RNG states."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT; the loop checks it at each step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    transformer: Path
+    ae: Path
+    clip_l: Path
+    t5xxl: Path
+    clip_tokenizer: Path
+    t5_tokenizer: Path
+
+
+def resolve_model_files(config: TrainConfig, models_root: Path) -> ModelFiles:
+    """The four model files (each checked to exist) and where their tokenizers are."""
+    return ModelFiles(
+        transformer=loading.resolve_model_path(models_root, config.pretrained_model),
+        ae=loading.resolve_model_path(models_root, config.ae),
+        clip_l=loading.resolve_model_path(models_root, config.clip_l),
+        t5xxl=loading.resolve_model_path(models_root, config.t5xxl),
+        clip_tokenizer=loading.tokenizer_dir(models_root, "clip_l"),
+        t5_tokenizer=loading.tokenizer_dir(models_root, "t5xxl"),
+    )
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The CPU generator of one step on one process."""
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Trainer:
+    """Holds one run's models and state; `run()` trains it to the end or to a stop request."""
+
+    def __init__(self, run_dir: Path, config: TrainConfig, *, stop: StopFlag) -> None:
+        from fluxtrain.settings import get_settings
+
+        self.paths = RunPaths(run_dir)
+        self.config = config
+        self.stop = stop
+        if config.dataset_config is None:
+            raise InvalidInputError("dataset_config: run.json must name the dataset TOML")
+        settings = None
+        if config.models_root is None or config.cache_dir is None:
+            settings = get_settings()
+        self.models_root = config.models_root or settings.models_root
+        self.cache_root = config.cache_dir or settings.cache_dir
+        self.mixed_precision = config.resolved_mixed_precision
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision)
+        self.device = self.accelerator.device
+        self.events = EventLog(self.paths.events, enabled=self.accelerator.is_main_process)
+        self.progress = Progress()
+        self.last_sample_step = -1
+
+    # --- set-up -----------------------------------------------------------------------------------
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.full_bf16 else torch.float32
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def _load_text_encoders(self) -> TextEncoders:
+        log.info("loading text encoders")
+        clip, clip_tok = loading.load_clip(
+            self.files.clip_l,
+            tokenizer_dir=self.files.clip_tokenizer,
+            dtype=self.encoder_dtype,
+            device=self.device,
+        )
+        t5, t5_tok = loading.load_t5(
+            self.files.t5xxl,
+            tokenizer_dir=self.files.t5_tokenizer,
+            dtype=self.encoder_dtype,
+            device=self.device,
+        )
+        return TextEncoders(
+            clip=clip, clip_tokenizer=clip_tok, t5=t5, t5_tokenizer=t5_tok, max_length=self.t5_length
+        )
+
+    def _load_vae(self):
+        log.info("loading autoencoder")
+        return loading.load_autoencoder(self.files.ae, dtype=torch.float32, device=self.device)
+
+    def _all_captions(self) -> list[str]:
+        captions = [c for image in self.data.images for c in image.captions]
+        if self.config.caption_dropout_rate > 0:
+            captions.append("")
+        return captions + list(self.config.sample_prompts)
+
+    def prepare_cache(self) -> None:
+        """Encode what the cache lacks (main process first, so other ranks only read)."""
+        started = time.monotonic()
+        self.cache = FeatureCache(
+            self.cache_root,
+            vae_id=file_identity(self.files.ae),
+            text_id=f"{file_identity(self.files.clip_l)}:{file_identity(self.files.t5xxl)}",
+            max_length=self.t5_length,
+        )
+        wanted: dict[LatentKey, Path] = {}
+        for image in self.data.images:
+            for flip in (False, True) if image.flip_aug else (False,):
+                wanted[LatentKey(image.sha256, image.bucket, flip)] = image.path
+        with self.accelerator.main_process_first():
+            latents_encoded, latents_cached = self.cache.fill_latents(wanted, self._load_vae)
+            _free_device_memory()
+            texts_encoded, texts_cached = self.cache.fill_texts(
+                self._all_captions(), self._load_text_encoders
+            )
+            _free_device_memory()
+        self.events.emit(
+            "caching",
+            latents_encoded=latents_encoded,
+            latents_cached=latents_cached,
+            texts_encoded=texts_encoded,
+            texts_cached=texts_cached,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        log.info(
+            "cache: %d latents encoded, %d from cache; %d captions encoded, %d from cache",
+            latents_encoded,
+            latents_cached,
+            texts_encoded,
+            texts_cached,
+        )
+
+    def prepare_model(self) -> None:
+        """Load the frozen transformer, attach the LoRA, build optimizer and schedule."""
+        transformer = loading.load_transformer(
+            self.files.transformer, dtype=self.base_dtype, device=self.device, fp8=self.config.fp8_base
+        )
+        self.params = add_lora(
+            transformer, rank=self.config.network_dim, alpha=self.config.network_alpha, dtype=self.lora_dtype
+        )
+        if self.config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        optimizer = build_optimizer(
+            self.params, name=self.config.optimizer, learning_rate=self.config.learning_rate
+        )
+        self.scheduler = build_scheduler(
+            optimizer,
+            name=self.config.lr_scheduler,
+            warmup_steps=self.config.lr_warmup_steps,
+            total_steps=self.total_steps,
+        )
+        self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
+        self.accelerator.register_save_state_pre_hook(self._save_lora_state)
+        self.accelerator.register_load_state_pre_hook(self._load_lora_state)
+
+    def _save_lora_state(self, models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+        if self.accelerator.is_main_process:
+            state = {k: v.contiguous() for k, v in lora_state_dict(self.unwrapped).items()}
+            save_file(state, str(Path(output_dir) / STATE_LORA_FILE))
+
+    def _load_lora_state(self, models: list, input_dir: str) -> None:
+        models.clear()
+        load_lora_state_dict(self.unwrapped, load_file(str(Path(input_dir) / STATE_LORA_FILE)))
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.transformer)
+
+    def plan_steps(self) -> None:
+        """Steps per epoch (batches shared out over processes), total steps and epochs."""
+        batches = len(epoch_batches(self.data, epoch=0, seed=self.config.seed))
+        self.steps_per_epoch = max(1, math.ceil(batches / self.accelerator.num_processes))
+        if self.config.max_train_steps is not None:
+            self.total_steps = self.config.max_train_steps
+        elif self.config.max_train_epochs is not None:
+            self.total_steps = self.config.max_train_epochs * self.steps_per_epoch
+        else:
+            self.total_steps = DEFAULT_MAX_TRAIN_STEPS
+        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        """Write `state/` atomically: a fresh folder, then swapped in for the old one."""
+        staging = self.paths.root / "state.tmp"
+        if self.accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(staging))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            old = self.paths.root / "state.old"
+            if self.paths.state.exists():
+                self.paths.state.rename(old)
+            staging.rename(self.paths.state)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> bool:
+        """Load `state/` when a previous process of this run left one."""
+        if not (self.paths.state / STATE_LORA_FILE).exists():
+            return False
+        self.accelerator.load_state(str(self.paths.state))
+        log.info("resumed from %s at step %d", self.paths.state, self.progress.step)
+        return True
+
+    def save_lora_file(self, path: Path, *, epoch: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        config = self.config
+        metadata = lora_metadata(
+            base_model=str(self.files.transformer),
+            output_name=config.output_name,
+            rank=config.network_dim,
+            alpha=config.network_alpha,
+            steps=self.progress.step,
+            epoch=epoch,
+            resolution=self.data.resolution,
+            trigger_words=self.data.trigger_words,
+            dataset_hash=self.data.dataset_hash,
+            learning_rate=config.learning_rate,
+            optimizer=config.optimizer,
+            seed=config.seed,
+            num_images=len(self.data.images),
+            save_format=config.save_format,
+            guidance=bool(self.unwrapped.config.guidance_embeds),
+        )
+        save_lora(
+            path,
+            lora_state_dict(self.unwrapped),
+            save_format=config.save_format,
+            rank=config.network_dim,
+            alpha=config.network_alpha,
+            dtype=torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32,
+            metadata=metadata,
+        )
+
+    def checkpoint(self, epoch: int) -> None:
+        path = self.paths.output / f"{self.config.output_name}-{epoch:06d}.safetensors"
+        self.save_lora_file(path, epoch=epoch)
+        self.save_state()
+        self.events.emit("checkpoint", path=path, epoch=epoch, step=self.progress.step)
+        log.info("checkpoint %s (epoch %d, step %d)", path, epoch, self.progress.step)
+
+    # --- samples ----------------------------------------------------------------------------------
+
+    def render_samples(self) -> None:
+        if not self.config.sample_prompts or not self.accelerator.is_main_process:
+            return
+        model = self.unwrapped
+        vae = self.sample_vae.to(self.device)
+        width, height = self.data.resolution
+        for index, prompt in enumerate(self.config.sample_prompts):
+            t5, pooled = self.cache.load_text(prompt)
+            with self.accelerator.autocast():
+                image = generate(
+                    model,
+                    vae,
+                    t5=t5,
+                    pooled=pooled,
+                    width=width,
+                    height=height,
+                    steps=self.config.sample_steps,
+                    guidance_scale=self.config.sample_guidance_scale,
+                    seed=self.config.seed + index,
+                    device=self.device,
+                    dtype=self.compute_dtype,
+                )
+            path = sample_path(
+                self.paths.samples, output_name=self.config.output_name, step=self.progress.step, index=index
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            self.events.emit("sample", path=path, prompt=prompt, step=self.progress.step)
+        self.sample_vae = vae.to("cpu")
+        self.last_sample_step = self.progress.step
+        model.train()
+        _free_device_memory()
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.fp8_base else self.base_dtype
+
+    def load_batch(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Cached latents and text outputs of one batch, with this step's flips and captions."""
+        latents, hidden, pooled = [], [], []
+        for index in indices:
+            image = self.data.images[index]
+            flip = image.flip_aug and bool(torch.rand(1, generator=generator) < 0.5)
+            latents.append(self.cache.load_latent(LatentKey(image.sha256, image.bucket, flip)))
+            drop = self.config.caption_dropout_rate > 0 and float(torch.rand(1, generator=generator)) < (
+                self.config.caption_dropout_rate
+            )
+            choice = int(torch.randint(len(image.captions), (1,), generator=generator))
+            t5, clip = self.cache.load_text("" if drop else image.captions[choice])
+            hidden.append(t5)
+            pooled.append(clip)
+        return torch.stack(latents), torch.stack(hidden), torch.stack(pooled)
+
+    def train_step(self, indices: list[int]) -> float:
+        generator = step_generator(self.config.seed, self.progress.step, self.accelerator.process_index)
+        x0, hidden, pooled = self.load_batch(indices, generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = sample_timesteps(
+            x0.shape[0],
+            method=self.config.timestep_sampling,
+            shift=self.config.discrete_flow_shift,
+            sigmoid_scale=self.config.sigmoid_scale,
+            generator=generator,
+        )
+        device, dtype = self.device, self.compute_dtype
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        model_input = pack_latents(noisy_latents(x0, noise, t)).to(dtype)
+        height, width = x0.shape[-2:]
+        guidance = None
+        if self.unwrapped.config.guidance_embeds:
+            guidance = torch.full((x0.shape[0],), self.config.guidance_scale, device=device, dtype=dtype)
+        with self.accelerator.autocast():
+            prediction = self.transformer(
+                hidden_states=model_input,
+                encoder_hidden_states=hidden.to(device, dtype),
+                pooled_projections=pooled.to(device, dtype),
+                timestep=t.to(dtype),
+                img_ids=image_ids(height, width, device=device, dtype=dtype),
+                txt_ids=text_ids(hidden.shape[1], device=device, dtype=dtype),
+                guidance=guidance,
+                return_dict=False,
+            )[0]
+        loss = flow_loss(prediction, pack_latents(x0), pack_latents(noise))
+        self.accelerator.backward(loss)
+        if self.config.max_grad_norm > 0 and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.accelerator.gather(loss.detach()).mean())
+
+    def stop_requested(self) -> bool:
+        """True on every process when any process got a stop signal."""
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def run(self) -> str:
+        """Train to the end ('finished') or until a stop request ('interrupted')."""
+        config = self.config
+        set_seed(config.seed)
+        self.data = load_training_data(config.dataset_config, enable_bucket=config.enable_bucket)
+        self.files = resolve_model_files(config, self.models_root)
+        self.plan_steps()
+        self.events.emit(
+            "started",
+            output_name=config.output_name,
+            total_steps=self.total_steps,
+            total_epochs=self.total_epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            images=len(self.data.images),
+            buckets={f"{w}x{h}": n for (w, h), n in sorted(self.data.buckets.items())},
+            num_processes=self.accelerator.num_processes,
+            device=str(self.device),
+            mixed_precision=self.mixed_precision,
+        )
+        log.info(
+            "%d images, %d steps (%d epochs of %d steps) on %s x%d, mixed precision %s",
+            len(self.data.images),
+            self.total_steps,
+            self.total_epochs,
+            self.steps_per_epoch,
+            self.device,
+            self.accelerator.num_processes,
+            self.mixed_precision,
+        )
+        self.t5_length = 512 if transformer_has_guidance(self.files.transformer) else 256
+        self.prepare_cache()
+        if config.sample_prompts:
+            self.sample_vae = self._load_vae().to("cpu")
+        self.prepare_model()
+        self.resume()
+        return self.loop()
+
+    def loop(self) -> str:
+        config = self.config
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        started_at, started_step, paused = time.monotonic(), self.progress.step, 0.0
+        while self.progress.step < self.total_steps:
+            epoch = self.progress.step // self.steps_per_epoch
+            batches = epoch_batches(self.data, epoch=epoch, seed=config.seed)
+            mine = batches[rank::world] or batches
+            for position in range(self.progress.step % self.steps_per_epoch, self.steps_per_epoch):
+                loss = self.train_step(mine[position % len(mine)])
+                self.progress.step += 1
+                step = self.progress.step
+                elapsed = max(time.monotonic() - started_at - paused, 1e-9)
+                it_per_s = (step - started_step) / elapsed
+                self.events.emit(
+                    "step",
+                    step=step,
+                    total_steps=self.total_steps,
+                    epoch=epoch + 1,
+                    loss=loss,
+                    lr=self.scheduler.get_last_lr()[0],
+                    it_per_s=round(it_per_s, 4),
+                    eta_seconds=round((self.total_steps - step) / it_per_s, 1),
+                    memory=round(peak_memory_mb(self.device), 1),
+                )
+                log.info(
+                    "step %d/%d epoch %d loss %.5f %.2f it/s",
+                    step,
+                    self.total_steps,
+                    epoch + 1,
+                    loss,
+                    it_per_s,
+                )
+                pause_from = time.monotonic()
+                if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+                    self.render_samples()
+                if step >= self.total_steps:
+                    break
+                if self.stop_requested():
+                    self.save_state()
+                    self.events.emit("interrupted", step=step, epoch=epoch + 1, state=self.paths.state)
+                    log.info("stop requested: state saved at step %d", step)
+                    return "interrupted"
+                paused += time.monotonic() - pause_from
+            else:
+                pause_from = time.monotonic()
+                finished_epoch = epoch + 1
+                last = self.progress.step >= self.total_steps
+                if (
+                    not last
+                    and config.save_every_n_epochs
+                    and finished_epoch % config.save_every_n_epochs == 0
+                ):
+                    self.checkpoint(finished_epoch)
+                if config.sample_every_n_epochs and finished_epoch % config.sample_every_n_epochs == 0:
+                    self.render_samples()
+                paused += time.monotonic() - pause_from
+        sampling = config.sample_prompts and (config.sample_every_n_steps or config.sample_every_n_epochs)
+        if sampling and self.last_sample_step != self.progress.step:
+            self.render_samples()
+        final = self.paths.output / f"{config.output_name}.safetensors"
+        epochs_done = math.ceil(self.progress.step / self.steps_per_epoch)
+        self.save_lora_file(final, epoch=epochs_done)
+        self.accelerator.wait_for_everyone()
+        self.events.emit("finished", path=final, step=self.progress.step, epoch=epochs_done)
+        log.info("finished: %s", final)
+        return "finished"
+
+
+def transformer_has_guidance(path: Path) -> bool:
+    """Whether the transformer is guidance-distilled (dev, T5 length 512) rather than schnell (256)."""
+    if path.is_dir():
+        config_file = path / "transformer" / "config.json"
+        if not config_file.is_file():
+            config_file = path / "config.json"
+        return bool(json.loads(config_file.read_text(encoding="utf-8")).get("guidance_embeds", False))
+    with safe_open(str(path), framework="pt") as handle:
+        names = list(handle.keys())
+    return any(
+        key.endswith(("guidance_in.in_layer.weight", "guidance_embedder.linear_1.weight")) for key in names
+    )
