@@ -351,7 +351,10 @@ def run_img2dataset(
     cpu_before = _children_cpu_seconds()
     started = time.perf_counter()
     completed = subprocess.run(
-        [python, "-c", _IMG2DATASET_DRIVER, json.dumps(options)], capture_output=True, text=True
+        [python, "-c", _IMG2DATASET_DRIVER, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
     )
     total_wall = time.perf_counter() - started
     if completed.returncode != 0:

@@ -94,6 +94,7 @@ def test_dataset_without_images_is_404(client: TestClient, settings: Settings) -
         ({"output_name": "x" * 101}, "output_name"),
         ({"trigger_word": "   "}, "trigger_word"),
         ({"trigger_word": "a\nb"}, "trigger_word"),
+        ({"trigger_word": "x" * 201}, "trigger_word"),
         ({"min_bucket_reso": 1024, "max_bucket_reso": 512, "resolution": 512}, "min_bucket_reso"),
         ({"max_bucket_reso": 768}, "max_bucket_reso (768)"),
         ({"min_bucket_reso": 300}, "multiple of bucket_reso_steps"),

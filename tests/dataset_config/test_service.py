@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from fluxtrain.dataset_config.model import DatasetOptions, GeneralSection, SubsetSection
 from fluxtrain.dataset_config.request import DatasetConfig
@@ -150,6 +151,11 @@ def test_trigger_word_with_toml_specials_round_trips(settings: Settings, dataset
     assert (
         tomllib.loads(path.read_text(encoding="utf-8"))["datasets"][0]["subsets"][0]["class_tokens"] == word
     )
+
+
+def test_trigger_word_that_utf8_cannot_hold_is_refused_before_writing() -> None:
+    with pytest.raises(ValidationError, match="valid Unicode"):
+        DatasetConfig(output_name="cats", trigger_word="a\ud800b")
 
 
 def test_written_file_loads_back_resolved(settings: Settings, dataset_folder: Path) -> None:
