@@ -25,6 +25,8 @@ from fluxtrain.runs.models import Run, utcnow
 from fluxtrain.runs.status import build_status, final_lora, last_event, recent_events, run_dir
 from fluxtrain.runs.webhooks import notify
 from fluxtrain.settings import Settings
+from fluxtrain.storage.remote import RemoteStore, open_remote
+from fluxtrain.storage.uploader import ArtifactSync, final_sync
 
 log = logging.getLogger(__name__)
 ERROR_LOG_LINES = 20
@@ -58,6 +60,7 @@ class Executor:
         lease_ttl: float = 15.0,
         cancel_grace: float = 60.0,
         max_attempts: int = 3,
+        store: RemoteStore | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -65,7 +68,10 @@ class Executor:
         self.poll_interval = poll_interval
         self.cancel_grace = cancel_grace
         self.max_attempts = max_attempts
+        self.store = store
         self.lease = DatabaseLease(db, ttl=lease_ttl)
+        self._syncs: dict[str, ArtifactSync] = {}
+        self._settling: set[str] = set()
         self._leader = False
         self._terminated: set[str] = set()
         self._stop = threading.Event()
@@ -127,9 +133,11 @@ class Executor:
 
     def _watch(self) -> None:
         for run in self._runs("running"):
-            if run.backend_ref is None:
+            if run.backend_ref is None or run.id in self._settling:
                 continue
             folder = run_dir(self.settings, run.id)
+            if self.store is not None and run.id not in self._syncs:
+                self._syncs[run.id] = ArtifactSync(store=self.store, run_dir=folder).start()
             result = self.backend.poll(run.backend_ref, folder)
             if result.state is ProcessState.EXITED:
                 self._settle(run, result, lost=False)
@@ -154,7 +162,7 @@ class Executor:
         code = result.returncode
         has_final = final_lora(folder, run.output_name).is_file()
         if run.cancel_requested_at is not None:
-            self._finish(run, "canceled", None)
+            self._complete(run, "canceled", None)
         elif kind == "interrupted" and not has_final:
             self._resume(run, folder, "the trainer was interrupted")
         elif code not in (None, 0):
@@ -163,16 +171,16 @@ class Executor:
                 if code > 0
                 else f"the trainer was killed by signal {-code}"
             )
-            self._finish(run, "failed", self._error(run, folder, reason, ended))
+            self._complete(run, "failed", self._error(run, folder, reason, ended))
         elif has_final and kind != "error":
-            self._finish(run, "succeeded", None)
+            self._complete(run, "succeeded", None)
         elif lost and kind not in ("error", "finished"):
             self._resume(run, folder, "the trainer was lost with the service")
         elif kind == "error":
-            self._finish(run, "failed", self._error(run, folder, "the trainer reported an error", ended))
+            self._complete(run, "failed", self._error(run, folder, "the trainer reported an error", ended))
         else:
             reason = "the trainer exited without writing its final LoRA"
-            self._finish(run, "failed", self._error(run, folder, reason, ended))
+            self._complete(run, "failed", self._error(run, folder, reason, ended))
 
     def _error(self, run: Run, folder: Path, reason: str, ended: dict | None) -> str:
         message = ended.get("message") or ended.get("error") if ended and ended["event"] == "error" else None
@@ -180,13 +188,39 @@ class Executor:
         head = f"{reason}: {message}" if message else reason
         return "\n".join([head, *lines]) if lines else head
 
+    def _complete(self, run: Run, status: str, error: str | None) -> None:
+        """Upload what is left (in the background, the run stays running until then), then finish."""
+        sync = self._syncs.pop(run.id, None)
+        store = self.store
+        if store is None:
+            self._finish(run, status, error)
+            return
+        self._settling.add(run.id)
+
+        def upload_then_finish() -> None:
+            try:
+                if sync is not None:
+                    sync.stop(final=True)
+                else:
+                    final_sync(store=store, run_dir=run_dir(self.settings, run.id))
+            except Exception:  # noqa: BLE001 - a failed upload is reported in events, never fails the run
+                log.exception("final upload of run %s failed", run.id)
+            finally:
+                self._finish(run, status, error)
+                self._settling.discard(run.id)
+
+        threading.Thread(target=upload_then_finish, name=f"finish-{run.id}", daemon=True).start()
+
     def _resume(self, run: Run, folder: Path, reason: str) -> None:
+        sync = self._syncs.pop(run.id, None)
+        if sync is not None:
+            sync.stop(final=False)
         if not _has_state(folder):
-            self._finish(
+            self._complete(
                 run, "failed", self._error(run, folder, f"{reason} and had saved no state to resume", None)
             )
         elif run.attempts >= self.max_attempts:
-            self._finish(
+            self._complete(
                 run,
                 "failed",
                 self._error(run, folder, f"{reason}; gave up after {run.attempts} starts", None),
@@ -275,6 +309,11 @@ class Executor:
 
 def start_executor(settings: Settings) -> Executor:
     """The executor the service runs in its lifespan; only the lease holder does any work."""
-    executor = Executor(settings=settings, db=get_database(settings), backend=make_backend(settings))
+    executor = Executor(
+        settings=settings,
+        db=get_database(settings),
+        backend=make_backend(settings),
+        store=open_remote(settings),
+    )
     executor.start()
     return executor
