@@ -1,5 +1,97 @@
+"""`fluxtrain download` and `fluxtrain datasets`: the same library calls the dataset endpoints make."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fluxtrain.datasets.catalog import summarize_datasets
+from fluxtrain.datasets.ingest import DownloadResult, download_images
+from fluxtrain.errors import FluxtrainError
+from fluxtrain.names import check_name
+from fluxtrain.settings import get_settings
+
+
+def _read_url_file(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _failure_table(result: DownloadResult) -> Table:
+    table = Table(title=f"{len(result.failed)} URL(s) failed", show_lines=False)
+    table.add_column("URL", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    for url, reason in result.failed.items():
+        table.add_row(url, reason)
+    return table
+
+
+def download(
+    name: str = typer.Argument(..., metavar="NAME", help="Dataset folder under $DATA_ROOT/datasets/."),
+    urls: list[str] | None = typer.Argument(None, metavar="URL...", help="Image URLs (http or https)."),
+    file: Path | None = typer.Option(
+        None, "--file", "-f", exists=True, dir_okay=False, readable=True, help="A file of URLs, one a line."
+    ),
+) -> None:
+    """Download images into dataset NAME as JPEGs; exits 1 when any URL failed."""
+    console = Console(stderr=True)
+    try:
+        check_name(name, what="dataset name")
+    except ValueError as exc:
+        console.print(f"[red]invalid NAME:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    all_urls = list(urls or []) + (_read_url_file(file) if file else [])
+    if not all_urls:
+        console.print("[red]error:[/red] give at least one URL or --file", highlight=False)
+        raise typer.Exit(2)
+    settings = get_settings()
+    distinct = len(dict.fromkeys(all_urls))
+    with Progress(
+        TextColumn("[bold]downloading"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("download", total=distinct, failed=0)
+        failures = 0
+
+        def advance(_url: str, _path: str | None, reason: str | None) -> None:
+            nonlocal failures
+            failures += reason is not None
+            progress.update(task, advance=1, failed=failures)
+
+        try:
+            result = asyncio.run(
+                download_images(settings=settings, name=name, urls=all_urls, on_result=advance)
+            )
+        except FluxtrainError as exc:
+            console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            raise typer.Exit(2) from exc
+    console.print(f"saved {len(result.files)} of {distinct} image(s) into dataset '{name}'", highlight=False)
+    if result.failed:
+        console.print(_failure_table(result))
+        raise typer.Exit(1)
+
+
+def datasets() -> None:
+    """List datasets with their image and caption counts."""
+    table = Table(title="datasets")
+    table.add_column("name")
+    table.add_column("images", justify="right")
+    table.add_column("captions", justify="right")
+    for summary in summarize_datasets(settings=get_settings()):
+        table.add_row(summary.name, str(summary.images), str(summary.captions))
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `fluxtrain` app."""
+    app.command()(download)
+    app.command()(datasets)

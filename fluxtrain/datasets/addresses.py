@@ -67,8 +67,6 @@ def _parse_number(part: str) -> int | None:
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     found: list[ipaddress.IPv4Address] = []
-    if address.ipv4_mapped is not None:
-        found.append(address.ipv4_mapped)
     if address.sixtofour is not None:
         found.append(address.sixtofour)
     if address.teredo is not None:
@@ -96,16 +94,23 @@ def _allowed(address: IPAddress, allow: Sequence[IPNetwork]) -> bool:
     return any(address.version == net.version and address in net for net in allow)
 
 
+def _describe_mapped(address: ipaddress.IPv6Address) -> str:
+    mapped = address.ipv4_mapped
+    label = _why_not_global(mapped) if mapped is not None else None
+    return f"refused address {address} (embeds {mapped}): {label or 'not globally routable'}"
+
+
 def refusal_reason(address: IPAddress, allow: Sequence[IPNetwork] = ()) -> str | None:
     """Why `address` may not be fetched from, or None when it may."""
     if _allowed(address, allow):
         return None
     candidates: list[IPAddress] = [address]
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(address)
-        if address.ipv4_mapped is not None and _allowed(address.ipv4_mapped, allow):
-            return None
-        candidates.extend(embedded)
+        if address.ipv4_mapped is not None:
+            if refusal_reason(address.ipv4_mapped, allow) is None:
+                return None
+            return _describe_mapped(address)
+        candidates.extend(_embedded_ipv4(address))
     for candidate in candidates:
         label = _why_not_global(candidate)
         if label is not None:

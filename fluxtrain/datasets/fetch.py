@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -114,10 +115,31 @@ def make_client(*, allow: Sequence[IPNetwork], concurrency: int, timeout: float)
     )
 
 
+def _canonical_host(url: str, allow: Sequence[IPNetwork]) -> str:
+    """Refuse an IP-literal host in any spelling, and rewrite loose IPv4 spellings to dotted quads."""
+    try:
+        split = urllib.parse.urlsplit(url)
+        host, port = split.hostname, split.port
+    except ValueError as exc:
+        raise FetchError(f"malformed URL: {exc}") from exc
+    literal = parse_ip(host) if host else None
+    if literal is None:
+        return url
+    reason = refusal_reason(literal, allow)
+    if reason is not None:
+        raise AddressRefusedError(reason)
+    if literal.version == 6 or str(literal) == host:
+        return url
+    userinfo, at, _ = split.netloc.rpartition("@")
+    netloc = f"{userinfo}{at}{literal}" + (f":{port}" if port is not None else "")
+    return urllib.parse.urlunsplit(split._replace(netloc=netloc))
+
+
 def check_url(url: str, allow: Sequence[IPNetwork]) -> httpx.URL:
     """Parse a URL and refuse what can be refused without the network: scheme, host, IP literals."""
+    text = _canonical_host(url.strip(), allow)
     try:
-        parsed = httpx.URL(url.strip())
+        parsed = httpx.URL(text)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise FetchError(f"malformed URL: {exc}") from exc
     if not parsed.scheme:

@@ -1,11 +1,19 @@
-"""A real HTTP server on 127.0.0.1 for dataset tests: canned replies per path, and a log of hits."""
+"""Support for dataset tests: a real HTTP server on 127.0.0.1 with canned replies and a log of hits,
+image encoding, and checks on what a dataset folder holds.
+
+Tests use --import-mode=importlib, so conftest.py loads this file by path as `dataset_support`.
+"""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from PIL import Image
 
 
 @dataclass
@@ -15,7 +23,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     trickle: float = 0.0
-    content_length: int | None = None
+    content_length: int | None = None  # None: the body's length; -1: no header, the body ends at close
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -36,7 +44,8 @@ class _Handler(BaseHTTPRequestHandler):
             for key, value in reply.headers.items():
                 self.send_header(key, value)
             length = reply.content_length if reply.content_length is not None else len(reply.body)
-            self.send_header("Content-Length", str(length))
+            if length >= 0:
+                self.send_header("Content-Length", str(length))
             self.end_headers()
             if reply.trickle:
                 for index in range(len(reply.body)):
@@ -52,18 +61,21 @@ class _Handler(BaseHTTPRequestHandler):
 class LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), _Handler)
+        self.host = host
         self.routes: dict[str, Reply] = {}
         self.hits: list[str] = []
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def port(self) -> int:
         return self.server_address[1]
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
 
     def add(self, path: str, reply: Reply) -> str:
         self.routes[path] = reply
@@ -76,3 +88,26 @@ class LoopbackServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def assert_clean_folder(folder: Path) -> None:
+    """After any request a dataset folder holds only finished JPEGs, captions and the manifest."""
+    for path in folder.iterdir():
+        assert path.is_file(), path
+        assert path.suffix in {".jpg", ".txt"} or path.name == "manifest.json", path
+
+
+def assert_baseline_jpeg(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "JPEG"
+        assert image.mode == "RGB"
+        assert not image.info.get("progressive") and not image.info.get("progression")
+        assert "exif" not in image.info
+        image.load()
+        return image.size

@@ -1,3 +1,72 @@
-from fastapi import APIRouter
+"""Dataset endpoints: the seed's `POST /download-images`, uploads, listing and deletion."""
 
-router = APIRouter()
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, File, UploadFile
+
+from fluxtrain.api.deps import SettingsDep
+from fluxtrain.api.schemas.datasets import (
+    DatasetDeleted,
+    DatasetDetail,
+    DatasetList,
+    DownloadRequest,
+    DownloadResponse,
+    UploadResponse,
+)
+from fluxtrain.datasets.catalog import describe_dataset, summarize_datasets
+from fluxtrain.datasets.ingest import add_uploads, download_images
+from fluxtrain.datasets.store import delete_dataset
+from fluxtrain.errors import TooLargeError
+
+router = APIRouter(tags=["datasets"])
+
+_NOT_FOUND = {404: {"description": "The dataset does not exist."}}
+
+
+@router.post("/download-images", response_model=DownloadResponse)
+async def download_images_route(body: DownloadRequest, settings: SettingsDep) -> DownloadResponse:
+    """Fetch the URLs into the dataset; each URL ends up in `files` or, with a reason, in `failed`."""
+    result = await download_images(settings=settings, name=body.output_name, urls=body.urls)
+    return DownloadResponse(files=result.files, failed=result.failed)
+
+
+@router.post(
+    "/datasets/{name}/images",
+    response_model=UploadResponse,
+    responses={413: {"description": "The upload exceeds FLUXTRAIN_MAX_UPLOAD_BYTES."}},
+)
+async def upload_images_route(
+    name: str,
+    files: Annotated[list[UploadFile], File(description="Image files, or .zip archives of images.")],
+    settings: SettingsDep,
+) -> UploadResponse:
+    """Add uploaded images (or zips of them) to the dataset, creating it when missing."""
+    total = sum(upload.size or 0 for upload in files)
+    if total > settings.max_upload_bytes:
+        raise TooLargeError(f"upload is {total} bytes, the limit is {settings.max_upload_bytes}")
+    uploads = [(upload.filename or "upload", upload.file) for upload in files]
+    result = await add_uploads(settings=settings, name=name, uploads=uploads)
+    return UploadResponse(files=result.files, failed=result.failed)
+
+
+@router.get("/datasets", response_model=DatasetList)
+def list_datasets_route(settings: SettingsDep) -> DatasetList:
+    """Every dataset with its image and caption counts."""
+    summaries = summarize_datasets(settings=settings)
+    return DatasetList.model_validate({"datasets": [asdict(summary) for summary in summaries]})
+
+
+@router.get("/datasets/{name}", response_model=DatasetDetail, responses=_NOT_FOUND)
+def get_dataset_route(name: str, settings: SettingsDep) -> DatasetDetail:
+    """The dataset's images, each with its caption and manifest entry."""
+    return DatasetDetail.model_validate(asdict(describe_dataset(settings=settings, name=name)))
+
+
+@router.delete("/datasets/{name}", response_model=DatasetDeleted, responses=_NOT_FOUND)
+def delete_dataset_route(name: str, settings: SettingsDep) -> DatasetDeleted:
+    """Remove the dataset folder with its images, captions and manifest."""
+    delete_dataset(settings, name)
+    return DatasetDeleted(name=name)

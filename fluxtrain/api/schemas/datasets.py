@@ -1,0 +1,56 @@
+"""Request and response bodies of the dataset endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from fluxtrain.names import SafeName
+
+
+class DownloadRequest(BaseModel):
+    """The seed's request: image URLs and the dataset they go into."""
+
+    urls: list[str] = Field(min_length=1, description="Image URLs (http or https); duplicates count once.")
+    output_name: SafeName = Field(description="Dataset name: letters, digits, '-', '_', '.'.")
+
+
+class DownloadResponse(BaseModel):
+    message: str = "Download complete"
+    files: dict[str, str] = Field(description="URL -> absolute path of its saved JPEG.")
+    failed: dict[str, str] = Field(default_factory=dict, description="URL -> why it was not saved.")
+
+
+class UploadResponse(BaseModel):
+    message: str = "Upload complete"
+    files: dict[str, str] = Field(description="Uploaded file (or zip entry) -> absolute path of its JPEG.")
+    failed: dict[str, str] = Field(default_factory=dict, description="Uploaded file -> why it was not saved.")
+
+
+class DatasetSummary(BaseModel):
+    name: str
+    images: int
+    captions: int
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetSummary]
+
+
+class DatasetImage(BaseModel):
+    file: str
+    path: str
+    caption: str | None = None
+    manifest: dict[str, Any] | None = Field(None, description="url, sha256, bytes, width, height.")
+
+
+class DatasetDetail(BaseModel):
+    name: str
+    path: str
+    images: list[DatasetImage]
+
+
+class DatasetDeleted(BaseModel):
+    message: str = "Dataset deleted"
+    name: str

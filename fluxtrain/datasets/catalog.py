@@ -1,0 +1,66 @@
+"""What the dataset folders hold, as the API and the CLI list them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fluxtrain.datasets.store import (
+    caption_path,
+    dataset_dir,
+    list_dataset_names,
+    list_images,
+    read_caption,
+    read_manifest,
+)
+from fluxtrain.settings import Settings
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    name: str
+    images: int
+    captions: int
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    file: str
+    path: str
+    caption: str | None
+    manifest: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    name: str
+    path: str
+    images: list[ImageRecord]
+
+
+def summarize_datasets(*, settings: Settings) -> list[DatasetSummary]:
+    """Every dataset with its image and caption counts, sorted by name."""
+    summaries = []
+    for name in list_dataset_names(settings):
+        images = list_images(dataset_dir(settings, name))
+        captions = sum(1 for image in images if caption_path(image).is_file())
+        summaries.append(DatasetSummary(name=name, images=len(images), captions=captions))
+    return summaries
+
+
+def describe_dataset(*, settings: Settings, name: str) -> DatasetRecord:
+    """One dataset's images, each with its caption and manifest entry when it has them."""
+    folder = dataset_dir(settings, name)
+    manifest = read_manifest(folder)
+    images = []
+    for image in list_images(folder):
+        entry = manifest.get(image.name)
+        images.append(
+            ImageRecord(
+                file=image.name,
+                path=str(image),
+                caption=read_caption(image),
+                manifest=entry if isinstance(entry, dict) else None,
+            )
+        )
+    return DatasetRecord(name=name, path=str(folder), images=images)

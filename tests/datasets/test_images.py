@@ -1,0 +1,154 @@
+import io
+import struct
+import zlib
+
+import pillow_heif
+import pytest
+from dataset_support import encode
+from PIL import Image
+
+from fluxtrain.datasets.images import ImageRejectedError, normalize_image
+
+LIMIT = 100_000_000
+
+
+def decoded(data: bytes) -> Image.Image:
+    result = normalize_image(data, max_pixels=LIMIT)
+    with Image.open(io.BytesIO(result.jpeg)) as image:
+        assert image.format == "JPEG"
+        assert image.mode == "RGB"
+        assert not image.info.get("progressive")
+        assert "exif" not in image.info and "icc_profile" not in image.info
+        assert (image.width, image.height) == (result.width, result.height)
+        image.load()
+        return image.copy()
+
+
+def close(pixel: tuple[int, ...], expected: tuple[int, int, int], tolerance: int = 12) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
+
+
+RED = (220, 20, 20)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "params"),
+    [
+        ("PNG", {}),
+        ("JPEG", {"quality": 90}),
+        ("WEBP", {"quality": 90}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("AVIF", {}),
+    ],
+)
+def test_each_format_becomes_an_rgb_jpeg(fmt: str, params: dict) -> None:
+    image = decoded(encode(Image.new("RGB", (40, 30), RED), fmt, **params))
+    assert image.size == (40, 30)
+    assert close(image.getpixel((20, 15)), RED, tolerance=20)
+
+
+def test_heic_is_read() -> None:
+    heif = pillow_heif.from_pillow(Image.new("RGB", (64, 32), RED))
+    buffer = io.BytesIO()
+    heif.save(buffer, quality=90)
+    image = decoded(buffer.getvalue())
+    assert image.size == (64, 32)
+    assert close(image.getpixel((32, 16)), RED, tolerance=25)
+
+
+def test_animated_gif_takes_its_first_frame() -> None:
+    frames = [Image.new("RGB", (20, 20), color) for color in ((0, 0, 255), (0, 255, 0), (255, 0, 0))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert close(decoded(data).getpixel((10, 10)), (0, 0, 255))
+
+
+def test_animated_webp_takes_its_first_frame() -> None:
+    frames = [Image.new("RGB", (20, 20), color) for color in ((0, 255, 0), (255, 0, 0))]
+    data = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    assert close(decoded(data).getpixel((10, 10)), (0, 255, 0))
+
+
+def test_alpha_is_composited_on_white() -> None:
+    image = Image.new("RGBA", (32, 16), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (0, 0, 16, 16))
+    result = decoded(encode(image, "PNG"))
+    assert close(result.getpixel((24, 8)), (255, 255, 255))
+    assert close(result.getpixel((8, 8)), (255, 0, 0), tolerance=20)
+
+
+def test_palette_with_transparency_is_composited_on_white() -> None:
+    image = Image.new("P", (10, 10), 0)
+    image.putpalette([0, 0, 0] + [0, 0, 255] * 255)
+    data = encode(image, "PNG", transparency=0)
+    assert close(decoded(data).getpixel((5, 5)), (255, 255, 255))
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    data = encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
+    assert close(decoded(data).getpixel((8, 8)), (255, 0, 0), tolerance=30)
+
+
+def test_grayscale_and_sixteen_bit_become_rgb() -> None:
+    gray = decoded(encode(Image.new("L", (8, 8), 128), "PNG"))
+    assert close(gray.getpixel((4, 4)), (128, 128, 128), tolerance=3)
+    sixteen = Image.new("I;16", (8, 8), 40000)
+    data = encode(sixteen, "PNG")
+    with Image.open(io.BytesIO(data)) as reopened:
+        assert reopened.mode.startswith("I")
+    assert close(decoded(data).getpixel((4, 4)), (156, 156, 156), tolerance=3)
+
+
+def test_exif_orientation_is_applied_then_dropped() -> None:
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = decoded(encode(image, "JPEG", quality=95, exif=exif.tobytes()))
+    assert rotated.size == (20, 40)
+    assert close(rotated.getpixel((10, 5)), (255, 0, 0), tolerance=30)
+    assert close(rotated.getpixel((10, 35)), (0, 0, 255), tolerance=30)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        b"<svg width='10' height='10'></svg>",
+        b"\n  <!DOCTYPE html><html><body>not found</body></html>",
+        b"just some text",
+        b"",
+    ],
+)
+def test_markup_and_other_bytes_are_refused(body: bytes) -> None:
+    with pytest.raises(ImageRejectedError, match="not an image"):
+        normalize_image(body, max_pixels=LIMIT)
+
+
+def test_eps_is_not_among_the_accepted_formats() -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ImageRejectedError, match="not an image"):
+        normalize_image(eps, max_pixels=LIMIT)
+
+
+def test_truncated_image_is_refused() -> None:
+    data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
+    with pytest.raises(ImageRejectedError, match="truncated"):
+        normalize_image(data[: len(data) // 2], max_pixels=LIMIT)
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny real PNG whose header claims another size: what a decompression bomb looks like."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = bytearray(data[12:29])
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def test_pixel_count_is_checked_from_the_header_before_decoding() -> None:
+    with pytest.raises(ImageRejectedError, match="decompression bomb"):
+        normalize_image(png_claiming_size(30000, 30000), max_pixels=LIMIT)
+    with pytest.raises(ImageRejectedError, match="decompression bomb"):
+        normalize_image(encode(Image.new("RGB", (200, 100)), "PNG"), max_pixels=10_000)
