@@ -13,8 +13,19 @@ from fluxtrain.errors import InvalidInputError, NotFoundError
 
 
 def render_dataset_toml(document: KohyaDatasetToml) -> str:
-    """The file text; keys left unset stay out so kohya's fallbacks apply to them."""
-    return tomli_w.dumps(document.model_dump(mode="json", exclude_none=True))
+    """The file text, every table written as a `[header]` section (kohya reads the file with the
+    older `toml` package, which mishandles arrays of inline tables); keys left unset stay out so
+    kohya's fallbacks apply to them."""
+    data = document.model_dump(mode="json", exclude_none=True)
+    sections = [f"[general]\n{tomli_w.dumps(data['general'])}"]
+    for dataset in data["datasets"]:
+        subsets = dataset.pop("subsets")
+        sections.append(f"[[datasets]]\n{tomli_w.dumps(dataset)}")
+        sections.extend(
+            f"[[datasets.subsets]]\n{tomli_w.dumps({'image_dir': subset.pop('image_dir'), **subset})}"
+            for subset in subsets
+        )
+    return "\n".join(sections)
 
 
 def parse_dataset_toml(text: str) -> KohyaDatasetToml:

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fluxtrain.dataset_config.model import DatasetOptions, GeneralSection, SubsetSection
+from fluxtrain.dataset_config.model import (
+    DatasetOptions,
+    DatasetSection,
+    GeneralSection,
+    KohyaDatasetToml,
+    SubsetSection,
+)
 from fluxtrain.dataset_config.request import DatasetConfig
 from fluxtrain.dataset_config.service import create_dataset_config
-from fluxtrain.dataset_config.toml_file import load_dataset_config
+from fluxtrain.dataset_config.toml_file import load_dataset_config, parse_dataset_toml, render_dataset_toml
 from fluxtrain.errors import NotFoundError
 from fluxtrain.settings import Settings
 
@@ -222,3 +228,36 @@ def test_dataset_without_images_is_not_found(settings: Settings) -> None:
     with pytest.raises(NotFoundError, match="holds no image"):
         create_dataset_config(settings=settings, request=DatasetConfig(output_name="empty", trigger_word="e"))
     assert not (settings.datasets_dir / "empty.toml").exists()
+
+
+def test_every_table_is_a_section_header_not_an_inline_table(
+    settings: Settings, dataset_folder: Path
+) -> None:
+    """kohya parses with the `toml` package, which rejects arrays of inline tables."""
+    request = DatasetConfig(output_name="cats", trigger_word="mycat")
+    text = create_dataset_config(settings=settings, request=request).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert [line for line in lines if line.startswith("[")] == [
+        "[general]",
+        "[[datasets]]",
+        "[[datasets.subsets]]",
+    ]
+    assert not [line for line in lines if line.lstrip().startswith("subsets")]
+    assert lines[lines.index("[[datasets.subsets]]") + 1] == f'image_dir = "{dataset_folder}"'
+
+
+def test_render_and_parse_round_trip_several_datasets() -> None:
+    document = KohyaDatasetToml(
+        general=GeneralSection(keep_tokens=1, resolution=512),
+        datasets=[
+            DatasetSection(subsets=[SubsetSection(image_dir="/a", class_tokens="a")]),
+            DatasetSection(
+                resolution=[768, 512],
+                subsets=[SubsetSection(image_dir="/b"), SubsetSection(image_dir="/c", keep_tokens=3)],
+            ),
+        ],
+    )
+    text = render_dataset_toml(document)
+    assert text.count("[[datasets]]") == 2
+    assert text.count("[[datasets.subsets]]") == 3
+    assert parse_dataset_toml(text) == document
