@@ -80,16 +80,25 @@ def cancel(run_id: str, settings: SettingsDep, db: DatabaseDep) -> RunStatusOut:
     return build_status(settings, service.cancel_run(settings=settings, db=db, run_id=run_id))
 
 
+def _stream_start(
+    run_id: str,
+    db: DatabaseDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> int:
+    """Checked before the stream opens, so an unknown run or a bad header still gets its 404/422."""
+    after = parse_last_event_id(last_event_id)
+    service.get_run(db=db, run_id=run_id)
+    return after
+
+
 @router.get("/runs/{run_id}/events", response_class=EventSourceResponse)
 async def events(
     run_id: str,
     settings: SettingsDep,
     db: DatabaseDep,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int, Depends(_stream_start)],
 ) -> AsyncIterator[ServerSentEvent]:
     """Every progress event as the trainer writes it, then one `status` event; resumable."""
-    after = parse_last_event_id(last_event_id)
-    service.get_run(db=db, run_id=run_id)
     async for event in run_events(settings=settings, db=db, run_id=run_id, after=after):
         yield event
 

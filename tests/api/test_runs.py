@@ -1,0 +1,187 @@
+"""Run endpoints through the HTTP API; the executor runs a trainer double (tests/runs has the real one)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fluxtrain.api.app import create_app
+from fluxtrain.runs import executor as executor_module
+from fluxtrain.runs.launcher import LocalBackend
+from fluxtrain.settings import Settings
+
+TRAINER = textwrap.dedent(
+    """
+    import json, sys, time, pathlib
+    run_dir = pathlib.Path(sys.argv[1])
+    cfg = json.loads((run_dir / "run.json").read_text())
+    steps = cfg.get("max_train_steps") or 3
+    with (run_dir / "events.jsonl").open("a") as log:
+        log.write(json.dumps({"event": "started", "total_steps": steps}) + "\\n")
+        for step in range(1, steps + 1):
+            time.sleep(0.05)
+            log.write(json.dumps({"event": "step", "step": step, "epoch": 1, "loss": 0.5}) + "\\n")
+            log.flush()
+        out = run_dir / "output"
+        out.mkdir()
+        (out / (cfg["output_name"] + ".safetensors")).write_bytes(b"lora")
+        samples = run_dir / "samples"
+        samples.mkdir()
+        (samples / "000001-0.png").write_bytes(b"png")
+        log.write(json.dumps({"event": "finished", "step": steps, "epoch": 1}) + "\\n")
+    print("trainer done", flush=True)
+    """
+)
+
+
+@pytest.fixture
+def api(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    script = tmp_path / "trainer_double.py"
+    script.write_text(TRAINER)
+    backend = LocalBackend(gpus="", entry=(str(script),))
+    monkeypatch.setattr(executor_module, "make_backend", lambda _: backend)
+    settings.datasets_dir.mkdir(parents=True)
+    (settings.datasets_dir / "demo.toml").write_text("[general]\n")
+    settings.models_root.mkdir(parents=True)
+    for name in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):
+        (settings.models_root / name).write_bytes(b"")
+    with TestClient(create_app(settings)) as client:
+        client.app.state.executor.poll_interval = 0.1
+        yield client
+
+
+def _wait(client: TestClient, run_id: str, statuses: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/status/{run_id}").json()
+        if body["status"] in statuses:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} stayed {body['status']}")
+
+
+def _runs_dir_entries(settings: Settings) -> list[str]:
+    return sorted(p.name for p in settings.runs_dir.iterdir()) if settings.runs_dir.is_dir() else []
+
+
+def test_train_runs_to_success_with_status_artifacts_and_events(api: TestClient, settings: Settings) -> None:
+    response = api.post("/train", json={"output_name": "demo", "max_train_steps": 4})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["message"] == "Training started"
+    run_id = body["run_id"]
+    done = _wait(api, run_id, {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done["error"]
+    assert set(done) == {
+        "run_id", "status", "logs", "progress", "outputs", "error", "created_at", "started_at", "finished_at"
+    }
+    assert set(done["progress"]) == {
+        "step", "total_steps", "epoch", "total_epochs", "loss", "it_per_s", "eta_seconds"
+    }
+    assert done["progress"]["step"] == 4 and done["progress"]["total_steps"] == 4
+    assert [o["name"] for o in done["outputs"]] == ["demo.safetensors"]
+    assert done["outputs"][0]["url"] is None
+    assert "trainer done" in done["logs"]
+
+    run_config = json.loads((settings.runs_dir / run_id / "run.json").read_text())
+    assert run_config["dataset_config"] == str(settings.datasets_dir / "demo.toml")
+    assert run_config["pretrained_model"] == "flux1-dev.sft"
+
+    with api.stream("GET", f"/runs/{run_id}/events") as stream:
+        text = "".join(stream.iter_text())
+    ids = [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+    assert ids == list(range(1, 7))
+    steps = [json.loads(line[6:])["step"] for line in text.splitlines() if '"event": "step"' in line]
+    assert steps == [1, 2, 3, 4]
+    assert "event: status" in text and '"succeeded"' in text.split("event: status", 1)[1]
+    with api.stream("GET", f"/runs/{run_id}/events", headers={"Last-Event-ID": "4"}) as stream:
+        resumed = "".join(stream.iter_text())
+    assert [int(line[4:]) for line in resumed.splitlines() if line.startswith("id: ")] == [5, 6]
+
+    files = api.get(f"/runs/{run_id}/artifacts").json()["files"]
+    kinds = {(f["name"], f["kind"]) for f in files}
+    assert kinds == {("demo.safetensors", "lora"), ("000001-0.png", "sample")}
+    assert api.get(f"/runs/{run_id}/artifacts/demo.safetensors").content == b"lora"
+    assert api.get(f"/runs/{run_id}/artifacts/run.json").status_code == 404
+    assert api.get(f"/runs/{run_id}/artifacts/..%2Frun.json").status_code in (404, 422)
+
+    logs = api.get(f"/runs/{run_id}/logs", params={"tail": 1}).json()
+    assert logs["lines"] == ["trainer done"]
+    follow = api.get(f"/runs/{run_id}/logs", params={"offset": logs["next_offset"]}).json()
+    assert follow["lines"] == [] and follow["next_offset"] == logs["next_offset"]
+
+    listed = api.get("/runs", params={"status": "succeeded"}).json()["runs"]
+    assert [r["run_id"] for r in listed] == [run_id]
+    assert api.get("/runs", params={"status": "queued"}).json()["runs"] == []
+    assert api.post(f"/runs/{run_id}/cancel").status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "needle"),
+    [
+        ({"output_name": "missing"}, 404, "missing.toml"),
+        ({"output_name": "demo", "dataset": "nope"}, 404, "nope.toml"),
+        ({"output_name": "demo", "ae": "vae/ae.sft"}, 404, "vae/ae.sft"),
+        ({"output_name": "demo", "clip_l": "../outside.safetensors"}, 422, "leaves the models folder"),
+        ({"output_name": "demo", "t5xxl": "/etc/passwd"}, 422, "relative"),
+        ({"output_name": "demo", "learning_rate": -1}, 422, "learning_rate"),
+        ({"output_name": "demo", "network_dim": 0}, 422, "network_dim"),
+        ({"output_name": "demo", "gpus": 0}, 422, "gpus"),
+        ({"output_name": "../demo"}, 422, "output_name"),
+        ({"output_name": "demo", "no_such_field": 1}, 422, "no_such_field"),
+        ({"output_name": "demo", "webhook": "ftp://example.com/hook"}, 422, "webhook"),
+        ({"output_name": "demo", "webhook": "http://169.254.169.254/hook"}, 422, "webhook"),
+        ({}, 422, "output_name"),
+    ],
+)
+def test_bad_requests_create_no_run_and_no_folder(
+    api: TestClient, settings: Settings, body: dict, code: int, needle: str
+) -> None:
+    response = api.post("/train", json=body)
+    assert response.status_code == code, response.text
+    assert needle in response.text
+    if code == 404 and "models" not in needle:
+        assert str(settings.datasets_dir) in response.text or str(settings.models_root) in response.text
+    assert api.get("/runs").json()["runs"] == []
+    assert _runs_dir_entries(settings) == []
+
+
+def test_missing_model_names_the_file_and_the_folder(api: TestClient, settings: Settings) -> None:
+    (settings.models_root / "ae.sft").unlink()
+    response = api.post("/train", json={"output_name": "demo"})
+    assert response.status_code == 404
+    assert "ae.sft" in response.json()["detail"] and str(settings.models_root) in response.json()["detail"]
+
+
+def test_idempotency_key_starts_one_run(api: TestClient, settings: Settings) -> None:
+    headers = {"Idempotency-Key": "abc-123"}
+    first = api.post("/train", json={"output_name": "demo", "max_train_steps": 2}, headers=headers)
+    second = api.post("/train", json={"output_name": "demo", "max_train_steps": 2}, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["run_id"] == second.json()["run_id"]
+    clash = api.post("/train", json={"output_name": "demo", "max_train_steps": 3}, headers=headers)
+    assert clash.status_code == 409
+    assert len(api.get("/runs").json()["runs"]) == 1
+    assert _runs_dir_entries(settings) == [first.json()["run_id"]]
+
+
+def test_unknown_run_is_404_everywhere(api: TestClient) -> None:
+    for path in ("/status/nope", "/runs/nope/logs", "/runs/nope/events", "/runs/nope/artifacts"):
+        assert api.get(path).status_code == 404, path
+    assert api.post("/runs/nope/cancel").status_code == 404
+
+
+def test_bad_last_event_id_is_422(api: TestClient) -> None:
+    run_id = api.post("/train", json={"output_name": "demo", "max_train_steps": 1}).json()["run_id"]
+    assert api.get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "x"}).status_code == 422
+
+
+def test_list_filters_and_limit_are_checked(api: TestClient) -> None:
+    assert api.get("/runs", params={"status": "bogus"}).status_code == 422
+    assert api.get("/runs", params={"limit": 0}).status_code == 422
