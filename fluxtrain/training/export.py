@@ -13,29 +13,17 @@ stacked, the up weights block-diagonal and alpha x k, which is exactly the same 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
 
 from fluxtrain.fsutil import atomic_write_bytes
+from fluxtrain.training.convert import diffusers_module_to_bfl, kohya_lora_name
 
-KOHYA_PREFIX = "lora_unet"
-DOUBLE_BLOCK_GROUPS: dict[str, tuple[str, ...]] = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
-}
-SINGLE_BLOCK_GROUPS: dict[str, tuple[str, ...]] = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-}
-_MODULE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+_LORA_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
 
 
 def diffusers_state_dict(
@@ -51,37 +39,30 @@ def diffusers_state_dict(
 
 
 def kohya_state_dict(
-    lora: dict[str, torch.Tensor], *, alpha: float, dtype: torch.dtype
+    lora: dict[str, torch.Tensor], *, alpha: float, dtype: torch.dtype, config: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """peft weights to kohya's lora_unet_* layout with fused qkv / linear1."""
-    modules: dict[tuple[str, int], dict[str, dict[str, torch.Tensor]]] = {}
+    """peft weights to kohya's lora_unet_* layout with fused qkv / linear1; `config` is the transformer's."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in lora.items():
-        match = _MODULE.match(key)
+        match = _LORA_KEY.match(key)
         if match is None:
-            raise ValueError(f"LoRA weight {key} is outside the double and single blocks")
-        kind, index, module, which = match.groups()
-        modules.setdefault((kind, int(index)), {}).setdefault(module, {})[which] = value.detach().float()
+            raise ValueError(f"{key} is not a LoRA weight")
+        modules.setdefault(match.group(1), {})[match.group(2)] = value.detach().float()
+    fused: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    parts: dict[str, int] = {}
+    for module, weights in modules.items():
+        bfl, index, sizes = diffusers_module_to_bfl(module, config)
+        fused.setdefault(bfl, {})[index or 0] = weights
+        parts[bfl] = len(sizes) if sizes else 1
     out: dict[str, torch.Tensor] = {}
-    for (kind, index), found in sorted(modules.items()):
-        groups = DOUBLE_BLOCK_GROUPS if kind == "transformer_blocks" else SINGLE_BLOCK_GROUPS
-        block = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
-        used = set()
-        for bfl_name, members in groups.items():
-            present = [m for m in members if m in found]
-            if not present:
-                continue
-            if len(present) != len(members):
-                raise ValueError(f"{kind}.{index}: {bfl_name} needs all of {members}, found {present}")
-            used.update(members)
-            down = torch.cat([found[m]["A"] for m in members], dim=0)
-            up = torch.block_diag(*[found[m]["B"] for m in members])
-            name = f"{KOHYA_PREFIX}_{block}_{index}_{bfl_name}"
-            out[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(alpha * len(members), dtype=dtype)
-        leftover = set(found) - used
-        if leftover:
-            raise ValueError(f"{kind}.{index}: no kohya name for {sorted(leftover)}")
+    for bfl, pieces in sorted(fused.items()):
+        if len(pieces) != parts[bfl]:
+            raise ValueError(f"{bfl} is fused from {parts[bfl]} modules; the LoRA covers {len(pieces)}")
+        ordered = [pieces[i] for i in range(parts[bfl])]
+        name = kohya_lora_name(bfl)
+        out[f"{name}.lora_down.weight"] = torch.cat([w["A"] for w in ordered], dim=0).to(dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = torch.block_diag(*[w["B"] for w in ordered]).to(dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(alpha * len(ordered), dtype=dtype)
     return out
 
 
@@ -140,10 +121,11 @@ def save_lora(
     alpha: float,
     dtype: torch.dtype,
     metadata: dict[str, str],
+    config: Mapping[str, Any],
 ) -> None:
     """Write the LoRA in `save_format` to `path` (temporary file, then rename)."""
     if save_format == "kohya":
-        tensors = kohya_state_dict(lora, alpha=alpha, dtype=dtype)
+        tensors = kohya_state_dict(lora, alpha=alpha, dtype=dtype, config=config)
     else:
         tensors = diffusers_state_dict(lora, rank=rank, alpha=alpha, dtype=dtype)
     atomic_write_bytes(path, save(tensors, metadata=metadata))

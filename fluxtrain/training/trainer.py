@@ -347,6 +347,7 @@ class Trainer:
             alpha=config.network_alpha,
             dtype=torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32,
             metadata=metadata,
+            config=self.unwrapped.config,
         )
 
     def checkpoint(self, epoch: int) -> None:
