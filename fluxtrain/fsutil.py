@@ -10,11 +10,15 @@ from typing import Any
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a hidden temporary file in the same folder, fsync, then rename over `path`.
+
+    mkstemp creates files readable by the owner alone; results are meant to be shared, so 0644.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
