@@ -53,8 +53,8 @@ def caption_dataset(
     images = list_images(folder)
     if not images:
         raise InvalidInputError(f"dataset '{name}' has no images to caption")
-    if not trigger_word.strip():
-        raise InvalidInputError("trigger_word must not be empty")
+    if not trigger_word.strip() or "\n" in trigger_word or "\r" in trigger_word:
+        raise InvalidInputError("trigger_word must be one non-empty line")
     options = GenerationOptions(
         prompt=model_prompt(prompt, task), max_new_tokens=max_new_tokens, num_beams=num_beams
     )

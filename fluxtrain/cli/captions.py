@@ -39,8 +39,12 @@ def caption(
     num_beams: int = typer.Option(DEFAULT_NUM_BEAMS, min=1, max=8, help="Beam search width."),
 ) -> None:
     """Caption every image of a dataset with Florence-2; exits 1 when any image failed."""
+    from transformers.utils import logging as transformers_logging
+
     from fluxtrain.captioning.service import caption_dataset
     from fluxtrain.settings import get_settings
+
+    transformers_logging.disable_progress_bar()
 
     console = Console(stderr=True)
     if task is not None and task not in CAPTION_TASKS:

@@ -100,6 +100,13 @@ def test_a_dataset_without_images_is_invalid(caption_settings: Settings, make_da
         caption_dataset(settings=caption_settings, name="cats", trigger_word="mycat")
 
 
+@pytest.mark.parametrize("trigger_word", ["", "  ", "two\nlines"])
+def test_trigger_word_must_be_one_line(caption_settings: Settings, make_dataset, trigger_word: str) -> None:
+    make_dataset(count=1)
+    with pytest.raises(InvalidInputError, match="trigger_word"):
+        caption_dataset(settings=caption_settings, name="cats", trigger_word=trigger_word)
+
+
 def test_progress_counts_images_still_to_caption(caption_settings: Settings, make_dataset) -> None:
     folder = make_dataset(count=5)
     (folder / "img4.txt").write_text("mycat, done", encoding="utf-8")
