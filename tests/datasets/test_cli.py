@@ -1,0 +1,37 @@
+from dataset_support import LoopbackServer, Reply
+from typer.testing import CliRunner
+
+from fluxtrain.cli import datasets as datasets_cli
+from fluxtrain.cli.main import app
+from fluxtrain.settings import Settings
+
+
+def test_download_reports_failures_and_exits_1(
+    server: LoopbackServer, open_settings: Settings, png_bytes: bytes, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(datasets_cli, "get_settings", lambda: open_settings)
+    good = server.add("/good.png", Reply(body=png_bytes))
+    url_file = tmp_path / "urls.txt"
+    url_file.write_text(f"# comment\n{server.url('/gone.png')}\n\n")
+    result = CliRunner().invoke(app, ["download", "cli-set", good, "--file", str(url_file)])
+    assert result.exit_code == 1, result.output
+    assert "saved 1 of 2" in result.output
+    assert "HTTP 404 Not Found" in result.output
+    assert (open_settings.datasets_dir / "cli-set" / "good.jpg").is_file()
+
+    again = CliRunner().invoke(app, ["download", "cli-set", good])
+    assert again.exit_code == 0, again.output
+
+    listing = CliRunner().invoke(app, ["datasets"])
+    assert listing.exit_code == 0
+    assert "cli-set" in listing.output
+
+
+def test_download_refuses_a_bad_name_and_no_urls(open_settings: Settings, monkeypatch) -> None:
+    monkeypatch.setattr(datasets_cli, "get_settings", lambda: open_settings)
+    bad = CliRunner().invoke(app, ["download", "../up", "http://example.com/a.png"])
+    assert bad.exit_code == 2
+    assert "invalid NAME" in bad.output
+    empty = CliRunner().invoke(app, ["download", "ok"])
+    assert empty.exit_code == 2
+    assert "at least one URL" in empty.output
