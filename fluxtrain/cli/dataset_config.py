@@ -51,8 +51,10 @@ def config(
         )
     except ValidationError as exc:
         for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"]) or "options"
-            console.print(f"[red]invalid {field}:[/red] {error['msg']}", highlight=False)
+            field = ".".join(str(part) for part in error["loc"])
+            label = {"output_name": "NAME", "": "options"}.get(field, f"--{field.replace('_', '-')}")
+            reason = error["msg"].removeprefix("Value error, ")
+            console.print(f"[red]invalid {label}:[/red] {reason}", highlight=False)
         raise typer.Exit(2) from exc
     try:
         path = create_dataset_config(settings=get_settings(), request=request)
