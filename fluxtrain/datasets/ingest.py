@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -106,37 +106,36 @@ async def download_images(
     semaphore = asyncio.Semaphore(settings.download_concurrency)
     allow = settings.allow_networks
 
-    async def one(client: httpx.AsyncClient, client_url: str, book: ledger.Ledger) -> None:
+    async def one(client: httpx.AsyncClient, url: str, book: ledger.Ledger) -> None:
         path: str | None = None
         reason: str | None = None
         async with semaphore:
             try:
                 fetched = await fetch_bytes(
                     client,
-                    client_url,
+                    url,
                     allow=allow,
                     max_bytes=settings.max_download_bytes,
                     timeout=settings.download_timeout,
                 )
-                saved = await loop.run_in_executor(
-                    executor,
-                    lambda: store_image(
-                        book,
-                        source=ledger.Source(url=client_url),
-                        stem=ledger.stem_for_url(client_url),
-                        data=fetched.content,
-                        max_pixels=settings.max_image_pixels,
-                    ),
+                store = partial(
+                    store_image,
+                    book,
+                    source=ledger.Source(url=url),
+                    stem=ledger.stem_for_url(url),
+                    data=fetched.content,
+                    max_pixels=settings.max_image_pixels,
                 )
+                saved = await loop.run_in_executor(executor, store)
                 path = str(saved)
             except Exception as exc:
                 reason = _reason_for(exc)
         if path is not None:
-            result.files[client_url] = path
+            result.files[url] = path
         else:
-            result.failed[client_url] = reason or "failed"
+            result.failed[url] = reason or "failed"
         if on_result is not None:
-            on_result(client_url, path, reason)
+            on_result(url, path, reason)
 
     book = ledger.acquire(folder)
     try:
