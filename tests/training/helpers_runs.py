@@ -102,3 +102,40 @@ def render(pipe: Any, prompt: str = f"{TRIGGER}, a green disc") -> Any:
         generator=torch.Generator("cpu").manual_seed(0),
         output_type="np",
     ).images[0]
+
+
+def write_wide_models(source: Path, dest: Path) -> Path:
+    """The tiny model folder with a wider, schnell-like transformer (hidden 128 > 64 latent channels).
+
+    The shared tiny transformer's hidden size (32) is below the packed latent width (64), so no
+    adapter on it can express the velocity target; the overfit test needs a model that can.
+    """
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from fluxtrain.training.convert import diffusers_to_bfl_transformer, rope_axes_for_head_dim
+    from fluxtrain.training.tiny import tiny_transformer_config
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name != "flux1-dev.sft":
+            (dest / entry.name).symlink_to(entry)
+    config = {
+        **tiny_transformer_config(guidance=False),
+        "num_attention_heads": 4,
+        "attention_head_dim": 32,
+        "axes_dims_rope": rope_axes_for_head_dim(32),
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(**config)
+    tensors = {k: v.contiguous() for k, v in diffusers_to_bfl_transformer(transformer.state_dict()).items()}
+    save_file(tensors, dest / "flux1-dev.sft")
+    return dest
+
+
+def step_events(run_dir: Path) -> list[dict[str, Any]]:
+    from fluxtrain.training.events import read_events
+
+    return [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"]
