@@ -185,3 +185,35 @@ def test_bad_last_event_id_is_422(api: TestClient) -> None:
 def test_list_filters_and_limit_are_checked(api: TestClient) -> None:
     assert api.get("/runs", params={"status": "bogus"}).status_code == 422
     assert api.get("/runs", params={"limit": 0}).status_code == 422
+
+
+def test_webhook_gets_the_status_at_start_and_end(api: TestClient, settings: Settings) -> None:
+    import ipaddress
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings.allow_networks = [ipaddress.ip_network("127.0.0.0/8")]
+    hook = f"http://127.0.0.1:{server.server_port}/hook"
+    try:
+        body = {"output_name": "demo", "max_train_steps": 1, "webhook": hook}
+        _wait(api, api.post("/train", json=body).json()["run_id"], {"succeeded"})
+        deadline = time.monotonic() + 10
+        while len(received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.shutdown()
+    assert [body["status"] for body in received] == ["running", "succeeded"]
+    assert received[1]["outputs"][0]["name"] == "demo.safetensors"
