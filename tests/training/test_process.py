@@ -1,0 +1,128 @@
+"""The trainer as the runs layer starts it: a process on a run directory, stopped and resumed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fluxtrain.training.config import load_config
+from fluxtrain.training.events import read_events
+from fluxtrain.training.trainer import StopFlag, Trainer
+
+
+def _helpers():
+    """tests/training/helpers_runs.py, imported once under its own name (tests are not a package)."""
+    if "training_helpers_runs" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "training_helpers_runs", Path(__file__).with_name("helpers_runs.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["training_helpers_runs"]
+
+
+helpers = _helpers()
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TOTAL = 120
+
+
+def _trainer(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fluxtrain.training", *args]
+
+
+def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e["step"] >= step for e in helpers.step_events(run)):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def test_sigterm_saves_state_and_restart_resumes_with_the_same_rng(tiny_models: Path, tmp_path: Path) -> None:
+    toml = helpers.make_dataset(tmp_path / "data", flip_aug=True)
+    fields = {"max_train_steps": TOTAL, "caption_dropout_rate": 0.3, "save_every_n_epochs": 1000}
+    run = helpers.make_run(
+        tmp_path / "run", models=tiny_models, toml=toml, cache=tmp_path / "cache", **fields
+    )
+    process = subprocess.Popen(_trainer(str(run)), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait_for_step(run, 3, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output.decode()
+    interrupted = [e for e in read_events(run / "events.jsonl") if e["event"] == "interrupted"]
+    assert len(interrupted) == 1
+    saved = interrupted[0]["step"]
+    assert 3 <= saved < TOTAL
+    assert not (run / "output" / "tiny.safetensors").exists()
+
+    before = len(helpers.step_events(run))
+    restart = subprocess.run(_trainer(str(run)), env=ENV, capture_output=True, timeout=300)
+    assert restart.returncode == 0, restart.stdout.decode() + restart.stderr.decode()
+    resumed = helpers.step_events(run)[before:]
+    assert resumed[0]["step"] == saved + 1
+    assert resumed[-1]["step"] == TOTAL
+    assert (run / "output" / "tiny.safetensors").is_file()
+    assert read_events(run / "events.jsonl")[-1]["event"] == "finished"
+
+    # An uninterrupted run draws the same numbers: identical losses after the resume point.
+    straight = helpers.make_run(
+        tmp_path / "straight", models=tiny_models, toml=toml, cache=tmp_path / "cache", **fields
+    )
+    Trainer(straight, load_config(straight / "run.json"), stop=StopFlag()).run()
+    reference = {e["step"]: e["loss"] for e in helpers.step_events(straight)}
+    for event in resumed[:5]:
+        assert abs(event["loss"] - reference[event["step"]]) < 1e-5
+
+
+def test_bad_run_json_fails_fast_naming_the_field(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"output_name": "x", "network_dim": 0}), encoding="utf-8")
+    result = subprocess.run(_trainer(str(run)), env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "network_dim" in result.stderr
+    error = read_events(run / "events.jsonl")[-1]
+    assert error["event"] == "error" and "network_dim" in error["message"]
+
+    (run / "run.json").write_text("{not json", encoding="utf-8")
+    result = subprocess.run(_trainer(str(run)), env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
+
+
+def test_accelerate_launch_on_the_cpu(tiny_models: Path, tmp_path: Path) -> None:
+    toml = helpers.make_dataset(tmp_path / "data")
+    run = helpers.make_run(
+        tmp_path / "run", models=tiny_models, toml=toml, cache=tmp_path / "cache", max_train_steps=3
+    )
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(accelerate if accelerate.exists() else shutil.which("accelerate")),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "fluxtrain.training",
+        str(run),
+    ]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (run / "output" / "tiny.safetensors").is_file()
+    events = read_events(run / "events.jsonl")
+    assert events[0]["num_processes"] == 1 and events[-1]["event"] == "finished"
