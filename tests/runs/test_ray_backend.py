@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -267,3 +268,44 @@ def test_executor_drives_runs_on_ray_to_the_end(
     assert done.backend_ref == f"fluxtrain-{good.id}"
     assert failed.status == "failed"
     assert "exited with code 1" in failed.error and "boom, out of memory" in failed.error
+
+
+def _training_helpers():
+    """tests/training/helpers_runs.py (tiny dataset and run.json), imported under its own name."""
+    import importlib.util
+
+    name = "training_helpers_runs"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).parents[1] / "training" / "helpers_runs.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_real_trainer_runs_as_a_ray_job_on_tiny_models(
+    settings: Settings, ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fluxtrain.training.tiny import write_tiny_flux_files
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    helpers = _training_helpers()
+    models = tmp_path / "models"
+    write_tiny_flux_files(models)
+    toml = helpers.make_dataset(tmp_path / "data")
+    run_dir = helpers.make_run(tmp_path / "runs" / "real", models=models, toml=toml, cache=tmp_path / "cache",
+                               max_train_steps=4)
+    backend = RayBackend(settings.model_copy(update={"ray_address": ray_address, "gpus": ""}))
+    ref = backend.launch(LaunchSpec(run_id="real", run_dir=run_dir, gpu_ids=[], num_gpus=1))
+    assert _wait(backend, ref, run_dir, timeout=240) == (ProcessState.EXITED, 0), backend.logs(
+        ref, run_dir, tail=30
+    )
+    assert (run_dir / "output" / "tiny.safetensors").is_file()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
+    assert events[-1]["event"] == "finished"
+    assert "step 4/4" in (run_dir / "train.log").read_text(), "the job's log is kept in the run dir"
