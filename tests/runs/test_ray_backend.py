@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -309,3 +310,45 @@ def test_real_trainer_runs_as_a_ray_job_on_tiny_models(
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
     assert events[-1]["event"] == "finished"
     assert "step 4/4" in (run_dir / "train.log").read_text(), "the job's log is kept in the run dir"
+
+
+def test_ray_run_uploads_its_lora_to_s3_and_status_shows_the_url(
+    run_settings: Settings, db: Database, ray_address: str, fake_trainer: Path, tmp_path: Path,
+    submit: Callable[..., Run], drive: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("moto.server", reason="the S3 check needs moto[server]")
+    from moto.server import ThreadedMotoServer
+
+    from fluxtrain.runs.status import build_status
+    from fluxtrain.storage.remote import open_remote
+
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(endpoint.rsplit(":", 1)[1]), verbose=False)
+    server.start()
+    try:
+        httpx.post(f"{endpoint}/moto-api/reset", timeout=10).raise_for_status()
+        configured = run_settings.model_copy(update={
+            "executor": "ray", "ray_address": ray_address, "gpus": "",
+            "cloud_storage_type": "S3", "storage_url": "s3://ray-artifacts/loras",
+        })
+        store = open_remote(configured)
+        assert store is not None
+        store.fs.mkdir("ray-artifacts")
+        backend = RayBackend(configured, entry=(str(fake_trainer),))
+        executor = Executor(settings=configured, db=db, backend=backend, poll_interval=0.05, store=store)
+        run = submit("demo", max_train_steps=2)
+        done = drive(executor, run.id, lambda r: r.status not in ("queued", "running"), timeout=90)
+        assert done.status == "succeeded", done.error
+        outputs = build_status(configured, done).outputs
+        assert [(o.name, o.url) for o in outputs] == [
+            ("demo.safetensors", f"s3://ray-artifacts/loras/{run.id}/output/demo.safetensors")
+        ]
+        assert store.fs.cat_file(f"ray-artifacts/loras/{run.id}/output/demo.safetensors") == b"lora"
+    finally:
+        server.stop()
