@@ -199,8 +199,13 @@ def sync_once(
     give_up: bool = False,
     attempts: int = 2,
     backoff_s: float = 1.0,
+    until: float | None = None,
 ) -> SyncReport:
-    """Upload every finished artifact not yet sent; failures wait for a later pass, with backoff."""
+    """Upload every finished artifact not yet sent; failures wait for a later pass, with backoff.
+
+    `force` ignores the backoff, `give_up` marks failures as final, and files not yet tried when
+    the Unix time `until` passes are left pending.
+    """
     report = SyncReport()
     with _run_lock(run_dir):
         state = load_state(run_dir)
@@ -215,7 +220,8 @@ def sync_once(
                 continue
             failed = state.failed.get(relpath)
             now = time.time()
-            if failed and not force and now < failed.next_attempt_at:
+            waiting = failed is not None and not force and now < failed.next_attempt_at
+            if waiting or (until is not None and now >= until):
                 report.pending.append(relpath)
                 continue
             try:
@@ -250,20 +256,39 @@ def final_sync(
     run_dir: Path,
     passes: int = 4,
     backoff_s: float = 1.0,
+    deadline_s: float = 300.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> SyncReport:
-    """At run end, try every unsent artifact now and a few more times, so nothing stays behind quietly."""
+    """At run end, try every unsent artifact a few more times within a deadline, then say what is left."""
+    until = time.time() + deadline_s
     total = SyncReport()
     for number in range(1, passes + 1):
         last = number == passes
-        report = sync_once(store=store, run_dir=run_dir, force=True, give_up=last, backoff_s=backoff_s)
+        report = sync_once(store=store, run_dir=run_dir, force=True, give_up=last, backoff_s=backoff_s,
+                           until=until)
         total.uploaded.extend(report.uploaded)
-        total.failed = report.failed
-        if not report.failed:
+        total.failed, total.pending = report.failed, report.pending
+        if not (report.failed or report.pending):
             break
-        if not last:
-            sleep(_retry_delay(number, backoff_s))
+        remaining = until - time.time()
+        if last or remaining <= 0:
+            # the last pass already marked its failures final; what was never tried still needs saying
+            left = report.pending if last else [*report.failed, *report.pending]
+            _give_up(run_dir, left, deadline_s)
+            break
+        sleep(min(_retry_delay(number, backoff_s), remaining))
     return total
+
+
+def _give_up(run_dir: Path, relpaths: list[str], deadline_s: float) -> None:
+    state = load_state(run_dir)
+    for relpath in relpaths:
+        failed = state.failed.get(relpath)
+        error = f"not uploaded: the final upload ran out of its {deadline_s:g} s"
+        if failed is not None:
+            error = f"{error}; last error: {failed.error}"
+        _append_event(run_dir, "upload_failed", file=relpath, error=error,
+                      attempts=failed.attempts if failed else 0, retry_in=None)
 
 
 class ArtifactSync:

@@ -188,3 +188,16 @@ def test_artifact_sync_watches_the_run_and_flushes_at_the_end(moto_server: objec
         "output/mylora-000001.safetensors", "output/mylora-000002.safetensors",
         "output/mylora.safetensors", "samples/000010-0.png",
     ]
+
+
+def test_final_sync_stops_at_its_deadline_and_reports_what_was_left(s3_store: RemoteStore,
+                                                                     run_dir: Path) -> None:
+    report = final_sync(store=s3_store, run_dir=run_dir, deadline_s=0, sleep=lambda _: None)
+    assert report.uploaded == [] and report.failed == []
+    assert report.pending == ["output/mylora-000001.safetensors", "samples/000010-0.png"]
+    gave_up = [e for e in _events(run_dir) if e["event"] == "upload_failed"]
+    assert [(e["file"], e["retry_in"], e["attempts"]) for e in gave_up] == [
+        ("output/mylora-000001.safetensors", None, 0), ("samples/000010-0.png", None, 0)
+    ]
+    assert "ran out of its 0 s" in gave_up[0]["error"]
+    assert (run_dir / "samples" / "000010-0.png").exists()
