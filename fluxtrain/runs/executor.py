@@ -291,9 +291,11 @@ class Executor:
             return
         folder = run_dir(self.settings, run.id)
         gpu_ids = [slot for slot in slots if slot != CPU_SLOT]
+        # A backend that schedules by itself (no slots handed out) is asked for the run's own count.
+        num_gpus = len(gpu_ids) if slots else run.gpus
         try:
             ref = self.backend.launch(
-                LaunchSpec(run_id=run.id, run_dir=folder, gpu_ids=gpu_ids, num_gpus=max(1, len(gpu_ids)))
+                LaunchSpec(run_id=run.id, run_dir=folder, gpu_ids=gpu_ids, num_gpus=max(1, num_gpus))
             )
         except Exception as exc:  # noqa: BLE001 - a launch failure fails the run, not the service
             log.exception("could not start run %s", run.id)
