@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from fluxtrain.errors import (
@@ -35,5 +40,18 @@ async def _handle(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=status_for(exc), content={"detail": exc.message})
 
 
+class AsciiJSONResponse(JSONResponse):
+    """Escapes non-ASCII: a 422 echoes the input, which may hold lone surrogates UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+async def _handle_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return AsciiJSONResponse(status_code=422, content={"detail": jsonable_encoder(exc.errors())})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(FluxtrainError, _handle)
+    app.add_exception_handler(RequestValidationError, _handle_validation)

@@ -30,3 +30,12 @@ def test_settings_read_seed_and_new_names(monkeypatch) -> None:
     assert str(settings.models_root) == "/tmp/ft-data/models"
     assert [str(n) for n in settings.allow_networks] == ["127.0.0.0/8", "10.0.0.0/8"]
     assert settings.max_urls == 7
+
+
+def test_lone_surrogate_in_a_body_is_a_422_not_a_500(client: TestClient) -> None:
+    body = b'{"output_name": "ok", "trigger_word": "\\ud800"}'
+    response = client.post(
+        "/create-dataset-config", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"]
