@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     download_concurrency: int = Field(32, ge=1, le=1024)
     max_urls: int = Field(1000, ge=1)
     max_upload_bytes: int = Field(1_073_741_824, gt=0)
+    ca_bundle: Path | None = Field(None, description="Extra CA certificates (PEM) trusted for HTTPS fetches.")
     api_key: SecretStr | None = None
 
     caption_model: str = "florence-community/Florence-2-large"
@@ -48,6 +49,7 @@ class Settings(BaseSettings):
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     storage_url: str | None = None
+    cancel_grace_seconds: float = Field(60.0, gt=0, description="SIGTERM to SIGKILL delay on cancel.")
 
     @field_validator("allow_networks", mode="before")
     @classmethod
