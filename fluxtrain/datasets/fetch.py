@@ -8,15 +8,20 @@ for the URL's host name. Redirects are followed by hand so every hop is checked 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import ssl
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import certifi
 import httpcore
 import httpx
 
 from fluxtrain.datasets.addresses import IPNetwork, parse_ip, refusal_reason
+from fluxtrain.errors import UnavailableError
 
 MAX_REDIRECTS = 5
 USER_AGENT = "fluxtrain/0.1 (+dataset downloader)"
@@ -37,13 +42,13 @@ class Fetched:
 
 
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
-    """Resolves a host, refuses it unless every address passes the policy, connects to that address."""
+    """Resolves a host, refuses it unless every address passes the policy, connects to those addresses."""
 
     def __init__(self, allow: Sequence[IPNetwork]) -> None:
         self._allow = tuple(allow)
         self._inner = httpcore.AnyIOBackend()
 
-    async def _resolve(self, host: str, port: int) -> str:
+    async def _resolve(self, host: str, port: int) -> list[str]:
         literal = parse_ip(host)
         if literal is not None:
             addresses = [literal]
@@ -54,14 +59,14 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
             except socket.gaierror as exc:
                 raise FetchError(f"could not resolve host {host}") from exc
             addresses = [parse_ip(str(info[4][0])) for info in infos]
-        checked = [a for a in addresses if a is not None]
+        checked = list(dict.fromkeys(a for a in addresses if a is not None))
         if not checked:
             raise FetchError(f"could not resolve host {host}")
         for address in checked:
             reason = refusal_reason(address, self._allow)
             if reason is not None:
                 raise AddressRefusedError(reason)
-        return str(checked[0])
+        return [str(address) for address in checked]
 
     async def connect_tcp(
         self,
@@ -71,9 +76,16 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        address = await self._resolve(host, port)
+        addresses = await self._resolve(host, port)
+        for address in addresses[:-1]:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except httpcore.ConnectError:
+                continue
         return await self._inner.connect_tcp(
-            address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+            addresses[-1], port, timeout=timeout, local_address=local_address, socket_options=socket_options
         )
 
     async def connect_unix_socket(
@@ -88,12 +100,66 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-class _CheckedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport with its connection pool built on the checking network backend."""
+# httpcore's errors and the httpx errors callers catch, most specific first.
+_ERROR_MAP: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
 
-    def __init__(self, *, allow: Sequence[IPNetwork], limits: httpx.Limits) -> None:
-        super().__init__(limits=limits, trust_env=False)
-        ssl_context = httpx.create_ssl_context(trust_env=False)
+
+@contextlib.contextmanager
+def _httpx_errors() -> Iterator[None]:
+    """Re-raise httpcore's errors as the httpx errors a client caller expects; others pass through."""
+    try:
+        yield
+    except httpcore.ProxyError as exc:
+        raise httpx.ProxyError(str(exc)) from exc
+    except Exception as exc:
+        mapped = next((to for source, to in _ERROR_MAP if isinstance(exc, source)), None)
+        if mapped is None:
+            raise
+        raise mapped(str(exc)) from exc
+
+
+class _BodyStream(httpx.AsyncByteStream):
+    """A response body read from httpcore, its errors turned into httpx errors."""
+
+    def __init__(self, stream: AsyncIterable[bytes]) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _httpx_errors():
+            async for chunk in self._stream:
+                yield chunk
+
+    async def aclose(self) -> None:
+        close = getattr(self._stream, "aclose", None)
+        if close is not None:
+            with _httpx_errors():
+                await close()
+
+
+class _CheckedTransport(httpx.AsyncBaseTransport):
+    """An httpx transport over an httpcore pool whose network backend checks every address.
+
+    Built on the public httpcore pool rather than by replacing the private pool inside
+    httpx.AsyncHTTPTransport; proxies, HTTP/2 and unix sockets are deliberately not offered.
+    """
+
+    def __init__(
+        self, *, allow: Sequence[IPNetwork], limits: httpx.Limits, ssl_context: ssl.SSLContext
+    ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context,
             max_connections=limits.max_connections,
@@ -102,12 +168,54 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
             network_backend=_CheckedBackend(allow),
         )
 
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _httpx_errors():
+            core_response = await self._pool.handle_async_request(core_request)
+        assert isinstance(core_response.stream, AsyncIterable)
+        return httpx.Response(
+            status_code=core_response.status,
+            headers=core_response.headers,
+            stream=_BodyStream(core_response.stream),
+            extensions=core_response.extensions,
+        )
 
-def make_client(*, allow: Sequence[IPNetwork], concurrency: int, timeout: float) -> httpx.AsyncClient:
+    async def aclose(self) -> None:
+        with _httpx_errors():
+            await self._pool.aclose()
+
+
+def make_ssl_context(ca_bundle: Path | None = None) -> ssl.SSLContext:
+    """certifi's roots, plus the PEM certificates of `ca_bundle` (FLUXTRAIN_CA_BUNDLE) when set."""
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca_bundle is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise UnavailableError(f"FLUXTRAIN_CA_BUNDLE {ca_bundle} could not be loaded: {exc}") from exc
+    return context
+
+
+def make_client(
+    *, allow: Sequence[IPNetwork], concurrency: int, timeout: float, ca_bundle: Path | None = None
+) -> httpx.AsyncClient:
     """One client and connection pool for a whole batch, never using proxies from the environment."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    transport = _CheckedTransport(allow=allow, limits=limits, ssl_context=make_ssl_context(ca_bundle))
     return httpx.AsyncClient(
-        transport=_CheckedTransport(allow=allow, limits=limits),
+        transport=transport,
         trust_env=False,
         follow_redirects=False,
         timeout=httpx.Timeout(timeout),
@@ -195,6 +303,16 @@ async def _fetch_hops(
     raise FetchError(f"too many redirects (more than {MAX_REDIRECTS})")
 
 
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a connection error, if that is what it was."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 async def fetch_bytes(
     client: httpx.AsyncClient,
     url: str,
@@ -216,6 +334,9 @@ async def fetch_bytes(
     except httpx.DecodingError as exc:
         raise FetchError(f"could not decode the response body: {exc}") from exc
     except httpx.ConnectError as exc:
+        refused = _certificate_error(exc)
+        if refused is not None:
+            raise FetchError(f"TLS certificate rejected: {refused.verify_message or refused.reason}") from exc
         raise FetchError(f"could not connect: {exc or 'connection refused'}") from exc
     except httpx.InvalidURL as exc:
         raise FetchError(f"malformed URL: {exc}") from exc

@@ -140,7 +140,10 @@ async def download_images(
     book = ledger.acquire(folder)
     try:
         async with make_client(
-            allow=allow, concurrency=settings.download_concurrency, timeout=settings.download_timeout
+            allow=allow,
+            concurrency=settings.download_concurrency,
+            timeout=settings.download_timeout,
+            ca_bundle=settings.ca_bundle,
         ) as client:
             await asyncio.gather(*(one(client, url, book) for url in unique))
     finally:

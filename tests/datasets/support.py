@@ -7,6 +7,7 @@ Tests use --import-mode=importlib, so conftest.py loads this file by path as `da
 from __future__ import annotations
 
 import io
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,11 +60,18 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LoopbackServer(ThreadingHTTPServer):
+    """Plain HTTP on `host`; HTTPS when given a server TLS context, its URLs then naming `url_host`."""
+
     daemon_threads = True
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None, url_host: str | None = None
+    ) -> None:
         super().__init__((host, 0), _Handler)
-        self.host = host
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        self.scheme = "https" if tls is not None else "http"
+        self.host = url_host or host
         self.routes: dict[str, Reply] = {}
         self.hits: list[str] = []
         self._thread = threading.Thread(
@@ -75,11 +83,14 @@ class LoopbackServer(ThreadingHTTPServer):
         return self.server_address[1]
 
     def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
 
     def add(self, path: str, reply: Reply) -> str:
         self.routes[path] = reply
         return self.url(path)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that gives up (a refused certificate, a timeout) is expected here, not an error."""
 
     def start(self) -> LoopbackServer:
         self._thread.start()
