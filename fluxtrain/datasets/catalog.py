@@ -13,6 +13,7 @@ from fluxtrain.datasets.store import (
     read_caption,
     read_manifest,
 )
+from fluxtrain.errors import NotFoundError
 from fluxtrain.settings import Settings
 
 
@@ -42,7 +43,10 @@ def summarize_datasets(*, settings: Settings) -> list[DatasetSummary]:
     """Every dataset with its image and caption counts, sorted by name."""
     summaries = []
     for name in list_dataset_names(settings):
-        images = list_images(dataset_dir(settings, name))
+        try:
+            images = list_images(dataset_dir(settings, name, must_exist=False))
+        except FileNotFoundError:
+            continue
         captions = sum(1 for image in images if caption_path(image).is_file())
         summaries.append(DatasetSummary(name=name, images=len(images), captions=captions))
     return summaries
@@ -51,16 +55,17 @@ def summarize_datasets(*, settings: Settings) -> list[DatasetSummary]:
 def describe_dataset(*, settings: Settings, name: str) -> DatasetRecord:
     """One dataset's images, each with its caption and manifest entry when it has them."""
     folder = dataset_dir(settings, name)
-    manifest = read_manifest(folder)
-    images = []
-    for image in list_images(folder):
-        entry = manifest.get(image.name)
-        images.append(
+    try:
+        manifest = read_manifest(folder)
+        images = [
             ImageRecord(
                 file=image.name,
                 path=str(image),
                 caption=read_caption(image),
-                manifest=entry if isinstance(entry, dict) else None,
+                manifest=manifest.get(image.name),
             )
-        )
+            for image in list_images(folder)
+        ]
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"dataset '{name}' does not exist") from exc
     return DatasetRecord(name=name, path=str(folder), images=images)

@@ -46,13 +46,6 @@ def image_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(2, cpus), thread_name_prefix="fluxtrain-image")
 
 
-def prepare_dataset(settings: Settings, name: str) -> Path:
-    """The dataset folder for `name`, created when missing."""
-    folder = dataset_dir(settings, name, must_exist=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def store_image(
     book: ledger.Ledger, *, source: ledger.Source, stem: str, data: bytes, max_pixels: int
 ) -> Path:
@@ -68,7 +61,9 @@ def store_image(
 
 
 def _reason_for(exc: Exception) -> str:
-    if isinstance(exc, FetchError | ImageRejectedError | archive.ArchiveEntryError):
+    if isinstance(
+        exc, FetchError | ImageRejectedError | archive.ArchiveEntryError | ledger.DatasetDeletedError
+    ):
         return str(exc)
     if isinstance(exc, OSError):
         return f"could not save the image: {exc.strerror or exc}"
@@ -86,6 +81,15 @@ def _in_order(keys: Iterable[str], result: DownloadResult) -> DownloadResult:
     return ordered
 
 
+def _settle(book: ledger.Ledger, result: DownloadResult) -> None:
+    """Release the ledger; when the dataset was deleted meanwhile, its saved files are gone too."""
+    ledger.release(book)
+    if not book.alive():
+        reason = str(ledger.DatasetDeletedError())
+        result.failed.update(dict.fromkeys(result.files, reason))
+        result.files.clear()
+
+
 async def download_images(
     *,
     settings: Settings,
@@ -98,7 +102,7 @@ async def download_images(
         raise InvalidInputError("urls must not be empty")
     if len(urls) > settings.max_urls:
         raise InvalidInputError(f"at most {settings.max_urls} URLs per request, got {len(urls)}")
-    folder = prepare_dataset(settings, name)
+    folder = dataset_dir(settings, name, must_exist=False)
     unique = list(dict.fromkeys(urls))
     result = DownloadResult()
     loop = asyncio.get_running_loop()
@@ -137,17 +141,18 @@ async def download_images(
         if on_result is not None:
             on_result(url, path, reason)
 
-    book = ledger.acquire(folder)
-    try:
-        async with make_client(
-            allow=allow,
-            concurrency=settings.download_concurrency,
-            timeout=settings.download_timeout,
-            ca_bundle=settings.ca_bundle,
-        ) as client:
+    client = make_client(
+        allow=allow,
+        concurrency=settings.download_concurrency,
+        timeout=settings.download_timeout,
+        ca_bundle=settings.ca_bundle,
+    )
+    async with client:
+        book = await loop.run_in_executor(executor, ledger.acquire, folder)
+        try:
             await asyncio.gather(*(one(client, url, book) for url in unique))
-    finally:
-        await loop.run_in_executor(executor, ledger.release, book)
+        finally:
+            await loop.run_in_executor(executor, _settle, book, result)
     return _in_order(unique, result)
 
 
@@ -208,15 +213,15 @@ async def add_uploads(
     """Normalise uploaded images (or zips of them) into dataset `name`, keyed by their file names."""
     if not uploads:
         raise InvalidInputError("no files were uploaded")
-    folder = prepare_dataset(settings, name)
+    folder = dataset_dir(settings, name, must_exist=False)
     loop = asyncio.get_running_loop()
     executor = image_executor()
     result = DownloadResult()
-    book = ledger.acquire(folder)
+    book = await loop.run_in_executor(executor, ledger.acquire, folder)
     try:
         for filename, handle in uploads:
             label = filename or "upload"
             await loop.run_in_executor(executor, _ingest_upload, book, settings, label, handle, result)
     finally:
-        await loop.run_in_executor(executor, ledger.release, book)
+        await loop.run_in_executor(executor, _settle, book, result)
     return result

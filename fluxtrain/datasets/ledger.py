@@ -1,25 +1,31 @@
 """Committing finished images into a dataset folder: naming, renaming into place, the manifest.
 
-Every batch working on one folder shares one ledger, whose lock makes choosing a file name,
-renaming the finished file into place and recording its manifest entry one step, so concurrent
-requests never hand out one name twice or lose each other's manifest entries.
+Choosing a file name, renaming the finished file into place and recording its manifest entry is
+one step under the dataset's lock (`locks.dataset_lock`, shared by threads and processes), so
+concurrent batches, in the service or in a CLI beside it, never hand out one name twice or lose
+each other's manifest entries. The manifest follows the files: it is rewritten atomically during
+a batch at most every FLUSH_SECONDS, merged with what other writers recorded, so a crash leaves
+at most that much of the batch unrecorded. A batch keeps the identity of the folder it started
+in; once that folder is deleted, its remaining images fail instead of recreating part of it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import tempfile
 import threading
+import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fluxtrain.datasets.store import list_images, read_manifest, write_manifest
+from fluxtrain.datasets.locks import dataset_lock
+from fluxtrain.datasets.store import MANIFEST_NAME, list_images, read_manifest, write_manifest
 from fluxtrain.names import MAX_NAME_LENGTH, check_name
 
+FLUSH_SECONDS = 1.0
 IMAGE_SUFFIX = ".jpg"
 _STEM_LIMIT = MAX_NAME_LENGTH - 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
@@ -56,12 +62,63 @@ class Source:
         return {"url": self.url} if self.url is not None else {"url": None, "upload": self.upload}
 
 
+class DatasetDeletedError(Exception):
+    """The dataset folder a batch was writing into was deleted (or replaced) while it ran."""
+
+    def __init__(self) -> None:
+        super().__init__("the dataset was deleted during the download")
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
 @dataclass
 class Ledger:
+    """What one process knows of a dataset folder; touched only under the dataset's lock."""
+
     folder: Path
+    identity: tuple[int, int] | None
     manifest: dict[str, Any]
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    disk_stamp: tuple[int, int, int] | None
+    unflushed: bool = False
+    last_flush: float = float("-inf")
     users: int = 0
+
+    def alive(self) -> bool:
+        """Whether the folder this ledger was opened on is still the dataset's folder."""
+        return self.identity is not None and _identity(self.folder) == self.identity
+
+    def _check_alive(self) -> None:
+        if not self.alive():
+            raise DatasetDeletedError
+
+    def _refresh(self) -> None:
+        """Take in entries other processes recorded since this ledger last read or wrote the manifest."""
+        stamp = _stamp(self.folder / MANIFEST_NAME)
+        if stamp != self.disk_stamp:
+            self.manifest = {**read_manifest(self.folder), **self.manifest}
+            self.disk_stamp = stamp
+
+    def _write(self) -> None:
+        present = {p.name for p in list_images(self.folder)}
+        self.manifest = {name: entry for name, entry in self.manifest.items() if name in present}
+        write_manifest(self.folder, self.manifest)
+        self.disk_stamp = _stamp(self.folder / MANIFEST_NAME)
+        self.unflushed = False
+        self.last_flush = time.monotonic()
 
     def _name_for(self, source: Source, stem: str) -> str:
         for name, entry in self.manifest.items():
@@ -76,29 +133,34 @@ class Ledger:
 
     def commit(self, *, source: Source, stem: str, jpeg: bytes, entry: dict[str, Any]) -> Path:
         """Write `jpeg` under a temporary name, then pick its final name and rename it there."""
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".incoming-", suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".incoming-", suffix=".tmp")
+        except FileNotFoundError as exc:
+            raise DatasetDeletedError from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(jpeg)
-            with self.lock:
+            with dataset_lock(self.folder):
+                self._check_alive()
+                self._refresh()
                 name = self._name_for(source, stem)
                 target = self.folder / name
                 os.replace(tmp, target)
                 self.manifest[name] = {**source.fields(), **entry}
+                self.unflushed = True
+                if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+                    self._write()
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return target
 
     def flush(self) -> None:
-        """Write the manifest, merged with entries other processes wrote, for files that exist."""
-        with self.lock:
-            if not self.folder.is_dir():
-                return
-            present = {p.name for p in list_images(self.folder)}
-            merged = {**read_manifest(self.folder), **self.manifest}
-            self.manifest = {name: entry for name, entry in merged.items() if name in present}
-            write_manifest(self.folder, self.manifest)
+        """Write what this ledger recorded and has not written yet, unless its folder is gone."""
+        with dataset_lock(self.folder):
+            if self.unflushed and self.alive():
+                self._refresh()
+                self._write()
 
 
 _LEDGERS: dict[Path, Ledger] = {}
@@ -106,21 +168,28 @@ _LEDGERS_LOCK = threading.Lock()
 
 
 def acquire(folder: Path) -> Ledger:
-    """The shared ledger of `folder`, loading its manifest when no batch holds it yet."""
-    with _LEDGERS_LOCK:
-        ledger = _LEDGERS.get(folder)
-        if ledger is None:
-            ledger = Ledger(folder=folder, manifest=read_manifest(folder))
-            _LEDGERS[folder] = ledger
-        ledger.users += 1
-        return ledger
+    """The shared ledger of `folder`, creating the folder, and a new ledger when it was replaced."""
+    with dataset_lock(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        identity = _identity(folder)
+        with _LEDGERS_LOCK:
+            ledger = _LEDGERS.get(folder)
+            if ledger is None or ledger.identity != identity:
+                ledger = Ledger(
+                    folder=folder,
+                    identity=identity,
+                    manifest=read_manifest(folder),
+                    disk_stamp=_stamp(folder / MANIFEST_NAME),
+                )
+                _LEDGERS[folder] = ledger
+            ledger.users += 1
+            return ledger
 
 
 def release(ledger: Ledger) -> None:
     """Flush the manifest and let the ledger go once no batch holds it."""
     try:
-        with contextlib.suppress(FileNotFoundError):
-            ledger.flush()
+        ledger.flush()
     finally:
         with _LEDGERS_LOCK:
             ledger.users -= 1

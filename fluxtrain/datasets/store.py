@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
+from fluxtrain.datasets.locks import dataset_lock
 from fluxtrain.errors import NotFoundError
 from fluxtrain.fsutil import atomic_write_json, atomic_write_text
 from fluxtrain.names import safe_join
 from fluxtrain.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 CAPTION_SUFFIX = ".txt"
@@ -57,14 +62,16 @@ def write_caption(image: Path, caption: str) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest's entries for images still in the folder; a missing or broken manifest is empty."""
     path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        present = {p.name for p in list_images(folder)}
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {name: entry for name, entry in data.items() if name in present and isinstance(entry, dict)}
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -72,4 +79,13 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def delete_dataset(settings: Settings, name: str) -> None:
-    shutil.rmtree(dataset_dir(settings, name))
+    """Remove a dataset at once, even mid-batch: renamed away under its lock, then deleted."""
+    folder = dataset_dir(settings, name)
+    with dataset_lock(folder):
+        if not folder.is_dir():
+            raise NotFoundError(f"dataset '{name}' does not exist")
+        doomed = folder.with_name(f".deleting-{folder.name}-{uuid.uuid4().hex}")
+        folder.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.exists():
+        logger.warning("could not remove all of %s; it is hidden from listings", doomed)

@@ -8,6 +8,7 @@ import io
 import ipaddress
 import json
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -248,3 +249,41 @@ def test_health_answers_while_a_large_download_runs(
 
     health_at, done_at = asyncio.run(scenario())
     assert health_at < 0.8 < done_at
+
+
+def test_delete_racing_downloads_never_answers_500_nor_leaves_a_partial_folder(
+    open_client: TestClient, open_settings: Settings, server: support.LoopbackServer
+) -> None:
+    folder = open_settings.datasets_dir / "race"
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def keep_deleting() -> None:
+        while not done.is_set():
+            statuses.append(open_client.delete("/datasets/race").status_code)
+            statuses.append(open_client.get("/datasets/race").status_code)
+            statuses.append(open_client.get("/datasets").status_code)
+            time.sleep(0.02 * (len(statuses) % 7))
+
+    deleter = threading.Thread(target=keep_deleting)
+    deleter.start()
+    try:
+        for round_ in range(8):
+            urls = [
+                server.add(f"/race/{round_}/{i}/img.png", support.Reply(body=png(), delay=0.01 * i))
+                for i in range(4)
+            ]
+            response = open_client.post("/download-images", json={"urls": urls, "output_name": "race"})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert set(body["files"]) | set(body["failed"]) == set(urls)
+            assert set(body["failed"].values()) <= {"the dataset was deleted during the download"}
+    finally:
+        done.set()
+        deleter.join(10)
+    assert set(statuses) <= {200, 404} and 200 in statuses, sorted(set(statuses))
+    assert [p.name for p in open_settings.datasets_dir.iterdir() if p.name.startswith(".deleting")] == []
+    if folder.exists():
+        support.assert_clean_folder(folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert sorted(manifest) == sorted(p.name for p in folder.glob("*.jpg"))

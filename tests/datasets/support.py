@@ -25,6 +25,7 @@ class Reply:
     delay: float = 0.0
     trickle: float = 0.0
     content_length: int | None = None  # None: the body's length; -1: no header, the body ends at close
+    gate: threading.Event | None = None  # when given, the reply waits (up to 10 s) until it is set
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -38,6 +39,8 @@ class _Handler(BaseHTTPRequestHandler):
         reply = self.server.routes.get(self.path) or self.server.routes.get(self.path.split("?", 1)[0])
         if reply is None:
             reply = Reply(status=404, body=b"no such path")
+        if reply.gate is not None:
+            reply.gate.wait(10)
         if reply.delay:
             time.sleep(reply.delay)
         try:
