@@ -5,6 +5,9 @@ fluxtrain/storage/ as you see fit) with a class that takes `settings` in its con
 `fluxtrain.runs.executor.make_backend` picks it when FLUXTRAIN_EXECUTOR=ray. The executor stores
 the string `launch` returns in the run row (`backend_ref`) and hands it back to `poll`, `cancel`
 and `logs`, also after a service restart, so it must identify the job on its own (a Ray job id).
+A run whose reference was never saved (the service died between launching and storing it) is
+looked up with `find`. A launch that fails with `UnavailableError`, `ConnectionError` or
+`TimeoutError` is taken as transient and tried again later; any other error fails the run.
 `slots()` returning None means the backend queues by itself (Ray's scheduler): the executor then
 submits every queued run at once instead of waiting for local GPUs.
 Finished uploads: write `RUN_DIR/uploads.json` ({"output/<file>": "s3://...", ...}, atomically);
@@ -49,6 +52,10 @@ class TrainerBackend(Protocol):
 
     def launch(self, spec: LaunchSpec) -> str:
         """Start the trainer on `spec.run_dir` and return a reference that survives a restart."""
+        ...
+
+    def find(self, run_id: str, run_dir: Path) -> str | None:
+        """The reference of a live trainer of this run, for a run whose reference was never saved."""
         ...
 
     def poll(self, ref: str, run_dir: Path) -> PollResult:

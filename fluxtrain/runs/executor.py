@@ -4,7 +4,11 @@ It runs in one thread of one process (whoever holds the database lease) and keep
 restart could lose: every decision is read back from the run table and the run directory.
 On taking the lease it looks at every run marked running: a live trainer is adopted; a dead
 one that ended while nobody watched is settled from what it left behind, and one killed with
-the service is resumed from its saved state (or failed when it saved none).
+the service is resumed from its saved state (or failed when it saved none). A run whose trainer
+reference was never saved (the service died right after launching) is looked up by the backend
+and adopted, or started again when its trainer never got going.
+A launch that fails because the backend is briefly unreachable puts the run back in the queue,
+tried again with growing delays for a bounded time; any other launch error fails it at once.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from fluxtrain.runs.db import Database, get_database
 from fluxtrain.runs.launcher import LocalBackend
 from fluxtrain.runs.lease import DatabaseLease
 from fluxtrain.runs.models import Run, utcnow
-from fluxtrain.runs.status import build_status, final_lora, last_event, recent_events, run_dir
+from fluxtrain.runs.status import (
+    build_status,
+    final_lora,
+    first_event,
+    last_event,
+    lora_files,
+    recent_events,
+    run_dir,
+)
 from fluxtrain.runs.webhooks import notify
 from fluxtrain.settings import Settings
 from fluxtrain.storage.remote import RemoteStore, open_remote
@@ -31,6 +43,8 @@ from fluxtrain.storage.uploader import ArtifactSync, final_sync
 log = logging.getLogger(__name__)
 ERROR_LOG_LINES = 20
 CPU_SLOT = "cpu"
+TRANSIENT_LAUNCH_ERRORS: tuple[type[BaseException], ...] = (UnavailableError, ConnectionError, TimeoutError)
+MAX_LAUNCH_DELAY_S = 60.0
 
 
 def make_backend(settings: Settings) -> TrainerBackend:
@@ -49,6 +63,15 @@ def _has_state(folder: Path) -> bool:
     return state.is_dir() and any(state.iterdir())
 
 
+def _never_started(folder: Path) -> bool:
+    """True when no trainer ever got going in the run dir: no start event, no state, no LoRA."""
+    return first_event(folder, "started") is None and not _has_state(folder) and not lora_files(folder)
+
+
+def _waiting(run: Run, now: float) -> bool:
+    return run.launch_retry_at is not None and now < run.launch_retry_at
+
+
 class Executor:
     def __init__(
         self,
@@ -58,17 +81,23 @@ class Executor:
         backend: TrainerBackend,
         poll_interval: float = 1.0,
         lease_ttl: float = 15.0,
-        cancel_grace: float = 60.0,
+        cancel_grace: float | None = None,
         max_attempts: int = 3,
         store: RemoteStore | None = None,
+        launch_retry_for: float = 600.0,
+        launch_backoff: float = 2.0,
+        sync_interval: float = 5.0,
     ) -> None:
         self.settings = settings
         self.db = db
         self.backend = backend
         self.poll_interval = poll_interval
-        self.cancel_grace = cancel_grace
+        self.cancel_grace = settings.cancel_grace_seconds if cancel_grace is None else cancel_grace
         self.max_attempts = max_attempts
         self.store = store
+        self.launch_retry_for = launch_retry_for
+        self.launch_backoff = launch_backoff
+        self.sync_interval = sync_interval
         self.lease = DatabaseLease(db, ttl=lease_ttl)
         self._syncs: dict[str, ArtifactSync] = {}
         self._settling: set[str] = set()
@@ -108,8 +137,9 @@ class Executor:
             self._leader = False
             return
         if not self._leader:
-            self._leader = True
+            # Leader only once recovery went through: a backend that fails it gets it again next tick.
             self._recover()
+            self._leader = True
         self._watch()
         self._start_queued()
 
@@ -121,9 +151,11 @@ class Executor:
 
     def _recover(self) -> None:
         for run in self._runs("running"):
+            if run.id in self._settling:
+                continue
             folder = run_dir(self.settings, run.id)
             if run.backend_ref is None:
-                self._settle(run, PollResult(ProcessState.EXITED), lost=True)
+                self._recover_unsaved(run, folder)
                 continue
             result = self.backend.poll(run.backend_ref, folder)
             if result.state is ProcessState.RUNNING:
@@ -131,13 +163,38 @@ class Executor:
             else:
                 self._settle(run, result, lost=True)
 
+    def _recover_unsaved(self, run: Run, folder: Path) -> None:
+        """A run claimed by a service that died before it saved the trainer's reference."""
+        ref = self.backend.find(run.id, folder)
+        if ref is not None:
+            with self.db.session() as session:
+                session.execute(
+                    update(Run).where(Run.id == run.id, Run.status == "running").values(backend_ref=ref)
+                )
+            log.info("adopted run %s (found its trainer %s)", run.id, ref)
+        elif _never_started(folder):
+            log.info("run %s: its trainer never started; queued again", run.id)
+            started_at = None if run.attempts <= 1 else run.started_at
+            self._requeue(run, attempts=max(0, run.attempts - 1), started_at=started_at)
+        else:
+            self._settle(run, PollResult(ProcessState.EXITED), lost=True)
+
+    def _requeue(self, run: Run, **values: object) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Run)
+                .where(Run.id == run.id, Run.status == "running")
+                .values(status="queued", backend_ref=None, gpu_ids=None, **values)
+            )
+
     def _watch(self) -> None:
         for run in self._runs("running"):
             if run.backend_ref is None or run.id in self._settling:
                 continue
             folder = run_dir(self.settings, run.id)
             if self.store is not None and run.id not in self._syncs:
-                self._syncs[run.id] = ArtifactSync(store=self.store, run_dir=folder).start()
+                sync = ArtifactSync(store=self.store, run_dir=folder, interval_s=self.sync_interval)
+                self._syncs[run.id] = sync.start()
             result = self.backend.poll(run.backend_ref, folder)
             if result.state is ProcessState.EXITED:
                 self._settle(run, result, lost=False)
@@ -227,12 +284,7 @@ class Executor:
             )
         else:
             log.info("run %s: %s; queued again to resume from its saved state", run.id, reason)
-            with self.db.session() as session:
-                session.execute(
-                    update(Run)
-                    .where(Run.id == run.id, Run.status == "running")
-                    .values(status="queued", backend_ref=None, gpu_ids=None)
-                )
+            self._requeue(run)
 
     def _finish(self, run: Run, status: str, error: str | None) -> None:
         with self.db.session() as session:
@@ -250,10 +302,12 @@ class Executor:
         queued = self._runs("queued")
         if not queued:
             return
+        now = time.time()
         slots = self.backend.slots()
         if slots is None:
             for run in queued:
-                self._launch(run, [])
+                if not _waiting(run, now):
+                    self._launch(run, [])
             return
         busy = {gpu for run in self._runs("running") for gpu in (run.gpu_ids or "").split(",") if gpu}
         free = [slot for slot in slots if slot not in busy]
@@ -264,8 +318,8 @@ class Executor:
                 self._claim(run, [])
                 self._finish(run, "failed", error)
                 continue
-            if need > len(free):
-                break
+            if need > len(free) or _waiting(run, now):
+                break  # FIFO: a run waiting for a device or for its next launch try keeps its place
             taken, free = free[:need], free[need:]
             self._launch(run, taken)
 
@@ -297,16 +351,46 @@ class Executor:
             ref = self.backend.launch(
                 LaunchSpec(run_id=run.id, run_dir=folder, gpu_ids=gpu_ids, num_gpus=max(1, num_gpus))
             )
+        except TRANSIENT_LAUNCH_ERRORS as exc:
+            self._launch_later(run, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - a launch failure fails the run, not the service
             log.exception("could not start run %s", run.id)
             self._finish(run, "failed", f"could not start the trainer: {exc}")
             return
         with self.db.session() as session:
-            session.execute(update(Run).where(Run.id == run.id).values(backend_ref=ref))
+            session.execute(
+                update(Run)
+                .where(Run.id == run.id)
+                .values(backend_ref=ref, launch_retry_at=None, launch_failing_since=None)
+            )
             started = session.get(Run, run.id)
         log.info("started run %s (attempt %d)", run.id, run.attempts + 1)
         if started is not None and run.attempts == 0:
             notify(started.webhook, build_status(self.settings, started), self.settings)
+
+
+    def _launch_later(self, run: Run, exc: BaseException) -> None:
+        """Back to the queue after a transient launch failure; the delay doubles, up to a deadline."""
+        now = time.time()
+        since = run.launch_failing_since or now
+        if now - since >= self.launch_retry_for:
+            reason = (
+                f"could not start the trainer: the backend stayed unavailable for {now - since:.0f} s "
+                f"(gave up after {self.launch_retry_for:g} s); last error: {exc}"
+            )
+            log.error("run %s: %s", run.id, reason)
+            self._finish(run, "failed", reason)
+            return
+        delay = min(max(now - since, self.launch_backoff), MAX_LAUNCH_DELAY_S)
+        log.warning("run %s: could not start the trainer (%s); trying again in %.0f s", run.id, exc, delay)
+        self._requeue(
+            run,
+            attempts=run.attempts,
+            started_at=run.started_at,
+            launch_retry_at=now + delay,
+            launch_failing_since=since,
+        )
 
 
 def start_executor(settings: Settings) -> Executor:

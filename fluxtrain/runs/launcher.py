@@ -118,6 +118,27 @@ class LocalBackend:
                 members.append(process)
         return members
 
+    def find(self, run_id: str, run_dir: Path) -> str | None:
+        """A trainer of this run in a process group of its own, found by the run dir on its command line."""
+        marker = str(run_dir)
+        own_group = os.getpgrp()
+        groups: dict[int, float] = {}
+        for process in psutil.process_iter(["pid", "create_time", "status", "cmdline"]):
+            info = process.info
+            if info["status"] == psutil.STATUS_ZOMBIE or marker not in (info["cmdline"] or ()):
+                continue
+            try:
+                pgid = os.getpgid(process.pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+            if pgid != own_group:
+                started = info["create_time"] or 0.0
+                groups[pgid] = min(groups.get(pgid, started), started)
+        if not groups:
+            return None
+        pgid, started = min(groups.items(), key=lambda item: item[1])
+        return f"{pgid}:{started!r}"
+
     def poll(self, ref: str, run_dir: Path) -> PollResult:
         pgid, _ = _parse(ref)
         child = self._children.get(pgid)

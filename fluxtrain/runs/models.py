@@ -37,6 +37,10 @@ class Run(Base):
     gpu_ids: Mapped[str | None] = mapped_column(String(200), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    launch_retry_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Unix time before which a queued run whose launch failed transiently is not tried again."""
+    launch_failing_since: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Unix time of the first transient launch failure in a row; launches give up after a while."""
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 

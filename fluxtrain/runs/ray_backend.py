@@ -18,7 +18,9 @@ When a job ends its log is copied to `<run_dir>/train.log`, so it outlives the c
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 JOB_PREFIX = "fluxtrain-"
 MAX_ATTEMPTS = 100
-DEFAULT_STOP_GRACE_S = 60
+_CLIENT_ERROR = re.compile(r"status code 4\d\d\b")
 FORWARDED_ENV = (
     "MOUNT_PATH",
     "FS_PATH",
@@ -64,6 +66,13 @@ def _missing(exc: Exception) -> bool:
     return isinstance(exc, RuntimeError) and "status code 404" in str(exc)
 
 
+def _rejected(exc: Exception) -> bool:
+    """True when Ray refused the job itself (a 4xx answer, a bad runtime env): retrying cannot help."""
+    return isinstance(exc, ValueError | TypeError) or (
+        isinstance(exc, RuntimeError) and _CLIENT_ERROR.search(str(exc)) is not None
+    )
+
+
 class RayBackend:
     """Runs each trainer as a Ray job; Ray's scheduler queues and places them."""
 
@@ -74,7 +83,7 @@ class RayBackend:
         settings: Settings,
         *,
         python: str = sys.executable,
-        stop_grace_s: int = DEFAULT_STOP_GRACE_S,
+        stop_grace_s: int | None = None,
         entry: tuple[str, ...] = TRAINER_ENTRY,
     ) -> None:
         if not settings.ray_address:
@@ -85,7 +94,9 @@ class RayBackend:
         self.address = settings.ray_address
         self.cpu_only = settings.gpus.strip() == ""
         self.python = python
-        self.stop_grace_s = stop_grace_s
+        # Ray reads its SIGTERM -> SIGKILL wait as whole seconds.
+        grace = settings.cancel_grace_seconds if stop_grace_s is None else stop_grace_s
+        self.stop_grace_s = max(1, math.ceil(grace))
         self.entry = entry
         self._client: JobSubmissionClient | None = None
         self._lock = threading.Lock()
@@ -155,10 +166,22 @@ class RayBackend:
             except Exception as exc:
                 if "already exists" in str(exc):
                     continue
+                if _rejected(exc):
+                    raise InvalidInputError(f"Ray refused the job for run {spec.run_id}: {exc}") from exc
                 raise UnavailableError(f"Ray did not accept the job for run {spec.run_id}: {exc}") from exc
             log.info("run %s: submitted Ray job %s", spec.run_id, submission_id)
             return submission_id
         raise UnavailableError(f"run {spec.run_id} has used all {MAX_ATTEMPTS} Ray job ids")
+
+    def find(self, run_id: str, run_dir: Path) -> str | None:
+        """The run's live job, if any; its ids are used in order, so the first unknown one ends the search."""
+        for submission_id in submission_ids(run_id):
+            info = self._info(submission_id)
+            if info is None:
+                return None
+            if not JobStatus(info.status).is_terminal():
+                return submission_id
+        return None
 
     def poll(self, ref: str, run_dir: Path) -> PollResult:
         info = self._info(ref)

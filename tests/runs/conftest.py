@@ -31,6 +31,8 @@ def emit(kind, **fields):
     log.flush()
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+if name.startswith("stubborn"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 state = run_dir / "state"
 start = int((state / "step").read_text()) if (state / "step").exists() else 0
 emit("started", total_steps=steps, total_epochs=1, resumed_from=start)
@@ -40,7 +42,7 @@ if name.startswith("fail"):
     sys.exit(3)
 if name.startswith("silent"):
     sys.exit(0)
-delay = 0.4 if name.startswith("slow") else 0.05
+delay = 0.4 if name.startswith("slow") else 0.1 if name.startswith("stubborn") else 0.05
 for step in range(start + 1, steps + 1):
     if stop:
         emit("interrupted", step=step - 1)
@@ -61,7 +63,7 @@ emit("finished", step=steps, epoch=1)
 def run_settings(settings: Settings) -> Settings:
     """Settings whose data root holds dataset TOMLs and whose models root holds the four files."""
     settings.datasets_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("demo", "fail", "silent", "slow", "slow2", "other"):
+    for name in ("demo", "fail", "silent", "slow", "slow2", "other", "stubborn"):
         (settings.datasets_dir / f"{name}.toml").write_text("[general]\n")
     settings.models_root.mkdir(parents=True, exist_ok=True)
     for name in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):

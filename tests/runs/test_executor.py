@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 
 import psutil
 from sqlalchemy import update
 
-from fluxtrain.runs.launcher import _parse
-from fluxtrain.runs.models import Run
+from fluxtrain.errors import UnavailableError
+from fluxtrain.runs.backend import LaunchSpec
+from fluxtrain.runs.executor import Executor
+from fluxtrain.runs.launcher import LocalBackend, _parse
+from fluxtrain.runs.models import Run, utcnow
 from fluxtrain.runs.service import cancel_run, get_run
 from fluxtrain.runs.status import build_status, run_dir
 
@@ -139,3 +143,105 @@ def test_queued_run_cancel_is_immediate(make_executor, submit, run_settings, db)
     assert canceled.status == "canceled"
     make_executor().tick()
     assert get_run(db=db, run_id=run.id).backend_ref is None
+
+
+def test_cancel_grace_comes_from_the_settings(make_executor, submit, drive, run_settings, db):
+    run_settings.cancel_grace_seconds = 0.5
+    run = submit("stubborn", max_train_steps=300)
+    executor = make_executor()
+    assert executor.cancel_grace == 0.5
+    events = run_dir(run_settings, run.id) / "events.jsonl"
+    running = drive(executor, run.id, lambda r: events.is_file() and '"step"' in events.read_text())
+    cancel_run(settings=run_settings, db=db, run_id=run.id)
+    done = drive(executor, run.id, lambda r: r.status == "canceled", timeout=8)
+    assert not _pgid_alive(running.backend_ref), "the trainer ignored SIGTERM, so it got SIGKILL"
+    assert '"interrupted"' not in events.read_text()
+    assert done.finished_at is not None
+
+
+class FlakyBackend(LocalBackend):
+    """The local backend behind a launcher that fails the first `failures` launches with `error`."""
+
+    def __init__(self, entry: tuple[str, ...], failures: int, error: Exception) -> None:
+        super().__init__(gpus="", entry=entry)
+        self.failures = failures
+        self.error = error
+        self.launches = 0
+
+    def launch(self, spec: LaunchSpec) -> str:
+        self.launches += 1
+        if self.launches <= self.failures:
+            raise self.error
+        return super().launch(spec)
+
+
+def test_transient_launch_failure_requeues_then_starts(run_settings, db, fake_trainer, submit, drive):
+    backend = FlakyBackend((str(fake_trainer),), 2, UnavailableError("the cluster is restarting"))
+    executor = Executor(settings=run_settings, db=db, backend=backend, poll_interval=0.05, launch_backoff=0.2)
+    run = submit("demo", max_train_steps=2)
+    executor.tick()
+    waiting = get_run(db=db, run_id=run.id)
+    assert waiting.status == "queued" and waiting.attempts == 0 and waiting.started_at is None
+    assert waiting.launch_retry_at is not None and waiting.launch_retry_at > time.time()
+    executor.tick()
+    assert backend.launches == 1, "no second try before the backoff has passed"
+    done = drive(executor, run.id, lambda r: r.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert backend.launches == 3 and done.attempts == 1
+    assert done.launch_retry_at is None and done.launch_failing_since is None
+
+
+def test_launch_that_stays_unavailable_fails_with_the_reason(run_settings, db, fake_trainer, submit, drive):
+    backend = FlakyBackend((str(fake_trainer),), 10_000, ConnectionError("connection refused"))
+    executor = Executor(
+        settings=run_settings, db=db, backend=backend, launch_retry_for=0.6, launch_backoff=0.1
+    )
+    run = submit("demo")
+    done = drive(executor, run.id, lambda r: r.status == "failed", timeout=10)
+    assert "stayed unavailable" in done.error and "connection refused" in done.error
+    assert backend.launches >= 3
+
+
+def test_deterministic_launch_error_fails_at_once(make_executor, submit, run_settings, db):
+    run = submit("demo")
+    shutil.rmtree(run_dir(run_settings, run.id))
+    make_executor().tick()
+    failed = get_run(db=db, run_id=run.id)
+    assert failed.status == "failed" and failed.launch_retry_at is None
+    assert failed.error.startswith("could not start the trainer")
+
+
+def _claim_without_ref(db, run_id: str) -> None:
+    """What a service that died between launching a trainer and saving its reference leaves behind."""
+    with db.session() as session:
+        session.execute(
+            update(Run).where(Run.id == run_id).values(status="running", attempts=1, started_at=utcnow())
+        )
+
+
+def test_unsaved_reference_adopts_the_live_trainer(
+    run_settings, db, fake_trainer, submit, drive, make_executor
+):
+    run = submit("slow", max_train_steps=4)
+    _claim_without_ref(db, run.id)
+    folder = run_dir(run_settings, run.id)
+    ref = LocalBackend(gpus="", entry=(str(fake_trainer),)).launch(
+        LaunchSpec(run_id=run.id, run_dir=folder, gpu_ids=[], num_gpus=1)
+    )
+    executor = make_executor()
+    executor.tick()
+    adopted = get_run(db=db, run_id=run.id)
+    assert adopted.status == "running"
+    assert _parse(adopted.backend_ref)[0] == _parse(ref)[0]
+    done = drive(executor, run.id, lambda r: r.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 1
+    assert (folder / "events.jsonl").read_text().count('"started"') == 1, "the trainer was not started twice"
+
+
+def test_unsaved_reference_without_trainer_starts_it(make_executor, submit, drive, db):
+    run = submit("demo", max_train_steps=2)
+    _claim_without_ref(db, run.id)
+    done = drive(make_executor(), run.id, lambda r: r.status in ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 1
