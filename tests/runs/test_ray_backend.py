@@ -101,9 +101,16 @@ def ray_address() -> Iterator[str]:
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
     try:
+        # The dashboard answers before its job agent registers ("No available agent to submit
+        # job"), so the head counts as up once a trivial job has been accepted and has finished.
         while True:
             try:
-                JobSubmissionClient(address)
+                client = JobSubmissionClient(address)
+                probe = client.submit_job(entrypoint="true")
+                while client.get_job_status(probe) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the probe job did not finish")
+                    time.sleep(0.2)
                 break
             except Exception:
                 if head.poll() is not None or time.monotonic() > deadline:
