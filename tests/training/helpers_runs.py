@@ -1,4 +1,8 @@
-"""Test helpers: a two-image dataset with its kohya TOML, and run directories around it."""
+"""Test helpers: a two-image dataset with its kohya TOML, and run directories around it.
+
+Test modules import it as `from tests.training import helpers_runs` (pytest's importlib mode names
+test modules `tests.training.<name>` and makes their folders importable as namespace packages).
+"""
 
 from __future__ import annotations
 

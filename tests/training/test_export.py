@@ -6,8 +6,6 @@ by rebuilding each fused BFL weight's update instead of loading it into the tiny
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +19,9 @@ from fluxtrain.training import model_files
 from fluxtrain.training.convert import diffusers_module_to_bfl, kohya_lora_name
 from fluxtrain.training.export import save_lora
 from fluxtrain.training.lora import add_lora, lora_state_dict
+from tests.training.helpers_runs import render, tiny_pipeline
 
 RANK, ALPHA = 4, 2.0
-
-
-def _helpers():
-    """tests/training/helpers_runs.py, imported once under its own name (tests are not a package)."""
-    if "training_helpers_runs" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "training_helpers_runs", Path(__file__).with_name("helpers_runs.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["training_helpers_runs"]
-
-
-helpers = _helpers()
-render, tiny_pipeline = helpers.render, helpers.tiny_pipeline
 
 
 @pytest.fixture(scope="module")

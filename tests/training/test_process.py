@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,21 +14,8 @@ from pathlib import Path
 from fluxtrain.training.config import load_config
 from fluxtrain.training.events import read_events
 from fluxtrain.training.trainer import StopFlag, Trainer
+from tests.training import helpers_runs as helpers
 
-
-def _helpers():
-    """tests/training/helpers_runs.py, imported once under its own name (tests are not a package)."""
-    if "training_helpers_runs" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "training_helpers_runs", Path(__file__).with_name("helpers_runs.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["training_helpers_runs"]
-
-
-helpers = _helpers()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TOTAL = 120
 
