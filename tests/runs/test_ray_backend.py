@@ -175,6 +175,31 @@ def test_entry_point_is_accelerate_launch_of_the_trainer(settings: Settings, tmp
     assert submission_ids("abc")[:3] == ["fluxtrain-abc", "fluxtrain-abc-2", "fluxtrain-abc-3"]
 
 
+def test_stop_grace_comes_from_the_settings(settings: Settings) -> None:
+    configured = settings.model_copy(
+        update={"ray_address": "http://127.0.0.1:1", "cancel_grace_seconds": 7.2}
+    )
+    assert RayBackend(configured).runtime_env()["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "8"
+    overridden = RayBackend(configured, stop_grace_s=3)
+    assert overridden.runtime_env()["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "3"
+
+
+def test_unreachable_cluster_requeues_the_run_then_fails_it_with_the_reason(
+    run_settings: Settings, db: Database, submit: Callable[..., Run], drive: Callable[..., Run]
+) -> None:
+    closed = f"http://127.0.0.1:{_free_port()}"
+    configured = run_settings.model_copy(update={"executor": "ray", "ray_address": closed, "gpus": ""})
+    executor = Executor(
+        settings=configured, db=db, backend=RayBackend(configured), launch_retry_for=1.0, launch_backoff=0.2
+    )
+    run = submit("demo")
+    executor.tick()
+    waiting = drive(executor, run.id, lambda r: r.status != "running")
+    assert waiting.status == "queued" and waiting.launch_failing_since is not None
+    done = drive(executor, run.id, lambda r: r.status == "failed", timeout=30)
+    assert "stayed unavailable" in done.error and "cannot reach the Ray cluster" in done.error
+
+
 def test_job_runs_to_success_with_logs_and_a_kept_log_copy(
     make_backend: Callable[..., RayBackend], tmp_path: Path, ray_address: str
 ) -> None:
@@ -213,6 +238,7 @@ def test_restarted_service_reattaches_and_cancel_stops_the_job(
     spec = _spec(tmp_path, "run-long", "sleep")
     ref = make_backend().launch(spec)
     restarted = make_backend()
+    assert restarted.find("run-long", spec.run_dir) == ref, "a restarted service finds the live job"
     assert restarted.launch(spec) == ref, "launching a live run again must not submit a second job"
     deadline = time.monotonic() + 60
     while "trainer started in mode sleep" not in restarted.logs(ref, spec.run_dir, tail=10):
@@ -225,6 +251,7 @@ def test_restarted_service_reattaches_and_cancel_stops_the_job(
     assert _wait(restarted, ref, spec.run_dir, timeout=30) == (ProcessState.EXITED, -signal.SIGTERM)
     assert time.monotonic() - started < 30
     assert JobSubmissionClient(ray_address).get_job_status(ref) == JobStatus.STOPPED
+    assert restarted.find("run-long", spec.run_dir) is None, "a stopped job is not adopted"
     assert [job.submission_id for job in JobSubmissionClient(ray_address).list_jobs()].count(ref) == 1
     leftovers = [
         p for p in psutil.process_iter(["cmdline"]) if str(spec.run_dir) in " ".join(p.info["cmdline"] or ())
