@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -217,3 +218,105 @@ def test_webhook_gets_the_status_at_start_and_end(api: TestClient, settings: Set
         server.shutdown()
     assert [body["status"] for body in received] == ["running", "succeeded"]
     assert received[1]["outputs"][0]["name"] == "demo.safetensors"
+
+
+UPLOADING_TRAINER = textwrap.dedent(
+    """
+    import json, sys, time, pathlib
+    run_dir = pathlib.Path(sys.argv[1])
+    name = json.loads((run_dir / "run.json").read_text())["output_name"]
+    out = run_dir / "output"
+    out.mkdir()
+    def emit(record):
+        with (run_dir / "events.jsonl").open("a") as log:
+            log.write(json.dumps(record) + "\\n")
+    emit({"event": "started", "total_steps": 2, "total_epochs": 2})
+    (out / (name + "-000001.safetensors")).write_bytes(b"epoch one")
+    emit({"event": "step", "step": 1, "epoch": 1, "loss": 0.5})
+    deadline = time.monotonic() + 60
+    while not (run_dir / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (out / (name + ".safetensors")).write_bytes(b"final lora")
+    emit({"event": "finished", "step": 2, "epoch": 2})
+    """
+)
+
+
+@pytest.fixture
+def s3_api(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TestClient, object]]:
+    """The service with artifacts going to a moto S3 server on loopback whose bucket does not exist yet."""
+    pytest.importorskip("moto.server", reason="the S3 check needs moto[server]")
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    from fluxtrain.storage.remote import open_remote
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    script = tmp_path / "uploading_trainer.py"
+    script.write_text(UPLOADING_TRAINER)
+    backend = LocalBackend(gpus="", entry=(str(script),))
+    monkeypatch.setattr(executor_module, "make_backend", lambda _: backend)
+    settings.cloud_storage_type = "S3"
+    settings.storage_url = "s3://artifacts/runs"
+    settings.datasets_dir.mkdir(parents=True)
+    (settings.datasets_dir / "demo.toml").write_text("[general]\n")
+    settings.models_root.mkdir(parents=True)
+    for name in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):
+        (settings.models_root / name).write_bytes(b"")
+    try:
+        httpx.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=10).raise_for_status()
+        with TestClient(create_app(settings)) as client:
+            client.app.state.executor.poll_interval = 0.1
+            client.app.state.executor.sync_interval = 0.2
+            yield client, open_remote(settings)
+    finally:
+        server.stop()
+
+
+def test_artifacts_upload_to_s3_and_the_run_ends_after_the_final_upload(
+    s3_api: tuple[TestClient, object], settings: Settings
+) -> None:
+    api, store = s3_api
+    run_id = api.post("/train", json={"output_name": "demo"}).json()["run_id"]
+    folder = settings.runs_dir / run_id
+    events = folder / "events.jsonl"
+    deadline = time.monotonic() + 30
+    while not (events.is_file() and '"upload_failed"' in events.read_text()):
+        assert time.monotonic() < deadline, "the checkpoint upload never failed"
+        time.sleep(0.1)
+    assert api.get(f"/status/{run_id}").json()["outputs"][0]["url"] is None
+    store.fs.mkdir("artifacts")  # type: ignore[attr-defined]
+    (folder / "go").touch()
+
+    done = _wait(api, run_id, {"succeeded", "failed", "canceled"})
+    assert done["status"] == "succeeded", done["error"]
+    prefix = f"s3://artifacts/runs/{run_id}/output"
+    assert [(o["name"], o["url"]) for o in done["outputs"]] == [
+        ("demo-000001.safetensors", f"{prefix}/demo-000001.safetensors"),
+        ("demo.safetensors", f"{prefix}/demo.safetensors"),
+    ], "the run is only reported finished once its final LoRA is uploaded"
+    uploaded = store.fs.cat_file(f"artifacts/runs/{run_id}/output/demo.safetensors")  # type: ignore[attr-defined]
+    assert uploaded == b"final lora"
+
+    with api.stream("GET", f"/runs/{run_id}/events") as stream:
+        text = "".join(stream.iter_text())
+    records = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    kinds = [(r.get("event"), r.get("file")) for r in records[:-1]]
+    checkpoint = "output/demo-000001.safetensors"
+    assert kinds.index(("upload_failed", checkpoint)) < kinds.index(("upload", checkpoint))
+    assert kinds.index(("upload", "output/demo.safetensors")) > kinds.index(("finished", None))
+    final = text.split("event: status", 1)[1]
+    assert f"{prefix}/demo.safetensors" in final and '"succeeded"' in final
