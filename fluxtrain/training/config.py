@@ -74,14 +74,18 @@ class TrainConfig(BaseModel):
                 raise ValueError("mixed_precision 'fp16' needs a CUDA GPU and none is visible")
         if self.full_bf16 and self.mixed_precision in ("no", "fp16"):
             raise ValueError(f"full_bf16 needs mixed_precision 'bf16', not '{self.mixed_precision}'")
+        if self.fp8_base and self.mixed_precision in ("no", "fp16"):
+            raise ValueError(
+                f"fp8_base computes in bf16 and needs mixed_precision 'bf16', not '{self.mixed_precision}'"
+            )
         return self
 
     @property
     def resolved_mixed_precision(self) -> Literal["no", "bf16", "fp16"]:
-        """The precision the run uses: as asked, else bf16 with full_bf16 or on CUDA, else no."""
+        """The precision the run uses: as asked, else bf16 with full_bf16, fp8_base or on CUDA, else no."""
         if self.mixed_precision is not None:
             return self.mixed_precision
-        if self.full_bf16:
+        if self.full_bf16 or self.fp8_base:
             return "bf16"
         import torch
 

@@ -14,10 +14,13 @@ linear1 and linear2.
 from __future__ import annotations
 
 import torch
+from diffusers import ModelMixin
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 ADAPTER_NAME = "default"
+FP8_COMPUTE_DTYPE = torch.bfloat16
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DOUBLE_BLOCK_TARGETS = (
     "attn.to_q",
     "attn.to_k",
@@ -51,9 +54,18 @@ def lora_config(*, rank: int, alpha: float) -> LoraConfig:
 
 
 def add_lora(
-    transformer: torch.nn.Module, *, rank: int, alpha: float, dtype: torch.dtype
+    transformer: ModelMixin, *, rank: int, alpha: float, dtype: torch.dtype, fp8_base: bool = False
 ) -> list[torch.nn.Parameter]:
-    """Freeze the transformer, attach the adapter and return its (only) trainable parameters."""
+    """Freeze the transformer, attach the adapter and return its (only) trainable parameters.
+
+    With `fp8_base` the frozen weights are then stored in float8_e4m3fn and cast to bf16 layer by
+    layer for compute (diffusers' layerwise casting). The order matters, so a model that already
+    holds float8 weights is refused: peft builds the adapter in its base layer's dtype (float8 there,
+    so it starts from float8-rounded weights), while layerwise casting applied after the adapter
+    skips peft's own layers by default and keeps them in `dtype`.
+    """
+    if any(p.dtype in FLOAT8_DTYPES for p in transformer.parameters()):
+        raise ValueError("the transformer already stores float8 weights: load it unquantized, pass fp8_base")
     transformer.requires_grad_(False)
     transformer.add_adapter(lora_config(rank=rank, alpha=alpha), adapter_name=ADAPTER_NAME)
     params = []
@@ -64,6 +76,12 @@ def add_lora(
             params.append(param)
     if not params:
         raise RuntimeError("the LoRA adapter matched no module of the transformer")
+    if fp8_base:
+        transformer.enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn, compute_dtype=FP8_COMPUTE_DTYPE
+        )
+        if any(param.dtype in FLOAT8_DTYPES for param in params):
+            raise RuntimeError("layerwise casting reached the LoRA weights; they must stay trainable")
     return params
 
 

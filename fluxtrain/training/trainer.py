@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -43,7 +44,7 @@ from fluxtrain.training.flow import (
     sample_timesteps,
     text_ids,
 )
-from fluxtrain.training.lora import add_lora, load_lora_state_dict, lora_state_dict
+from fluxtrain.training.lora import FP8_COMPUTE_DTYPE, add_lora, load_lora_state_dict, lora_state_dict
 from fluxtrain.training.optim import build_optimizer, build_scheduler
 from fluxtrain.training.sampling import generate, sample_path
 
@@ -119,6 +120,31 @@ def resolve_model_files(config: TrainConfig, models_root: Path) -> ModelFiles:
         clip_tokenizer=loading.tokenizer_dir(models_root, "clip_l"),
         t5_tokenizer=loading.tokenizer_dir(models_root, "t5xxl"),
     )
+
+
+def load_lora_transformer(
+    path: Path,
+    *,
+    rank: int,
+    alpha: float,
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    fp8_base: bool,
+    gradient_checkpointing: bool,
+    device: torch.device | str = "cpu",
+) -> tuple[FluxTransformer2DModel, list[torch.nn.Parameter]]:
+    """The frozen transformer with the LoRA attached, in training mode, and the LoRA's parameters.
+
+    With fp8_base the file is loaded unquantized in the bf16 compute dtype and only moved to float8
+    storage after peft has built the adapter (see `add_lora`); all of that happens in host memory,
+    so the device never holds the bf16 weights (FLUX.1-dev's 24 GB would not fit a 24 GB card).
+    """
+    transformer = loading.load_transformer(path, dtype=FP8_COMPUTE_DTYPE if fp8_base else base_dtype)
+    params = add_lora(transformer, rank=rank, alpha=alpha, dtype=lora_dtype, fp8_base=fp8_base)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device).train()
+    return transformer, params
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -243,15 +269,16 @@ class Trainer:
 
     def prepare_model(self) -> None:
         """Load the frozen transformer, attach the LoRA, build optimizer and schedule."""
-        transformer = loading.load_transformer(
-            self.files.transformer, dtype=self.base_dtype, device=self.device, fp8=self.config.fp8_base
+        transformer, self.params = load_lora_transformer(
+            self.files.transformer,
+            rank=self.config.network_dim,
+            alpha=self.config.network_alpha,
+            base_dtype=self.base_dtype,
+            lora_dtype=self.lora_dtype,
+            fp8_base=self.config.fp8_base,
+            gradient_checkpointing=self.config.gradient_checkpointing,
+            device=self.device,
         )
-        self.params = add_lora(
-            transformer, rank=self.config.network_dim, alpha=self.config.network_alpha, dtype=self.lora_dtype
-        )
-        if self.config.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        transformer.train()
         optimizer = build_optimizer(
             self.params, name=self.config.optimizer, learning_rate=self.config.learning_rate
         )
@@ -396,7 +423,7 @@ class Trainer:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.config.fp8_base else self.base_dtype
+        return FP8_COMPUTE_DTYPE if self.config.fp8_base else self.base_dtype
 
     def load_batch(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Cached latents and text outputs of one batch, with this step's flips and captions."""
