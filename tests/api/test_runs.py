@@ -320,3 +320,43 @@ def test_artifacts_upload_to_s3_and_the_run_ends_after_the_final_upload(
     assert kinds.index(("upload", "output/demo.safetensors")) > kinds.index(("finished", None))
     final = text.split("event: status", 1)[1]
     assert f"{prefix}/demo.safetensors" in final and '"succeeded"' in final
+
+
+def test_query_and_header_bounds_are_422(api: TestClient) -> None:
+    run_id = api.post("/train", json={"output_name": "demo", "max_train_steps": 1}).json()["run_id"]
+    for params in ({"tail": 0}, {"tail": 10_001}, {"tail": "x"}, {"offset": -1}):
+        assert api.get(f"/runs/{run_id}/logs", params=params).status_code == 422, params
+    assert api.get(f"/runs/{run_id}/logs", params={"tail": 10_000}).status_code == 200
+    for params in ({"limit": 1001}, {"limit": "x"}, {"status": "Running"}):
+        assert api.get("/runs", params=params).status_code == 422, params
+    assert api.get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "-1"}).status_code == 422
+
+
+def test_runs_list_is_newest_first_and_limited(api: TestClient) -> None:
+    first = api.post("/train", json={"output_name": "demo", "max_train_steps": 1}).json()["run_id"]
+    second = api.post("/train", json={"output_name": "demo", "max_train_steps": 1}).json()["run_id"]
+    assert [r["run_id"] for r in api.get("/runs").json()["runs"]] == [second, first]
+    assert [r["run_id"] for r in api.get("/runs", params={"limit": 1}).json()["runs"]] == [second]
+    _wait(api, second, {"succeeded"})
+
+
+@pytest.mark.parametrize(
+    "name", ["..%2Frun.json", "..%2frun.json", "%2e%2e%2frun.json", "..%5crun.json", "output%2Fdemo.lora"]
+)
+def test_artifact_names_that_leave_the_folder_are_422(api: TestClient, name: str) -> None:
+    run_id = api.post("/train", json={"output_name": "demo", "max_train_steps": 1}).json()["run_id"]
+    response = api.get(f"/runs/{run_id}/artifacts/{name}")
+    assert response.status_code == 422, response.text
+    assert "artifact name" in response.json()["detail"]
+
+
+def test_log_follow_gets_the_unterminated_last_line_once_the_run_ended(
+    api: TestClient, settings: Settings
+) -> None:
+    run_id = api.post("/train", json={"output_name": "demo", "max_train_steps": 1}).json()["run_id"]
+    _wait(api, run_id, {"succeeded"})
+    offset = api.get(f"/runs/{run_id}/logs").json()["next_offset"]
+    with (settings.runs_dir / run_id / "train.log").open("a") as log:
+        log.write("Killed")
+    follow = api.get(f"/runs/{run_id}/logs", params={"offset": offset}).json()
+    assert follow["lines"] == ["Killed"] and follow["next_offset"] == offset + len("Killed")

@@ -16,6 +16,7 @@ from fluxtrain.names import check_name
 from fluxtrain.runs import service
 from fluxtrain.runs.db import Database, get_database
 from fluxtrain.runs.launcher import LOG_NAME, tail_lines
+from fluxtrain.runs.models import TERMINAL_STATUSES
 from fluxtrain.runs.schemas import (
     Artifact,
     ArtifactList,
@@ -103,15 +104,19 @@ async def events(
         yield event
 
 
-def _log_from(path: Path, offset: int) -> tuple[list[str], int]:
+def _log_from(path: Path, offset: int, *, ended: bool) -> tuple[list[str], int]:
+    """Whole lines after `offset`; once the run has ended its unterminated last line counts too."""
     if not path.is_file():
         return [], 0
+    size = path.stat().st_size
+    start = min(offset, size)
     with path.open("rb") as handle:
-        handle.seek(min(offset, path.stat().st_size))
+        handle.seek(start)
         chunk = handle.read(MAX_LOG_CHUNK)
-    complete = chunk[: chunk.rfind(b"\n") + 1]
+    at_end = start + len(chunk) >= size
+    complete = chunk if ended and at_end else chunk[: chunk.rfind(b"\n") + 1]
     text = complete.decode("utf-8", errors="replace")
-    return text.splitlines(), offset + len(complete)
+    return text.splitlines(), start + len(complete)
 
 
 @router.get("/runs/{run_id}/logs", response_model=LogLines)
@@ -126,7 +131,7 @@ def logs(
     run = service.get_run(db=db, run_id=run_id)
     path = run_dir(settings, run.id) / LOG_NAME
     if offset is not None:
-        lines, next_offset = _log_from(path, offset)
+        lines, next_offset = _log_from(path, offset, ended=run.status in TERMINAL_STATUSES)
         return LogLines(run_id=run.id, lines=lines, next_offset=next_offset)
     size = path.stat().st_size if path.is_file() else 0
     return LogLines(run_id=run.id, lines=tail_lines(path, tail), next_offset=size)
@@ -160,9 +165,9 @@ def artifacts(run_id: str, settings: SettingsDep, db: DatabaseDep) -> ArtifactLi
     return ArtifactList(run_id=run.id, files=files)
 
 
-@router.get("/runs/{run_id}/artifacts/{name}", response_class=FileResponse)
+@router.get("/runs/{run_id}/artifacts/{name:path}", response_class=FileResponse)
 def artifact(run_id: str, name: str, settings: SettingsDep, db: DatabaseDep) -> FileResponse:
-    """Download one LoRA file or sample image by its name."""
+    """Download one LoRA file or sample image by its name (a bare file name: no folders, no '..')."""
     run = service.get_run(db=db, run_id=run_id)
     try:
         check_name(name, what="artifact name")
