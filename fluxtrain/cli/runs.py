@@ -80,7 +80,14 @@ def _sse(client: httpx.Client, run_id: str, after: int) -> Iterator[tuple[str | 
         for line in response.iter_lines():
             if line == "":
                 if data:
-                    yield event_id, name, json.loads("\n".join(data))
+                    try:
+                        record = json.loads("\n".join(data))
+                    except ValueError:  # a line a killed trainer left half written
+                        record = None
+                    if isinstance(record, dict):
+                        yield event_id, name, record
+                    elif event_id is not None:
+                        yield event_id, "skipped", {}
                 event_id, name, data = None, "message", []
             elif line.startswith("id:"):
                 event_id = line[3:].strip()
@@ -262,17 +269,19 @@ def register(app: typer.Typer) -> None:
             for line in body["lines"]:
                 console.out(line, highlight=False)
             offset = body["next_offset"]
-            while follow_log:
-                try:
+            try:
+                while follow_log:
                     time.sleep(1.0)
+                    # read the status first: lines written before the run ended are then all in the log
+                    ended = _call(client, "GET", f"/status/{run_id}")["status"] in TERMINAL
                     body = _call(client, "GET", f"/runs/{run_id}/logs", params={"offset": offset})
                     for line in body["lines"]:
                         console.out(line, highlight=False)
                     offset = body["next_offset"]
-                    if not body["lines"] and _call(client, "GET", f"/status/{run_id}")["status"] in TERMINAL:
+                    if ended and not body["lines"]:
                         return
-                except KeyboardInterrupt:
-                    return
+            except KeyboardInterrupt:
+                return
 
 
 def _print_status(body: dict[str, Any]) -> None:
