@@ -23,7 +23,7 @@ from fluxtrain.runs.schemas import request_fields
 from fluxtrain.runs.status import build_status, run_dir
 from fluxtrain.runs.webhooks import check_webhook, notify
 from fluxtrain.settings import Settings
-from fluxtrain.training.config import TrainConfig
+from fluxtrain.training.config import TrainConfig, check_dataset_for_training
 
 MODEL_FIELDS = ("pretrained_model", "clip_l", "t5xxl", "ae")
 MAX_LIST_LIMIT = 1000
@@ -59,6 +59,7 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     toml = settings.datasets_dir / f"{dataset}.toml"
     if not toml.is_file():
         raise NotFoundError(f"dataset config '{dataset}.toml' not found in {settings.datasets_dir}")
+    check_dataset_for_training(toml)
     for field in MODEL_FIELDS:
         _model_path(settings.models_root, field, fields[field])
     webhook = getattr(request, "webhook", None)

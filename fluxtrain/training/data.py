@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from fluxtrain.dataset_config.toml_file import load_dataset_config
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training.buckets import BucketSpec, Size, choose_bucket
+from fluxtrain.training.config import check_dataset_options
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SHUFFLED_VARIANTS = 8
@@ -84,6 +85,7 @@ def _image_size(path: Path) -> Size:
 def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) -> TrainingData:
     """Read the dataset TOML, find every image and caption, and assign buckets."""
     config = load_dataset_config(toml_path)
+    check_dataset_options(config)
     images: list[TrainImage] = []
     trigger_words: list[str] = []
     digest = hashlib.sha256()
