@@ -25,6 +25,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 JOB_PREFIX = "fluxtrain-"
 MAX_ATTEMPTS = 100
+LOG_MIRROR_SECONDS = 5.0
 _CLIENT_ERROR = re.compile(r"status code 4\d\d\b")
 FORWARDED_ENV = (
     "MOUNT_PATH",
@@ -100,6 +102,7 @@ class RayBackend:
         self.entry = entry
         self._client: JobSubmissionClient | None = None
         self._lock = threading.Lock()
+        self._mirrored_at: dict[str, float] = {}
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -191,7 +194,11 @@ class RayBackend:
         if status is JobStatus.PENDING and _stop_marker(run_dir, ref).exists():
             return PollResult(ProcessState.EXITED, -signal.SIGTERM)
         if not status.is_terminal():
+            if time.monotonic() - self._mirrored_at.get(ref, 0.0) >= LOG_MIRROR_SECONDS:
+                self._mirrored_at[ref] = time.monotonic()
+                self._keep_log(ref, run_dir, info)
             return PollResult(ProcessState.RUNNING)
+        self._mirrored_at.pop(ref, None)
         self._keep_log(ref, run_dir, info)
         if status is JobStatus.SUCCEEDED:
             return PollResult(ProcessState.EXITED, 0)
@@ -207,7 +214,9 @@ class RayBackend:
         return lines
 
     def _keep_log(self, ref: str, run_dir: Path, info: JobDetails) -> None:
-        """Copy a finished job's log next to its run, where it survives the cluster forgetting the job."""
+        """Copy the job's log into the run's `train.log`: live (every few seconds) while it runs, so
+        /status, /logs and `logs -f` read one file whatever the backend, and once more at the end,
+        where it survives the cluster forgetting the job."""
         try:
             lines = self._job_lines(ref, info)
         except Exception as exc:  # the run's outcome does not depend on its log copy

@@ -386,3 +386,23 @@ def test_ray_run_uploads_its_lora_to_s3_and_status_shows_the_url(
         assert store.fs.cat_file(f"ray-artifacts/loras/{run.id}/output/demo.safetensors") == b"lora"
     finally:
         server.stop()
+
+
+def test_running_job_log_is_mirrored_into_train_log(
+    make_backend: Callable[..., RayBackend], tmp_path: Path
+) -> None:
+    backend = make_backend()
+    spec = _spec(tmp_path, "run-live-log", "sleep")
+    ref = backend.launch(spec)
+    try:
+        log_file = spec.run_dir / "train.log"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert backend.poll(ref, spec.run_dir).state is ProcessState.RUNNING
+            if log_file.is_file() and "trainer started in mode sleep" in log_file.read_text():
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the running job's log never reached train.log")
+    finally:
+        backend.cancel(ref, spec.run_dir, force=True)
