@@ -35,7 +35,10 @@ def main(argv: list[str]) -> int:
         print(f"run directory {run_dir} does not exist", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s", force=True
+        level=logging.INFO if _is_main_process() else logging.WARNING,
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(message)s",
+        force=True,
     )
     errors = EventLog(run_dir / "events.jsonl", enabled=_is_main_process())
     try:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import signal
@@ -147,6 +148,33 @@ def load_lora_transformer(
     return transformer, params
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, `accelerate launch`, MPI) started for this run."""
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """accelerate's state for this process; several processes without CUDA train over gloo on the CPU.
+
+    accelerate only sets up CPU data parallelism when told to use the CPU, so without that flag N
+    processes started by torchrun on a GPU-less host would each train alone on the same run
+    directory; a launch that still ends up like that is refused.
+    """
+    world = launched_processes()
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, cpu=world > 1 and not torch.cuda.is_available()
+    )
+    if accelerator.num_processes != world:
+        raise RuntimeError(
+            f"launched as {world} processes but accelerate set up {accelerator.num_processes}: "
+            "each would train alone on the same run directory"
+        )
+    return accelerator
+
+
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The CPU generator of one step on one process."""
     digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
@@ -183,7 +211,7 @@ class Trainer:
         self.models_root = config.models_root or settings.models_root
         self.cache_root = config.cache_dir or settings.cache_dir
         self.mixed_precision = config.resolved_mixed_precision
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision)
+        self.accelerator = make_accelerator(self.mixed_precision)
         self.device = self.accelerator.device
         self.events = EventLog(self.paths.events, enabled=self.accelerator.is_main_process)
         self.progress = Progress()
@@ -479,6 +507,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(self.accelerator.gather(loss.detach()).mean())
 
+    def check_replicas_agree(self) -> None:
+        """Refuse to save one process's LoRA as the run's when the processes' copies have drifted apart.
+
+        Data parallel training averages the gradients over all processes, so every copy of the LoRA
+        must be bit-identical; each compares float64 sums and sums of squares of every parameter.
+        """
+        world = self.accelerator.num_processes
+        if world == 1:
+            return
+        digest = torch.cat(
+            [
+                torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                for p in self.params
+            ]
+        )
+        gathered = self.accelerator.gather(digest[None].to(self.device))
+        differing = [rank for rank in range(world) if not torch.equal(gathered[rank], gathered[0])]
+        if differing:
+            raise RuntimeError(f"LoRA weights of process(es) {differing} differ from process 0's")
+        log.info("LoRA weights identical on all %d processes", world)
+
     def stop_requested(self) -> bool:
         """True on every process when any process got a stop signal."""
         flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
@@ -581,6 +630,7 @@ class Trainer:
         sampling = config.sample_prompts and (config.sample_every_n_steps or config.sample_every_n_epochs)
         if sampling and self.last_sample_step != self.progress.step:
             self.render_samples()
+        self.check_replicas_agree()
         final = self.paths.output / f"{config.output_name}.safetensors"
         epochs_done = math.ceil(self.progress.step / self.steps_per_epoch)
         self.save_lora_file(final, epoch=epochs_done)

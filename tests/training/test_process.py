@@ -112,3 +112,52 @@ def test_accelerate_launch_on_the_cpu(tiny_models: Path, tmp_path: Path) -> None
     assert (run / "output" / "tiny.safetensors").is_file()
     events = read_events(run / "events.jsonl")
     assert events[0]["num_processes"] == 1 and events[-1]["event"] == "finished"
+
+
+def test_data_parallel_over_two_cpu_processes(tiny_models: Path, tmp_path: Path) -> None:
+    """`accelerate launch --multi_gpu` on a host without GPUs: two processes averaging gradients over gloo."""
+    toml = helpers.make_dataset(tmp_path / "data")
+    run = helpers.make_run(
+        tmp_path / "run",
+        models=tiny_models,
+        toml=toml,
+        cache=tmp_path / "cache",
+        max_train_epochs=2,
+        save_every_n_epochs=1,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "fluxtrain.training",
+        str(run),
+    ]
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Two batches an epoch, one per process: two epochs are two steps.
+    events = read_events(run / "events.jsonl")
+    assert [e["event"] for e in events] == ["started", "caching", "step", "checkpoint", "step", "finished"]
+    assert events[0]["num_processes"] == 2 and events[0]["steps_per_epoch"] == 1
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+    outputs = sorted(p.name for p in (run / "output").iterdir())
+    assert outputs == ["tiny-000001.safetensors", "tiny.safetensors"]
+    assert sorted(p.name for p in (run / "state").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert not (run / "state.tmp").exists() and not (run / "state.old").exists()
+    assert "LoRA weights identical on all 2 processes" in result.stdout
+    assert result.stdout.count("finished: ") == 1
