@@ -16,7 +16,7 @@ import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from fluxtrain.settings import get_settings
 
@@ -236,12 +236,13 @@ def register(app: typer.Typer) -> None:
             params["status"] = status
         with _client(url) as client:
             runs = _call(client, "GET", "/runs", params=params)["runs"]
-        table = Table("run", "status", "step", "loss", "created")
+        # Run ids are what people copy into the next command, so they are never shortened.
+        table = Table(Column("run", no_wrap=True, min_width=32), "status", "step", "loss", "created")
         for run in runs:
             progress = run["progress"]
             step = f"{progress['step']}/{progress['total_steps'] or '?'}"
             table.add_row(
-                run["run_id"], run["status"], step, _fmt(progress["loss"], "{:.4f}"), run["created_at"]
+                run["run_id"], run["status"], step, _fmt(progress["loss"], "{:.4f}"), run["created_at"][:16].replace("T", " ")
             )
         console.print(table)
 

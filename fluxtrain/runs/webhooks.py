@@ -30,7 +30,9 @@ def check_webhook(url: str, settings: Settings) -> str:
 
 
 async def _post(url: str, body: str, settings: Settings) -> None:
-    async with make_client(allow=settings.allow_networks, concurrency=1, timeout=WEBHOOK_TIMEOUT) as client:
+    async with make_client(
+        allow=settings.allow_networks, concurrency=1, timeout=WEBHOOK_TIMEOUT, ca_bundle=settings.ca_bundle
+    ) as client:
         for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
             try:
                 response = await client.post(

@@ -80,7 +80,10 @@ def _cli(url: str, *args: str) -> subprocess.Popen[str]:
     code = "from fluxtrain.cli.main import app; app()"
     return subprocess.Popen(
         [sys.executable, "-c", code, *args, "--url", url],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -136,3 +139,17 @@ def test_logs_follow_ends_when_the_run_ends(service: str) -> None:
     assert _status(service, run_id)["status"] == "succeeded"
     assert out.splitlines()[-1] == "trainer done"
     assert "step 15" in out
+
+
+def test_runs_lists_whole_ids_on_a_narrow_terminal(service: str) -> None:
+    body = {"output_name": "demo", "max_train_steps": 2}
+    run_id = httpx.post(f"{service}/train", json=body, timeout=10).json()["run_id"]
+    narrow = subprocess.run(
+        [sys.executable, "-c", "from fluxtrain.cli.main import app; app()", "runs", "--url", service],
+        env={**os.environ, "FLUXTRAIN_API_KEY": "", "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert narrow.returncode == 0, narrow.stderr
+    assert run_id in narrow.stdout
