@@ -1,0 +1,57 @@
+"""bench/train_step.py's FLOP count: the one MFU is computed from."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from fluxtrain.training.model_files import shipped_config
+from fluxtrain.training.tiny import tiny_transformer_config
+
+BENCH = Path(__file__).parents[2] / "bench" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_forward_flops_match_torch_counting_every_matmul(bench: ModuleType, guidance: bool) -> None:
+    config = tiny_transformer_config(guidance=guidance)
+    model = FluxTransformer2DModel(**config).eval()
+    batch = {
+        k: v.float() if torch.is_tensor(v) else v
+        for k, v in bench.inputs(model, 64, torch.device("cpu")).items()
+    }
+    assert batch["hidden_states"].shape[1] == 16 and batch["encoder_hidden_states"].shape[1] == 512
+    # The math attention kernel runs as batched matmuls, which the counter sees (CPU flash attention is not).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**batch)
+    expected = bench.flux_forward_flops(config, image_tokens=16, text_tokens=512)
+    assert counter.get_total_flops() == expected
+
+
+def test_flux_dev_sizes(bench: ModuleType) -> None:
+    config = shipped_config("transformer_dev")
+    model = FluxTransformer2DModel(**tiny_transformer_config())
+    for resolution, image_tokens in ((1024, 4096), (512, 1024)):
+        assert bench.inputs(model, resolution, torch.device("cpu"))["img_ids"].shape[0] == image_tokens
+        flops = bench.flux_forward_flops(config, image_tokens=image_tokens, text_tokens=512)
+        # 57 blocks of 12 d^2 weights a token and two L^2 d attention matmuls dominate.
+        d, joint = 3072, image_tokens + 512
+        blocks = 57 * (2 * 12 * d * d * joint + 4 * joint * joint * d)
+        assert blocks < flops < 1.01 * blocks
+    assert bench.flux_forward_flops(config, image_tokens=4096, text_tokens=512) == pytest.approx(
+        74.38e12, rel=1e-3
+    )
