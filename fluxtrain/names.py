@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 from fluxtrain.errors import InvalidInputError
 
@@ -33,7 +33,18 @@ def check_name(name: str, *, what: str = "name") -> str:
     return name
 
 
-SafeName = Annotated[str, AfterValidator(check_name)]
+# The schema documents the rule for clients; validation stays in check_name for its clearer messages.
+SafeName = Annotated[
+    str,
+    AfterValidator(check_name),
+    Field(
+        json_schema_extra={
+            "pattern": r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$",
+            "minLength": 1,
+            "maxLength": MAX_NAME_LENGTH,
+        }
+    ),
+]
 
 
 def safe_join(root: Path, name: str, *, what: str = "name") -> Path:
