@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 from fluxtrain.training.tiny import write_tiny_flux_files
 
@@ -30,3 +32,12 @@ def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """Training tests never reach a model hub."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Iterator[None]:
+    """Each in-process Trainer gets its own accelerate state (it is a process-wide singleton that
+    refuses a second mixed precision), as each trainer process does."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
