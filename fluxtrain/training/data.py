@@ -6,6 +6,7 @@ Captions come from `<stem><caption_extension>` next to each image, or the subset
 `class_tokens` (the trigger word) when that file is missing. With `shuffle_caption` the
 comma-separated tags after the first `keep_tokens` are shuffled; since text-encoder outputs are
 cached, each caption gets a fixed set of shuffled variants and a step picks one of them.
+`color_aug` and `random_crop` are refused (`check_dataset_options`): latents are cached too.
 """
 
 from __future__ import annotations

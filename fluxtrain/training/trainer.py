@@ -5,6 +5,9 @@ loaded only for what is missing, then dropped), load the transformer, attach the
 from `state/` when it exists, then step. Every step's randomness (timesteps, noise, flips,
 caption choice) comes from a generator seeded by (seed, step, rank), so a resumed run draws the
 same numbers as an uninterrupted one.
+Under `accelerate launch --num_processes N` (or torchrun; over gloo on a host without GPUs) each
+process takes every Nth batch, gradients are averaged, and only the main process writes files and
+events.
 """
 
 from __future__ import annotations

@@ -124,6 +124,7 @@ def test_data_parallel_over_two_cpu_processes(tiny_models: Path, tmp_path: Path)
         cache=tmp_path / "cache",
         max_train_epochs=2,
         save_every_n_epochs=1,
+        gradient_checkpointing=True,
     )
     command = [
         sys.executable,
