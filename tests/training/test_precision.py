@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from fluxtrain.training.config import TrainConfig, load_config
+from fluxtrain.training.events import read_events
 from fluxtrain.training.lora import add_lora
 from fluxtrain.training.model_files import load_transformer
 from fluxtrain.training.trainer import StopFlag, Trainer, load_lora_transformer
@@ -84,6 +85,9 @@ def test_precision_modes_train_on_the_cpu(
         mixed_precision="bf16",
         full_bf16=mode.endswith("full_bf16"),
         gradient_checkpointing=mode.startswith("fp8_base"),
+        sample_prompts=["zqx, a green disc"],
+        sample_every_n_steps=3,
+        sample_steps=2,
     )
     config: TrainConfig = load_config(run / "run.json")
     if mode.startswith("fp8_base"):
@@ -91,6 +95,8 @@ def test_precision_modes_train_on_the_cpu(
     trainer = Trainer(run, config, stop=StopFlag())
     assert trainer.run() == "finished"
 
+    samples = [e for e in read_events(run / "events.jsonl") if e["event"] == "sample"]
+    assert len(samples) == 1 and Path(samples[0]["path"]).is_file()
     losses = [event["loss"] for event in helpers.step_events(run)]
     assert len(losses) == 3 and all(loss is not None and math.isfinite(loss) for loss in losses)
     model = trainer.unwrapped
