@@ -241,9 +241,8 @@ def register(app: typer.Typer) -> None:
         for run in runs:
             progress = run["progress"]
             step = f"{progress['step']}/{progress['total_steps'] or '?'}"
-            table.add_row(
-                run["run_id"], run["status"], step, _fmt(progress["loss"], "{:.4f}"), run["created_at"][:16].replace("T", " ")
-            )
+            created = run["created_at"][:16].replace("T", " ")
+            table.add_row(run["run_id"], run["status"], step, _fmt(progress["loss"], "{:.4f}"), created)
         console.print(table)
 
     @app.command()

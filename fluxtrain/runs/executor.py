@@ -369,7 +369,6 @@ class Executor:
         if started is not None and run.attempts == 0:
             notify(started.webhook, build_status(self.settings, started), self.settings)
 
-
     def _launch_later(self, run: Run, exc: BaseException) -> None:
         """Back to the queue after a transient launch failure; the delay doubles, up to a deadline."""
         now = time.time()

@@ -126,8 +126,14 @@ def upload_file(
             return store.url(key)
         except Exception as exc:  # every library and network error is worth another try
             last = exc
-            logger.warning("upload of %s to %s failed (attempt %d/%d): %s",
-                           local_path.name, store.url(key), attempt, attempts, _short(exc))
+            logger.warning(
+                "upload of %s to %s failed (attempt %d/%d): %s",
+                local_path.name,
+                store.url(key),
+                attempt,
+                attempts,
+                _short(exc),
+            )
             if attempt < attempts:
                 sleep(backoff_s * 2 ** (attempt - 1))
     raise UploadError(f"upload of {local_path.name} to {store.url(key)} failed: {_short(last)}") from last
@@ -226,8 +232,11 @@ def sync_once(
                 continue
             try:
                 url = upload_file(
-                    store=store, local_path=path, key=f"{run_id}/{relpath}",
-                    attempts=attempts, backoff_s=backoff_s,
+                    store=store,
+                    local_path=path,
+                    key=f"{run_id}/{relpath}",
+                    attempts=attempts,
+                    backoff_s=backoff_s,
                 )
             except UploadError as exc:
                 tries = (failed.attempts if failed else 0) + 1
@@ -236,8 +245,14 @@ def sync_once(
                     attempts=tries, error=exc.message, last_attempt_at=now, next_attempt_at=now + delay
                 )
                 _save_state(run_dir, state)
-                _append_event(run_dir, "upload_failed", file=relpath, error=exc.message, attempts=tries,
-                              retry_in=None if give_up else delay)
+                _append_event(
+                    run_dir,
+                    "upload_failed",
+                    file=relpath,
+                    error=exc.message,
+                    attempts=tries,
+                    retry_in=None if give_up else delay,
+                )
                 report.failed.append(relpath)
                 continue
             state.failed.pop(relpath, None)
@@ -264,8 +279,9 @@ def final_sync(
     total = SyncReport()
     for number in range(1, passes + 1):
         last = number == passes
-        report = sync_once(store=store, run_dir=run_dir, force=True, give_up=last, backoff_s=backoff_s,
-                           until=until)
+        report = sync_once(
+            store=store, run_dir=run_dir, force=True, give_up=last, backoff_s=backoff_s, until=until
+        )
         total.uploaded.extend(report.uploaded)
         total.failed, total.pending = report.failed, report.pending
         if not (report.failed or report.pending):
@@ -287,8 +303,14 @@ def _give_up(run_dir: Path, relpaths: list[str], deadline_s: float) -> None:
         error = f"not uploaded: the final upload ran out of its {deadline_s:g} s"
         if failed is not None:
             error = f"{error}; last error: {failed.error}"
-        _append_event(run_dir, "upload_failed", file=relpath, error=error,
-                      attempts=failed.attempts if failed else 0, retry_in=None)
+        _append_event(
+            run_dir,
+            "upload_failed",
+            file=relpath,
+            error=error,
+            attempts=failed.attempts if failed else 0,
+            retry_in=None,
+        )
 
 
 class ArtifactSync:

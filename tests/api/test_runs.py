@@ -80,10 +80,24 @@ def test_train_runs_to_success_with_status_artifacts_and_events(api: TestClient,
     done = _wait(api, run_id, {"succeeded", "failed"})
     assert done["status"] == "succeeded", done["error"]
     assert set(done) == {
-        "run_id", "status", "logs", "progress", "outputs", "error", "created_at", "started_at", "finished_at"
+        "run_id",
+        "status",
+        "logs",
+        "progress",
+        "outputs",
+        "error",
+        "created_at",
+        "started_at",
+        "finished_at",
     }
     assert set(done["progress"]) == {
-        "step", "total_steps", "epoch", "total_epochs", "loss", "it_per_s", "eta_seconds"
+        "step",
+        "total_steps",
+        "epoch",
+        "total_epochs",
+        "loss",
+        "it_per_s",
+        "eta_seconds",
     }
     assert done["progress"]["step"] == 4 and done["progress"]["total_steps"] == 4
     assert [o["name"] for o in done["outputs"]] == ["demo.safetensors"]
@@ -258,9 +272,13 @@ def s3_api(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     for name, value in {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
-        "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
     }.items():
         monkeypatch.setenv(name, value)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -20,7 +20,7 @@ from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.runs.service import create_run, get_run
 from fluxtrain.settings import Settings
 
-FAKE_TRAINER = r'''
+FAKE_TRAINER = r"""
 import json, signal, sys, time, pathlib
 run_dir = pathlib.Path(sys.argv[1])
 cfg = json.loads((run_dir / "run.json").read_text())
@@ -56,7 +56,7 @@ out = run_dir / "output"
 out.mkdir(exist_ok=True)
 (out / f"{name}.safetensors").write_bytes(b"lora")
 emit("finished", step=steps, epoch=1)
-'''
+"""
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from fluxtrain.runs.models import Run  # noqa: E402
 from fluxtrain.runs.ray_backend import RayBackend, submission_ids  # noqa: E402
 from fluxtrain.settings import Settings  # noqa: E402
 
-SCRIPT = r'''
+SCRIPT = r"""
 import os, sys, time, pathlib
 run_dir = pathlib.Path(sys.argv[1])
 mode = (run_dir / "mode").read_text().strip()
@@ -46,7 +46,7 @@ if mode == "fail":
 if mode == "sleep":
     time.sleep(120)
 print("trainer done", flush=True)
-'''
+"""
 
 
 def _free_port() -> int:
@@ -91,13 +91,29 @@ def ray_address() -> Iterator[str]:
     )
     ray_cli = str(Path(sys.executable).with_name("ray"))
     command = [
-        ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-        "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ray_cli,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={_free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
     ]
     with open(Path(temp_dir) / "head.log", "wb") as head_log:
-        head = subprocess.Popen(command, env=env, stdout=head_log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        head = subprocess.Popen(
+            command,
+            env=env,
+            stdout=head_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
     try:
@@ -289,8 +305,12 @@ def test_unknown_job_counts_as_lost_and_logs_fall_back_to_the_run_dir(
 
 
 def test_executor_drives_runs_on_ray_to_the_end(
-    run_settings: Settings, db: Database, ray_address: str, fake_trainer: Path,
-    submit: Callable[..., Run], drive: Callable[..., Run],
+    run_settings: Settings,
+    db: Database,
+    ray_address: str,
+    fake_trainer: Path,
+    submit: Callable[..., Run],
+    drive: Callable[..., Run],
 ) -> None:
     configured = run_settings.model_copy(update={"executor": "ray", "ray_address": ray_address, "gpus": ""})
     backend = RayBackend(configured, entry=(str(fake_trainer),))
@@ -332,8 +352,9 @@ def test_real_trainer_runs_as_a_ray_job_on_tiny_models(
     models = tmp_path / "models"
     write_tiny_flux_files(models)
     toml = helpers.make_dataset(tmp_path / "data")
-    run_dir = helpers.make_run(tmp_path / "runs" / "real", models=models, toml=toml, cache=tmp_path / "cache",
-                               max_train_steps=4)
+    run_dir = helpers.make_run(
+        tmp_path / "runs" / "real", models=models, toml=toml, cache=tmp_path / "cache", max_train_steps=4
+    )
     backend = RayBackend(settings.model_copy(update={"ray_address": ray_address, "gpus": ""}))
     ref = backend.launch(LaunchSpec(run_id="real", run_dir=run_dir, gpu_ids=[], num_gpus=1))
     assert _wait(backend, ref, run_dir, timeout=240) == (ProcessState.EXITED, 0), backend.logs(
@@ -347,8 +368,14 @@ def test_real_trainer_runs_as_a_ray_job_on_tiny_models(
 
 
 def test_ray_run_uploads_its_lora_to_s3_and_status_shows_the_url(
-    run_settings: Settings, db: Database, ray_address: str, fake_trainer: Path, tmp_path: Path,
-    submit: Callable[..., Run], drive: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,
+    run_settings: Settings,
+    db: Database,
+    ray_address: str,
+    fake_trainer: Path,
+    tmp_path: Path,
+    submit: Callable[..., Run],
+    drive: Callable[..., Run],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("moto.server", reason="the S3 check needs moto[server]")
     from moto.server import ThreadedMotoServer
@@ -358,8 +385,11 @@ def test_ray_run_uploads_its_lora_to_s3_and_status_shows_the_url(
 
     endpoint = f"http://127.0.0.1:{_free_port()}"
     for name, value in {
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
     }.items():
         monkeypatch.setenv(name, value)
@@ -367,10 +397,15 @@ def test_ray_run_uploads_its_lora_to_s3_and_status_shows_the_url(
     server.start()
     try:
         httpx.post(f"{endpoint}/moto-api/reset", timeout=10).raise_for_status()
-        configured = run_settings.model_copy(update={
-            "executor": "ray", "ray_address": ray_address, "gpus": "",
-            "cloud_storage_type": "S3", "storage_url": "s3://ray-artifacts/loras",
-        })
+        configured = run_settings.model_copy(
+            update={
+                "executor": "ray",
+                "ray_address": ray_address,
+                "gpus": "",
+                "cloud_storage_type": "S3",
+                "storage_url": "s3://ray-artifacts/loras",
+            }
+        )
         store = open_remote(configured)
         assert store is not None
         store.fs.mkdir("ray-artifacts")

@@ -55,7 +55,9 @@ def reset_moto(endpoint: str) -> None:
 @pytest.fixture
 def s3_store(tmp_path: Path, s3_env: str) -> RemoteStore:
     settings = Settings(
-        mount_path=tmp_path / "data", cloud_storage_type="S3", storage_url="s3://artifacts/team/loras",
+        mount_path=tmp_path / "data",
+        cloud_storage_type="S3",
+        storage_url="s3://artifacts/team/loras",
         _env_file=None,
     )
     store = open_remote(settings)

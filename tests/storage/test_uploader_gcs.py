@@ -11,8 +11,12 @@ from fluxtrain.storage.uploader import load_state, sync_once
 
 
 def test_checkpoint_and_sample_land_in_the_gcs_bucket(gcs_server: str, tmp_path: Path, run_dir: Path) -> None:
-    settings = Settings(mount_path=tmp_path / "data", cloud_storage_type="GCS",
-                        storage_url="gs://artifacts/loras", _env_file=None)
+    settings = Settings(
+        mount_path=tmp_path / "data",
+        cloud_storage_type="GCS",
+        storage_url="gs://artifacts/loras",
+        _env_file=None,
+    )
     store = open_remote(settings)
     assert store is not None
 
@@ -30,8 +34,12 @@ def test_checkpoint_and_sample_land_in_the_gcs_bucket(gcs_server: str, tmp_path:
 def test_missing_gcs_bucket_is_reported_and_the_file_kept(
     gcs_server: str, tmp_path: Path, run_dir: Path
 ) -> None:
-    settings = Settings(mount_path=tmp_path / "data", cloud_storage_type="GCS",
-                        storage_url="gs://no-such-bucket", _env_file=None)
+    settings = Settings(
+        mount_path=tmp_path / "data",
+        cloud_storage_type="GCS",
+        storage_url="gs://no-such-bucket",
+        _env_file=None,
+    )
     store = open_remote(settings)
     assert store is not None
     report = sync_once(store=store, run_dir=run_dir, attempts=1)

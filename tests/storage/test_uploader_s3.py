@@ -29,8 +29,9 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
-def test_upload_file_puts_the_bytes_and_returns_the_url(moto_server: object, s3_store: RemoteStore,
-                                                        run_dir: Path) -> None:
+def test_upload_file_puts_the_bytes_and_returns_the_url(
+    moto_server: object, s3_store: RemoteStore, run_dir: Path
+) -> None:
     s3_store.fs.mkdir("artifacts")
     local = run_dir / "output" / "mylora-000001.safetensors"
     url = upload_file(store=s3_store, local_path=local, key=f"{RUN_ID}/output/{local.name}")
@@ -38,8 +39,9 @@ def test_upload_file_puts_the_bytes_and_returns_the_url(moto_server: object, s3_
     assert s3_store.fs.cat_file(s3_store.path(f"{RUN_ID}/output/{local.name}")) == local.read_bytes()
 
 
-def test_sync_uploads_checkpoint_and_sample_and_records_them(moto_server: object, s3_store: RemoteStore,
-                                                             run_dir: Path) -> None:
+def test_sync_uploads_checkpoint_and_sample_and_records_them(
+    moto_server: object, s3_store: RemoteStore, run_dir: Path
+) -> None:
     s3_store.fs.mkdir("artifacts")
     report = sync_once(store=s3_store, run_dir=run_dir)
     assert report.uploaded == ["output/mylora-000001.safetensors", "samples/000010-0.png"]
@@ -78,19 +80,23 @@ def test_sync_uploads_checkpoint_and_sample_and_records_them(moto_server: object
     (output / ".mylora-000002.safetensors.tmp").rename(output / "mylora-000002.safetensors")
     (run_dir / "output" / "mylora.safetensors").write_bytes(b"final lora")
     assert sync_once(store=s3_store, run_dir=run_dir).uploaded == [
-        "output/mylora-000002.safetensors", "output/mylora.safetensors"
+        "output/mylora-000002.safetensors",
+        "output/mylora.safetensors",
     ]
     (run_dir / "output" / "mylora.safetensors").write_bytes(b"final lora, rewritten after resume")
     assert sync_once(store=s3_store, run_dir=run_dir).uploaded == ["output/mylora.safetensors"]
     assert s3_store.fs.cat_file(s3_store.path(f"{RUN_ID}/output/mylora.safetensors")).endswith(b"resume")
     assert set(json.loads((run_dir / "uploads.json").read_text())) == {
-        "output/mylora-000001.safetensors", "output/mylora-000002.safetensors",
-        "output/mylora.safetensors", "samples/000010-0.png",
+        "output/mylora-000001.safetensors",
+        "output/mylora-000002.safetensors",
+        "output/mylora.safetensors",
+        "samples/000010-0.png",
     }
 
 
-def test_upload_is_retried_until_the_bucket_appears(moto_server: object, s3_store: RemoteStore,
-                                                    run_dir: Path) -> None:
+def test_upload_is_retried_until_the_bucket_appears(
+    moto_server: object, s3_store: RemoteStore, run_dir: Path
+) -> None:
     delays: list[float] = []
 
     def bucket_appears_during_backoff(seconds: float) -> None:
@@ -99,8 +105,14 @@ def test_upload_is_retried_until_the_bucket_appears(moto_server: object, s3_stor
             s3_store.fs.mkdir("artifacts")
 
     local = run_dir / "samples" / "000010-0.png"
-    url = upload_file(store=s3_store, local_path=local, key=f"{RUN_ID}/samples/000010-0.png",
-                      attempts=4, backoff_s=0.25, sleep=bucket_appears_during_backoff)
+    url = upload_file(
+        store=s3_store,
+        local_path=local,
+        key=f"{RUN_ID}/samples/000010-0.png",
+        attempts=4,
+        backoff_s=0.25,
+        sleep=bucket_appears_during_backoff,
+    )
     assert url == f"{PREFIX}/samples/000010-0.png"
     assert delays == [0.25, 0.5]
     assert s3_store.fs.cat_file(s3_store.path(f"{RUN_ID}/samples/000010-0.png")) == local.read_bytes()
@@ -112,8 +124,9 @@ def test_upload_file_gives_up_with_a_clear_error_and_keeps_the_file(
     local = run_dir / "output" / "mylora-000001.safetensors"
     before = local.read_bytes()
     with pytest.raises(UploadError, match="mylora-000001.safetensors to s3://artifacts/.*failed"):
-        upload_file(store=s3_store, local_path=local, key=f"{RUN_ID}/output/x", attempts=2,
-                    sleep=lambda _: None)
+        upload_file(
+            store=s3_store, local_path=local, key=f"{RUN_ID}/output/x", attempts=2, sleep=lambda _: None
+        )
     assert local.read_bytes() == before
 
 
@@ -138,7 +151,8 @@ def test_server_down_then_up_fails_then_uploads_without_losing_files(
     assert failure_events[0]["attempts"] == 1 and failure_events[0]["retry_in"] == 4.0
 
     assert sync_once(store=s3_store, run_dir=run_dir).pending == [
-        "output/mylora-000001.safetensors", "samples/000010-0.png"
+        "output/mylora-000001.safetensors",
+        "samples/000010-0.png",
     ], "a failed file waits for its backoff before the next try"
 
     from moto.server import ThreadedMotoServer
@@ -172,8 +186,9 @@ def test_final_sync_gives_up_after_its_passes_and_says_so(s3_store: RemoteStore,
     assert (run_dir / "output" / "mylora-000001.safetensors").exists()
 
 
-def test_artifact_sync_watches_the_run_and_flushes_at_the_end(moto_server: object, s3_store: RemoteStore,
-                                                              run_dir: Path) -> None:
+def test_artifact_sync_watches_the_run_and_flushes_at_the_end(
+    moto_server: object, s3_store: RemoteStore, run_dir: Path
+) -> None:
     s3_store.fs.mkdir("artifacts")
     with ArtifactSync(store=s3_store, run_dir=run_dir, interval_s=0.05):
         (run_dir / "output" / "mylora-000002.safetensors").write_bytes(b"checkpoint-2")
@@ -185,19 +200,23 @@ def test_artifact_sync_watches_the_run_and_flushes_at_the_end(moto_server: objec
     assert remote_url(run_dir, "output/mylora.safetensors") == f"{PREFIX}/output/mylora.safetensors"
     uploads = [e["file"] for e in _events(run_dir) if e["event"] == "upload"]
     assert sorted(uploads) == [
-        "output/mylora-000001.safetensors", "output/mylora-000002.safetensors",
-        "output/mylora.safetensors", "samples/000010-0.png",
+        "output/mylora-000001.safetensors",
+        "output/mylora-000002.safetensors",
+        "output/mylora.safetensors",
+        "samples/000010-0.png",
     ]
 
 
-def test_final_sync_stops_at_its_deadline_and_reports_what_was_left(s3_store: RemoteStore,
-                                                                     run_dir: Path) -> None:
+def test_final_sync_stops_at_its_deadline_and_reports_what_was_left(
+    s3_store: RemoteStore, run_dir: Path
+) -> None:
     report = final_sync(store=s3_store, run_dir=run_dir, deadline_s=0, sleep=lambda _: None)
     assert report.uploaded == [] and report.failed == []
     assert report.pending == ["output/mylora-000001.safetensors", "samples/000010-0.png"]
     gave_up = [e for e in _events(run_dir) if e["event"] == "upload_failed"]
     assert [(e["file"], e["retry_in"], e["attempts"]) for e in gave_up] == [
-        ("output/mylora-000001.safetensors", None, 0), ("samples/000010-0.png", None, 0)
+        ("output/mylora-000001.safetensors", None, 0),
+        ("samples/000010-0.png", None, 0),
     ]
     assert "ran out of its 0 s" in gave_up[0]["error"]
     assert (run_dir / "samples" / "000010-0.png").exists()
