@@ -29,6 +29,7 @@ run: install
 	$(BIN)/fluxtrain serve
 
 test: install-test
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 lint: install-test
