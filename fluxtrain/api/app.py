@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from fluxtrain import __version__
 from fluxtrain.api.deps import require_api_key
 from fluxtrain.api.errors import install_error_handlers
+from fluxtrain.api.limits import BodySizeLimit
 from fluxtrain.api.routes import captions, dataset_config, datasets, health, runs
 from fluxtrain.settings import Settings, get_settings
 
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
     for module in (datasets, dataset_config, captions, runs):
