@@ -60,7 +60,7 @@ def caption_dataset(
     )
     kept: dict[Path, str] = {}
     if not overwrite:
-        kept = {image: text for image in images if (text := read_caption(image))}
+        kept = {image: text for image in images if (text := read_caption(image)) and text.strip()}
     pending = [image for image in images if image not in kept]
     result = CaptionResult()
     written: dict[Path, str] = {}

@@ -20,7 +20,9 @@ def config(
     batch_size: int = typer.Option(1, help="Images per training step."),
     bucket: bool = typer.Option(True, "--bucket/--no-bucket", help="Group images by aspect ratio."),
     min_bucket_reso: int = typer.Option(256, help="Smallest bucket side in pixels."),
-    max_bucket_reso: int = typer.Option(2048, help="Largest bucket side in pixels."),
+    max_bucket_reso: int | None = typer.Option(
+        None, help="Largest bucket side in pixels [default: 2048, or the resolution when larger]."
+    ),
     bucket_reso_steps: int = typer.Option(64, help="Bucket sides step by this many pixels (multiple of 16)."),
     shuffle_caption: bool = typer.Option(False, "--shuffle-caption", help="Shuffle each caption's tags."),
     keep_tokens: int = typer.Option(1, help="Leading caption tags kept in place when shuffling."),

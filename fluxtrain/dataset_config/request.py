@@ -15,6 +15,8 @@ RESOLUTION_STEP = 64
 BUCKET_STEP_UNIT = 16
 MAX_TRIGGER_WORD_LENGTH = 200
 
+DEFAULT_MAX_BUCKET_RESO = 2048
+
 
 def _check_resolution(value: int) -> int:
     if not MIN_RESOLUTION <= value <= MAX_RESOLUTION:
@@ -61,7 +63,12 @@ class DatasetConfig(BaseModel):
     batch_size: int = Field(1, ge=1, le=256, description="Images per training step.")
     enable_bucket: bool = Field(True, description="Group images of similar aspect ratio instead of cropping.")
     min_bucket_reso: int = Field(256, ge=64, le=8192, description="Smallest bucket side in pixels.")
-    max_bucket_reso: int = Field(2048, ge=64, le=8192, description="Largest bucket side in pixels.")
+    max_bucket_reso: int | None = Field(
+        None,
+        ge=64,
+        le=8192,
+        description=f"Largest bucket side: {DEFAULT_MAX_BUCKET_RESO}, or the resolution when larger.",
+    )
     bucket_reso_steps: Annotated[int, AfterValidator(_check_bucket_step)] = Field(
         64, ge=16, le=512, description="Bucket sides step by this many pixels (a multiple of 16)."
     )
@@ -74,6 +81,9 @@ class DatasetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_buckets(self) -> Self:
+        if self.max_bucket_reso is None:
+            # kohya needs max_bucket_reso >= resolution; a 4096 run must not trip over the default.
+            self.max_bucket_reso = max(DEFAULT_MAX_BUCKET_RESO, self.resolution)
         if self.min_bucket_reso > self.max_bucket_reso:
             raise ValueError(
                 f"min_bucket_reso ({self.min_bucket_reso}) must not exceed "

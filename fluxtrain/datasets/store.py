@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtrain.datasets.locks import dataset_lock
-from fluxtrain.errors import NotFoundError
+from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json, atomic_write_text
 from fluxtrain.names import safe_join
 from fluxtrain.settings import Settings
@@ -19,14 +19,21 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 CAPTION_SUFFIX = ".txt"
+CONFIG_SUFFIX = ".toml"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 def dataset_dir(settings: Settings, name: str, *, must_exist: bool = True) -> Path:
-    """The folder of dataset `name`; 404 when it must exist and does not."""
+    """The folder of dataset `name`; 404 when it must exist and does not.
+
+    A dataset's config is the file `<name>.toml` beside its folder, so no dataset may itself be
+    called `*.toml`: folder and file would collide.
+    """
     root = settings.datasets_dir
     root.mkdir(parents=True, exist_ok=True)
     folder = safe_join(root, name, what="dataset name")
+    if folder.suffix.lower() == CONFIG_SUFFIX:
+        raise InvalidInputError(f"dataset name must not end in '{CONFIG_SUFFIX}' (that is its config file)")
     if must_exist and not folder.is_dir():
         raise NotFoundError(f"dataset '{name}' does not exist")
     return folder
@@ -53,8 +60,9 @@ def caption_path(image: Path, extension: str = CAPTION_SUFFIX) -> Path:
 
 
 def read_caption(image: Path) -> str | None:
+    """The caption file's text exactly as stored (a hand-written caption is shown as it was sent)."""
     path = caption_path(image)
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def write_caption(image: Path, caption: str) -> None:
@@ -79,13 +87,17 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def delete_dataset(settings: Settings, name: str) -> None:
-    """Remove a dataset at once, even mid-batch: renamed away under its lock, then deleted."""
+    """Remove a dataset at once, even mid-batch: renamed away under its lock, then deleted.
+
+    Its config `<name>.toml` goes too: it would point a later /train at a folder that is gone.
+    """
     folder = dataset_dir(settings, name)
     with dataset_lock(folder):
         if not folder.is_dir():
             raise NotFoundError(f"dataset '{name}' does not exist")
         doomed = folder.with_name(f".deleting-{folder.name}-{uuid.uuid4().hex}")
         folder.rename(doomed)
+        folder.with_name(folder.name + CONFIG_SUFFIX).unlink(missing_ok=True)
     shutil.rmtree(doomed, ignore_errors=True)
     if doomed.exists():
         logger.warning("could not remove all of %s; it is hidden from listings", doomed)

@@ -124,3 +124,25 @@ def test_api_key_is_required_when_set(settings: Settings, dataset_folder: Path) 
         assert client.post("/create-dataset-config", json=body, headers=wrong).status_code == 401
         right = {"Authorization": "Bearer k3y"}
         assert client.post("/create-dataset-config", json=body, headers=right).status_code == 200
+
+
+@pytest.mark.parametrize("resolution", [256, 2048, 2112, 4096])
+def test_every_resolution_of_the_documented_range_works_with_default_buckets(
+    client: TestClient, settings: Settings, dataset_folder: Path, resolution: int
+) -> None:
+    response = client.post(
+        "/create-dataset-config",
+        json={"output_name": "my_dataset", "trigger_word": "w", "resolution": resolution},
+    )
+    assert response.status_code == 200, response.text
+    data = tomllib.loads((settings.datasets_dir / "my_dataset.toml").read_text(encoding="utf-8"))
+    assert data["datasets"][0]["max_bucket_reso"] == max(2048, resolution)
+
+
+def test_explicit_max_bucket_below_the_resolution_is_422(client: TestClient, dataset_folder: Path) -> None:
+    response = client.post(
+        "/create-dataset-config",
+        json={"output_name": "my_dataset", "trigger_word": "w", "resolution": 4096, "max_bucket_reso": 2048},
+    )
+    assert response.status_code == 422
+    assert "max_bucket_reso" in response.text
