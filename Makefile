@@ -9,6 +9,8 @@ TORCH_PIN := torch==2.13.0
 .PHONY: install install-test run test lint clean
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "fluxtrain needs Python 3.11 or newer: run with PYTHON=python3.11 (or newer)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
@@ -29,7 +31,6 @@ run: install
 	$(BIN)/fluxtrain serve
 
 test: install-test
-	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 lint: install-test

@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Image URLs in, a trained FLUX.1 LoRA out.",
         lifespan=_lifespan,
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)

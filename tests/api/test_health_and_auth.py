@@ -1,3 +1,7 @@
+import logging
+import re
+
+import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -39,3 +43,38 @@ def test_lone_surrogate_in_a_body_is_a_422_not_a_500(client: TestClient) -> None
     )
     assert response.status_code == 422
     assert response.json()["detail"]
+
+
+OPEN_PATHS = {"/health"}
+KEY = "k3y-that-must-never-be-logged"
+
+
+def _protected_routes() -> list[tuple[str, str]]:
+    paths = create_app(Settings(_env_file=None)).openapi()["paths"]
+    routes = sorted(
+        (method.upper(), path) for path, ops in paths.items() if path not in OPEN_PATHS for method in ops
+    )
+    assert len(routes) >= 15, routes
+    return routes
+
+
+@pytest.mark.parametrize(("method", "path"), _protected_routes())
+def test_every_other_route_needs_the_key(
+    settings: Settings, method: str, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.api_key = SecretStr(KEY)
+    url = re.sub(r"\{[^}]+\}", "x", path)
+    caplog.set_level(logging.DEBUG)
+    with TestClient(create_app(settings)) as client:
+        missing = client.request(method, url)
+        wrong = client.request(method, url, headers={"Authorization": "Bearer nope"})
+        right = client.request(method, url, headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert wrong.status_code == 401
+    assert right.status_code != 401
+    assert KEY not in caplog.text
+
+
+def test_redoc_is_not_served(client: TestClient) -> None:
+    assert client.get("/redoc").status_code == 404
