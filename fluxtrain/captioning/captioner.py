@@ -18,8 +18,9 @@ from fluxtrain.captioning.prompts import (
     DEFAULT_TASK,
     clean_caption,
 )
+from fluxtrain.datasets.images import ImageRejectedError, open_image
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, ImageRejectedError)
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,20 @@ class _PreparedBatch:
 
 
 def open_rgb(path: Path, *, max_pixels: int) -> Image.Image:
-    """Decode fully (so corrupt files fail here, not in the model), upright, as RGB."""
-    with Image.open(path) as image:
-        if image.width * image.height > max_pixels:
-            raise ValueError(
-                f"image has {image.width}x{image.height} pixels, more than the {max_pixels} allowed"
-            )
+    """Decode fully (so corrupt files fail here, not in the model), upright, as RGB.
+
+    The pixel count is checked against `max_pixels` from the header first; Pillow's own limit is
+    lifted (see fluxtrain.datasets.images), so this is the bound.
+    """
+    with open_image(path, max_pixels=max_pixels) as image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def _decode_failure(path: Path, exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not a readable image (unknown format or corrupt file)"
+    if isinstance(exc, ImageRejectedError):
+        return str(exc)
     return f"cannot read image: {exc}".replace(str(path), path.name)
 
 

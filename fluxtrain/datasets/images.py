@@ -2,17 +2,25 @@
 
 Whether bytes are an image is decided by decoding them with a fixed list of Pillow formats;
 the pixel count is read from the header and checked before any pixel is decoded.
+
+The bound is FLUXTRAIN_MAX_IMAGE_PIXELS, checked by every caller of `open_image`. Pillow's own,
+process-wide guard (Image.MAX_IMAGE_PIXELS: a warning above ~89 MP, an error above twice that)
+would contradict it, so it is lifted once here, at import, rather than toggled around each open,
+which other threads would see.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 pillow_heif.register_heif_opener()
+Image.MAX_IMAGE_PIXELS = None
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "HEIF", "AVIF")
 JPEG_QUALITY = 95
@@ -37,31 +45,35 @@ def _looks_like_markup(data: bytes) -> bool:
     return head.startswith(b"<")
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    if not data:
-        raise ImageRejectedError("not an image: the body is empty")
-    if _looks_like_markup(data):
-        raise ImageRejectedError("not an image: looks like SVG, HTML or XML (refused)")
-    try:
-        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageRejectedError(f"decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageRejectedError("not an image: could not be decoded as an accepted format") from exc
+def open_image(
+    source: Path | BinaryIO, *, max_pixels: int, formats: tuple[str, ...] = ACCEPTED_FORMATS
+) -> Image.Image:
+    """Open lazily and refuse more than `max_pixels` by the header, before any pixel is decoded."""
+    image = Image.open(source, formats=formats)
     width, height = image.size
     if width * height > max_pixels:
+        image.close()
         raise ImageRejectedError(
             f"decompression bomb: {width}x{height} is {width * height} pixels, the limit is {max_pixels}"
         )
     return image
 
 
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageRejectedError("not an image: the body is empty")
+    if _looks_like_markup(data):
+        raise ImageRejectedError("not an image: looks like SVG, HTML or XML (refused)")
+    try:
+        return open_image(io.BytesIO(data), max_pixels=max_pixels)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageRejectedError("not an image: could not be decoded as an accepted format") from exc
+
+
 def _load_first_frame(image: Image.Image) -> Image.Image:
     try:
         image.seek(0)
         image.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageRejectedError(f"decompression bomb: {exc}") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageRejectedError(f"truncated or corrupt image: {exc}") from exc
     return image

@@ -50,9 +50,12 @@ def store_image(
     book: ledger.Ledger, *, source: ledger.Source, stem: str, data: bytes, max_pixels: int
 ) -> Path:
     """Normalise one image and commit it with its manifest entry; blocking, for the worker pool."""
+    saved = book.saved_upload(source)
+    if saved is not None:
+        return saved
     image = normalize_image(data, max_pixels=max_pixels)
     entry = {
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": source.sha256 or hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
         "width": image.width,
         "height": image.height,
@@ -182,6 +185,16 @@ def _ingest_upload(
     _store_one(book, settings, filename, data, result)
 
 
+def _unique_key(label: str, result: DownloadResult) -> str:
+    """`label`, or `label#2`, `label#3`, ... when this request already reported that label."""
+    key = label
+    counter = 1
+    while key in result.files or key in result.failed:
+        counter += 1
+        key = f"{label}#{counter}"
+    return key
+
+
 def _store_one(
     book: ledger.Ledger,
     settings: Settings,
@@ -189,28 +202,32 @@ def _store_one(
     data_or_error: bytes | Exception,
     result: DownloadResult,
 ) -> None:
+    key = _unique_key(label, result)
     try:
         if isinstance(data_or_error, Exception):
             raise data_or_error
         path = store_image(
             book,
-            source=ledger.Source(upload=label),
+            source=ledger.Source(upload=label, sha256=hashlib.sha256(data_or_error).hexdigest()),
             stem=ledger.stem_for(label),
             data=data_or_error,
             max_pixels=settings.max_image_pixels,
         )
     except Exception as exc:
-        result.failed[label] = _reason_for(exc)
-        result.files.pop(label, None)
+        result.failed[key] = _reason_for(exc)
         return
-    result.files[label] = str(path)
-    result.failed.pop(label, None)
+    result.files[key] = str(path)
 
 
 async def add_uploads(
     *, settings: Settings, name: str, uploads: Sequence[tuple[str, BinaryIO]]
 ) -> DownloadResult:
-    """Normalise uploaded images (or zips of them) into dataset `name`, keyed by their file names."""
+    """Normalise uploaded images (or zips of them) into dataset `name`, keyed by their file names.
+
+    Keys are the uploaded file name, or `archive.zip/entry` for a zip's entries; when one request
+    holds the same key more than once, its later parts are keyed `name#2`, `name#3`, ... so every
+    part is reported exactly once, in `files` or in `failed`.
+    """
     if not uploads:
         raise InvalidInputError("no files were uploaded")
     folder = dataset_dir(settings, name, must_exist=False)

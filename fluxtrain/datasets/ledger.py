@@ -27,6 +27,7 @@ from fluxtrain.names import MAX_NAME_LENGTH, check_name
 
 FLUSH_SECONDS = 1.0
 IMAGE_SUFFIX = ".jpg"
+IMAGE_MODE = 0o644
 _STEM_LIMIT = MAX_NAME_LENGTH - 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
@@ -48,15 +49,25 @@ def stem_for_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """Where an image came from: a URL, or an uploaded file name; the same source keeps one file."""
+    """Where an image came from; a URL keeps one file per URL, an upload one file per content.
+
+    An upload is identified by the sha256 of its bytes, not its file name: the same bytes uploaded
+    again (under any name) keep their one file, and different bytes never replace another image.
+    """
 
     url: str | None = None
     upload: str | None = None
+    sha256: str | None = None
 
     def matches(self, entry: dict[str, Any]) -> bool:
         if self.url is not None:
             return entry.get("url") == self.url
-        return entry.get("url") is None and entry.get("upload") == self.upload
+        return (
+            entry.get("url") is None
+            and "upload" in entry
+            and self.sha256 is not None
+            and entry.get("sha256") == self.sha256
+        )
 
     def fields(self) -> dict[str, Any]:
         return {"url": self.url} if self.url is not None else {"url": None, "upload": self.upload}
@@ -120,10 +131,13 @@ class Ledger:
         self.unflushed = False
         self.last_flush = time.monotonic()
 
-    def _name_for(self, source: Source, stem: str) -> str:
+    def _existing(self, source: Source) -> str | None:
         for name, entry in self.manifest.items():
             if isinstance(entry, dict) and source.matches(entry):
                 return name
+        return None
+
+    def _free_name(self, stem: str) -> str:
         candidate = f"{stem}{IMAGE_SUFFIX}"
         counter = 1
         while candidate in self.manifest or (self.folder / candidate).exists():
@@ -131,19 +145,38 @@ class Ledger:
             candidate = f"{stem}-{counter}{IMAGE_SUFFIX}"
         return check_name(candidate, what="image file name")
 
+    def saved_upload(self, source: Source) -> Path | None:
+        """The file already holding this upload's content, so identical bytes are not decoded again."""
+        if source.url is not None:
+            return None
+        with dataset_lock(self.folder):
+            self._check_alive()
+            self._refresh()
+            name = self._existing(source)
+        return None if name is None else self.folder / name
+
     def commit(self, *, source: Source, stem: str, jpeg: bytes, entry: dict[str, Any]) -> Path:
-        """Write `jpeg` under a temporary name, then pick its final name and rename it there."""
+        """Write `jpeg` under a temporary name, then pick its final name and rename it there.
+
+        A URL seen before replaces its own file; an upload whose content is already saved keeps
+        that file untouched and its temporary copy is dropped.
+        """
         try:
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".incoming-", suffix=".tmp")
         except FileNotFoundError as exc:
             raise DatasetDeletedError from exc
         try:
             with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), IMAGE_MODE)
                 handle.write(jpeg)
             with dataset_lock(self.folder):
                 self._check_alive()
                 self._refresh()
-                name = self._name_for(source, stem)
+                name = self._existing(source)
+                if name is not None and source.url is None:
+                    Path(tmp).unlink()
+                    return self.folder / name
+                name = name or self._free_name(stem)
                 target = self.folder / name
                 os.replace(tmp, target)
                 self.manifest[name] = {**source.fields(), **entry}

@@ -168,9 +168,40 @@ def test_upload_files_and_a_zip(client: TestClient, settings: Settings) -> None:
     )
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["cat.jpg"]["url"] is None and manifest["cat.jpg"]["upload"] == "cat.png"
-    again = client.post("/datasets/up/images", files=[("files", ("cat.png", png((9, 9, 9)), "image/png"))])
-    assert again.json()["files"] == {"cat.png": str(folder / "cat.jpg")}
-    assert client.get("/datasets").json() == {"datasets": [{"name": "up", "images": 3, "captions": 0}]}
+    cat = (folder / "cat.jpg").read_bytes()
+    same = client.post("/datasets/up/images", files=[("files", ("cat.png", png((0, 0, 255)), "image/png"))])
+    assert same.json()["files"] == {"cat.png": str(folder / "cat.jpg")}
+    other = client.post("/datasets/up/images", files=[("files", ("cat.png", png((9, 9, 9)), "image/png"))])
+    assert other.json()["files"] == {"cat.png": str(folder / "cat-2.jpg")}
+    assert (folder / "cat.jpg").read_bytes() == cat
+    assert client.get("/datasets").json() == {"datasets": [{"name": "up", "images": 4, "captions": 0}]}
+
+
+def test_one_request_with_repeated_names_reports_every_part(client: TestClient, settings: Settings) -> None:
+    files = [
+        ("files", ("IMG_0001.png", png((255, 0, 0)), "image/png")),
+        ("files", ("IMG_0001.png", png((0, 255, 0)), "image/png")),
+        ("files", ("set.zip", zip_bytes({"IMG_0001.png": png((0, 0, 255))}), "application/zip")),
+        ("files", ("set.zip", zip_bytes({"IMG_0001.png": b"junk"}), "application/zip")),
+    ]
+    response = client.post("/datasets/rep/images", files=files)
+    assert response.status_code == 200, response.text
+    folder = settings.datasets_dir / "rep"
+    assert response.json() == {
+        "message": "Upload complete",
+        "files": {
+            "IMG_0001.png": str(folder / "IMG_0001.jpg"),
+            "IMG_0001.png#2": str(folder / "IMG_0001-2.jpg"),
+            "set.zip/IMG_0001.png": str(folder / "IMG_0001-3.jpg"),
+        },
+        "failed": {"set.zip/IMG_0001.png#2": "not an image: could not be decoded as an accepted format"},
+    }
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {name: entry["upload"] for name, entry in manifest.items()} == {
+        "IMG_0001.jpg": "IMG_0001.png",
+        "IMG_0001-2.jpg": "IMG_0001.png",
+        "IMG_0001-3.jpg": "set.zip/IMG_0001.png",
+    }
 
 
 def test_zip_bomb_entries_are_refused_unread(settings: Settings) -> None:
