@@ -133,7 +133,7 @@ class Ledger:
 
     def _existing(self, source: Source) -> str | None:
         for name, entry in self.manifest.items():
-            if isinstance(entry, dict) and source.matches(entry):
+            if isinstance(entry, dict) and source.matches(entry) and (self.folder / name).is_file():
                 return name
         return None
 
