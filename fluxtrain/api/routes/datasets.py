@@ -43,7 +43,12 @@ async def upload_images_route(
     files: Annotated[list[UploadFile], File(description="Image files, or .zip archives of images.")],
     settings: SettingsDep,
 ) -> UploadResponse:
-    """Add uploaded images (or zips of them) to the dataset, creating it when missing."""
+    """Add uploaded images (or zips of them) to the dataset, creating it when missing.
+
+    Answers are keyed by file name (`set.zip/entry` inside archives); a name repeated within one
+    request is keyed `name#2`, `name#3`, ... Identical bytes keep their one file; different bytes
+    under a name in use get a new file (`name-2.jpg`); an upload never replaces an image.
+    """
     total = sum(upload.size or 0 for upload in files)
     if total > settings.max_upload_bytes:
         raise TooLargeError(f"upload is {total} bytes, the limit is {settings.max_upload_bytes}")
