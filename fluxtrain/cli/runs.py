@@ -1,7 +1,8 @@
 """Run commands: they talk to the running service, whose executor owns the runs.
 
 `--url` (or FLUXTRAIN_URL, default http://127.0.0.1:$PORT) names the service; FLUXTRAIN_API_KEY
-is sent as a bearer token.
+is sent as a bearer token. Results go to stdout and nothing else does: progress, notes and
+errors go to stderr, so `R=$(fluxtrain train NAME --no-follow)` captures just the run id.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.table import Column, Table
 from fluxtrain.settings import get_settings
 
 console = Console()
+notes = Console(stderr=True)
 TERMINAL = {"succeeded", "failed", "canceled"}
 UrlOption = typer.Option(
     None, "--url", help="Service URL (default FLUXTRAIN_URL, else http://127.0.0.1:$PORT)."
@@ -41,7 +43,7 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     try:
         response = client.request(method, path, **kwargs)
     except httpx.TransportError as exc:
-        console.print(
+        notes.print(
             f"[red]cannot reach the service at {client.base_url}: {exc}[/] (is `fluxtrain serve` running?)"
         )
         raise typer.Exit(2) from exc
@@ -50,7 +52,7 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
-        console.print(
+        notes.print(
             f"[red]{response.status_code}: {detail if isinstance(detail, str) else json.dumps(detail)}[/]"
         )
         raise typer.Exit(1)
@@ -112,7 +114,7 @@ def follow(client: httpx.Client, run_id: str) -> dict[str, Any]:
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}  {task.fields[speed]} it/s  ETA {task.fields[eta]}"),
     )
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=notes) as progress:
         task = progress.add_task(status["status"], total=total, loss="-", speed="-", eta="-")
         failures = 0
         while final is None:
@@ -167,7 +169,7 @@ def register(app: typer.Typer) -> None:
         webhook: str | None = typer.Option(None, help="URL that gets the run's status at start and end."),
         set_: list[str] = typer.Option([], "--set", help="Any other /train field as KEY=VALUE (JSON value)."),
         idempotency_key: str | None = typer.Option(None, help="Send twice, start once."),
-        no_follow: bool = typer.Option(False, "--no-follow", help="Print the run id and return."),
+        no_follow: bool = typer.Option(False, "--no-follow", help="Print only the run id and return."),
         cancel_on_exit: bool = typer.Option(False, help="Cancel the run when you press Ctrl-C."),
         url: str | None = UrlOption,
     ) -> None:
@@ -195,17 +197,18 @@ def register(app: typer.Typer) -> None:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with _client(url) as client:
             run_id = _call(client, "POST", "/train", json=body, headers=headers)["run_id"]
-            console.print(f"run [bold]{run_id}[/] queued")
             if no_follow:
+                typer.echo(run_id)
                 return
+            notes.print(f"run [bold]{run_id}[/] queued")
             try:
                 final = follow(client, run_id)
             except KeyboardInterrupt:
                 if cancel_on_exit:
                     _call(client, "POST", f"/runs/{run_id}/cancel")
-                    console.print(f"canceling run {run_id}")
+                    notes.print(f"canceling run {run_id}")
                 else:
-                    console.print(f"detached; the run goes on (fluxtrain status {run_id})")
+                    notes.print(f"detached; the run goes on (fluxtrain status {run_id})")
                 raise typer.Exit(130) from None
         _print_status(final)
         raise typer.Exit(0 if final["status"] == "succeeded" else 1)

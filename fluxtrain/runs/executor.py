@@ -27,7 +27,6 @@ from fluxtrain.runs.launcher import LocalBackend
 from fluxtrain.runs.lease import DatabaseLease
 from fluxtrain.runs.models import Run, utcnow
 from fluxtrain.runs.status import (
-    build_status,
     final_lora,
     first_event,
     last_event,
@@ -35,7 +34,7 @@ from fluxtrain.runs.status import (
     recent_events,
     run_dir,
 )
-from fluxtrain.runs.webhooks import notify
+from fluxtrain.runs.webhooks import WebhookOutbox
 from fluxtrain.settings import Settings
 from fluxtrain.storage.remote import RemoteStore, open_remote
 from fluxtrain.storage.uploader import ArtifactSync, final_sync
@@ -87,6 +86,7 @@ class Executor:
         launch_retry_for: float = 600.0,
         launch_backoff: float = 2.0,
         sync_interval: float = 5.0,
+        webhooks: WebhookOutbox | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -99,6 +99,7 @@ class Executor:
         self.launch_backoff = launch_backoff
         self.sync_interval = sync_interval
         self.lease = DatabaseLease(db, ttl=lease_ttl)
+        self.webhooks = webhooks or WebhookOutbox(settings=settings, db=db)
         self._syncs: dict[str, ArtifactSync] = {}
         self._settling: set[str] = set()
         self._leader = False
@@ -132,7 +133,7 @@ class Executor:
             self._stop.wait(self.poll_interval)
 
     def tick(self) -> None:
-        """One pass: hold the lease, settle runs that ended, send cancels, start what fits."""
+        """One pass: hold the lease, settle runs that ended, send cancels, start what fits, notify."""
         if not self.lease.acquire():
             self._leader = False
             return
@@ -142,6 +143,7 @@ class Executor:
             self._leader = True
         self._watch()
         self._start_queued()
+        self.webhooks.pump()
 
     def _runs(self, status: str) -> list[Run]:
         with self.db.session() as session:
@@ -293,10 +295,7 @@ class Executor:
                 .where(Run.id == run.id, Run.status == "running")
                 .values(status=status, error=error, finished_at=utcnow())
             )
-            finished = session.get(Run, run.id)
         log.info("run %s %s", run.id, status)
-        if finished is not None:
-            notify(finished.webhook, build_status(self.settings, finished), self.settings)
 
     def _start_queued(self) -> None:
         queued = self._runs("queued")
@@ -364,10 +363,7 @@ class Executor:
                 .where(Run.id == run.id)
                 .values(backend_ref=ref, launch_retry_at=None, launch_failing_since=None)
             )
-            started = session.get(Run, run.id)
         log.info("started run %s (attempt %d)", run.id, run.attempts + 1)
-        if started is not None and run.attempts == 0:
-            notify(started.webhook, build_status(self.settings, started), self.settings)
 
     def _launch_later(self, run: Run, exc: BaseException) -> None:
         """Back to the queue after a transient launch failure; the delay doubles, up to a deadline."""

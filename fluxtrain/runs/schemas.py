@@ -7,16 +7,19 @@ bounds stay defined once; only the resolved paths the service fills in are left 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from fluxtrain.names import SafeName
+from fluxtrain.runs.models import as_utc
 from fluxtrain.training.config import TrainConfig
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 SERVICE_FILLED = frozenset({"dataset_config", "models_root", "cache_dir"})
 MAX_WEBHOOK_LENGTH = 2000
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+"""A timestamp given out in UTC with an explicit offset (ISO 8601, `Z`)."""
 
 
 class _RunOptions(BaseModel):
@@ -74,9 +77,9 @@ class RunStatusOut(BaseModel):
     progress: Progress
     outputs: list[OutputFile]
     error: str | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
 
 
 class RunList(BaseModel):

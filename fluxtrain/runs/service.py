@@ -18,10 +18,11 @@ from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.launcher import visible_gpus
+from fluxtrain.runs.model_checks import check_model
 from fluxtrain.runs.models import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
 from fluxtrain.runs.schemas import request_fields
-from fluxtrain.runs.status import build_status, run_dir
-from fluxtrain.runs.webhooks import check_webhook, notify
+from fluxtrain.runs.status import run_dir
+from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training
 
@@ -43,6 +44,7 @@ def _model_path(models_root: Path, field: str, value: str) -> Path:
         raise InvalidInputError(f"{field}: '{value}' leaves the models folder")
     if not path.exists():
         raise NotFoundError(f"{field}: model file '{value}' not found in {root}")
+    check_model(field, path, value)
     return path
 
 
@@ -68,6 +70,10 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     gpus = getattr(request, "gpus", 1)
     if settings.executor == "local":
         available = _local_gpus(settings.gpus)
+        if not available and gpus > 1:
+            raise InvalidInputError(
+                f"gpus: this host has no GPU; gpus must be 1 (the run trains in one CPU process), got {gpus}"
+            )
         if available and gpus > len(available):
             raise InvalidInputError(f"gpus: {gpus} asked for, this host has {len(available)}")
     try:
@@ -176,7 +182,4 @@ def cancel_run(*, settings: Settings, db: Database, run_id: str) -> Run:
                 .where(Run.id == run_id, Run.status == "running", Run.cancel_requested_at.is_(None))
                 .values(cancel_requested_at=time.time())
             )
-    run = get_run(db=db, run_id=run_id)
-    if dropped:
-        notify(run.webhook, build_status(settings, run), settings)
-    return run
+    return get_run(db=db, run_id=run_id)

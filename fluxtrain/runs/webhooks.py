@@ -1,4 +1,12 @@
-"""POST a run's status to its webhook when it starts and when it ends.
+"""POST a run's status to its webhook when it starts and when it ends, surviving restarts.
+
+What was delivered is kept in the run table (`webhook_started`, `webhook_ended`), so a
+notification owed when the service died is sent by the next executor. The executor's loop only
+hands owed notifications to one background sender, so a slow or dead receiver never holds a run
+up; each failed try is followed by a longer wait, up to a bounded number of tries. A `started`
+notification still owed when the run has already ended is superseded by the `ended` one (both
+would carry the same final status). Delivery is at least once: a service killed between a
+receiver's answer and the row update sends that notification again.
 
 The URL goes through the same address checks as image downloads, so a webhook cannot reach
 the service's own network unless FLUXTRAIN_ALLOW_NETWORKS lets it.
@@ -9,15 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+
+from sqlalchemy import and_, or_, select, update
 
 from fluxtrain.datasets.fetch import FetchError, check_url, make_client
 from fluxtrain.errors import InvalidInputError
-from fluxtrain.runs.schemas import RunStatusOut
+from fluxtrain.runs.db import Database
+from fluxtrain.runs.models import TERMINAL_STATUSES, Run
+from fluxtrain.runs.status import build_status
 from fluxtrain.settings import Settings
 
 log = logging.getLogger(__name__)
 WEBHOOK_TIMEOUT = 10.0
-WEBHOOK_ATTEMPTS = 3
+RETRYABLE_STATUS = frozenset({408, 425, 429})
+BATCH = 50
 
 
 def check_webhook(url: str, settings: Settings) -> str:
@@ -29,40 +43,117 @@ def check_webhook(url: str, settings: Settings) -> str:
     return url
 
 
-async def _post(url: str, body: str, settings: Settings) -> None:
+async def _post(url: str, body: str, settings: Settings, timeout: float) -> str | None:
     async with make_client(
-        allow=settings.allow_networks, concurrency=1, timeout=WEBHOOK_TIMEOUT, ca_bundle=settings.ca_bundle
+        allow=settings.allow_networks, concurrency=1, timeout=timeout, ca_bundle=settings.ca_bundle
     ) as client:
-        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
-            try:
-                response = await client.post(
-                    str(check_url(url, settings.allow_networks)),
-                    content=body,
-                    headers={"Content-Type": "application/json"},
-                )
-            except Exception as exc:  # noqa: BLE001 - any failure is retried, then logged
-                reason = str(exc) or type(exc).__name__
-            else:
-                if response.status_code < 500:
-                    return
-                reason = f"HTTP {response.status_code}"
-            if attempt < WEBHOOK_ATTEMPTS:
-                await asyncio.sleep(attempt)
-        log.warning("webhook for run %s failed: %s", url.split("?", 1)[0], reason)
+        response = await client.post(
+            str(check_url(url, settings.allow_networks)),
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+    if response.status_code >= 500 or response.status_code in RETRYABLE_STATUS:
+        return f"HTTP {response.status_code}"
+    return None
 
 
-def send_webhook(url: str, status: RunStatusOut, settings: Settings) -> None:
-    """Deliver one notification, retrying server errors; never raises."""
+def post_status(url: str, body: str, settings: Settings, *, timeout: float = WEBHOOK_TIMEOUT) -> str | None:
+    """One delivery try: None once the receiver took it (or refused it for good), else why it failed."""
     try:
-        asyncio.run(_post(url, status.model_dump_json(), settings))
-    except Exception:  # noqa: BLE001 - a webhook must never take the executor down
-        log.exception("webhook delivery crashed")
+        return asyncio.run(_post(url, body, settings, timeout))
+    except Exception as exc:  # noqa: BLE001 - any failure is a reason to try again later
+        return str(exc) or type(exc).__name__
 
 
-def notify(url: str | None, status: RunStatusOut, settings: Settings) -> threading.Thread | None:
-    """Send the notification in the background so a slow receiver never holds up a run."""
-    if not url:
-        return None
-    thread = threading.Thread(target=send_webhook, args=(url, status, settings), daemon=True)
-    thread.start()
-    return thread
+def _owed() -> object:
+    started = and_(Run.webhook_started.is_(None), Run.status == "running", Run.backend_ref.is_not(None))
+    ended = and_(Run.webhook_ended.is_(None), Run.status.in_(TERMINAL_STATUSES))
+    return and_(Run.webhook.is_not(None), or_(started, ended))
+
+
+class WebhookOutbox:
+    """Sends the notifications the run table says are owed, one background sender at a time."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        max_attempts: int = 8,
+        backoff: float = 2.0,
+        max_delay: float = 300.0,
+        timeout: float = WEBHOOK_TIMEOUT,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_delay = max_delay
+        self.timeout = timeout
+        self._thread: threading.Thread | None = None
+
+    def due(self, now: float) -> list[Run]:
+        """Runs with a notification owed whose next try is not in the future, oldest first."""
+        query = (
+            select(Run)
+            .where(_owed(), or_(Run.webhook_retry_at.is_(None), Run.webhook_retry_at <= now))
+            .order_by(Run.created_at, Run.id)
+            .limit(BATCH)
+        )
+        with self.db.session() as session:
+            return list(session.scalars(query))
+
+    def pump(self) -> threading.Thread | None:
+        """Called from the executor's loop: start the sender when something is owed and none runs."""
+        if self._thread is not None and self._thread.is_alive():
+            return None
+        if not self.due(time.time()):
+            return None
+        self._thread = threading.Thread(target=self._send_due, name="fluxtrain-webhooks", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def _send_due(self) -> None:
+        try:
+            self.send_due()
+        except Exception:  # noqa: BLE001 - the next pump tries again
+            log.exception("webhook sender failed")
+
+    def send_due(self) -> int:
+        """One try for every notification due now; returns how many were delivered."""
+        delivered = 0
+        for run in self.due(time.time()):
+            delivered += self._send_one(run)
+        return delivered
+
+    def _send_one(self, run: Run) -> bool:
+        owed = "webhook_ended" if run.status in TERMINAL_STATUSES else "webhook_started"
+        body = build_status(self.settings, run).model_dump_json()
+        reason = post_status(str(run.webhook), body, self.settings, timeout=self.timeout)
+        if reason is None:
+            self._settle(run, owed, "sent")
+            return True
+        attempts = run.webhook_attempts + 1
+        safe_url = str(run.webhook).split("?", 1)[0]
+        if attempts >= self.max_attempts:
+            log.warning(
+                "webhook %s of run %s: gave up after %d tries: %s", safe_url, run.id, attempts, reason
+            )
+            self._settle(run, owed, "failed")
+            return False
+        delay = min(self.backoff * 2 ** (attempts - 1), self.max_delay)
+        log.info("webhook %s of run %s failed (%s); trying again in %.1f s", safe_url, run.id, reason, delay)
+        self._update(run, owed, webhook_attempts=attempts, webhook_retry_at=time.time() + delay)
+        return False
+
+    def _settle(self, run: Run, owed: str, outcome: str) -> None:
+        values: dict[str, object] = {owed: outcome, "webhook_attempts": 0, "webhook_retry_at": None}
+        if owed == "webhook_ended" and run.webhook_started is None:
+            values["webhook_started"] = "skipped"
+        self._update(run, owed, **values)
+
+    def _update(self, run: Run, owed: str, **values: object) -> None:
+        """Change the row only while that notification is still owed, so nothing is settled twice."""
+        with self.db.session() as session:
+            still_owed = getattr(Run, owed).is_(None)
+            session.execute(update(Run).where(Run.id == run.id, still_owed).values(**values))

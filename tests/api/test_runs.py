@@ -16,6 +16,7 @@ from fluxtrain.api.app import create_app
 from fluxtrain.runs import executor as executor_module
 from fluxtrain.runs.launcher import LocalBackend
 from fluxtrain.settings import Settings
+from fluxtrain.training.tiny import write_tiny_flux_files
 
 TRAINER = textwrap.dedent(
     """
@@ -50,8 +51,7 @@ def api(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     settings.datasets_dir.mkdir(parents=True)
     (settings.datasets_dir / "demo.toml").write_text("[general]\n")
     settings.models_root.mkdir(parents=True)
-    for name in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):
-        (settings.models_root / name).write_bytes(b"")
+    write_tiny_flux_files(settings.models_root)
     with TestClient(create_app(settings)) as client:
         client.app.state.executor.poll_interval = 0.1
         yield client
@@ -292,8 +292,7 @@ def s3_api(
     settings.datasets_dir.mkdir(parents=True)
     (settings.datasets_dir / "demo.toml").write_text("[general]\n")
     settings.models_root.mkdir(parents=True)
-    for name in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):
-        (settings.models_root / name).write_bytes(b"")
+    write_tiny_flux_files(settings.models_root)
     try:
         httpx.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=10).raise_for_status()
         with TestClient(create_app(settings)) as client:

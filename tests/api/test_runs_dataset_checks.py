@@ -6,12 +6,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fluxtrain.settings import Settings
+from fluxtrain.training.tiny import write_tiny_flux_files
 
 
 def _models(settings: Settings) -> None:
     settings.models_root.mkdir(parents=True)
-    for name in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):
-        (settings.models_root / name).write_bytes(b"")
+    write_tiny_flux_files(settings.models_root)
 
 
 def test_train_answers_422_for_color_aug_set_by_create_dataset_config(

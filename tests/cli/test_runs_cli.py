@@ -20,6 +20,7 @@ from fluxtrain.api.app import create_app
 from fluxtrain.runs import executor as executor_module
 from fluxtrain.runs.launcher import LocalBackend
 from fluxtrain.settings import Settings
+from fluxtrain.training.tiny import write_tiny_flux_files
 
 TRAINER = textwrap.dedent(
     """
@@ -57,8 +58,7 @@ def service(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     settings.datasets_dir.mkdir(parents=True)
     (settings.datasets_dir / "demo.toml").write_text("[general]\n")
     settings.models_root.mkdir(parents=True)
-    for name in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):
-        (settings.models_root / name).write_bytes(b"")
+    write_tiny_flux_files(settings.models_root)
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -19,6 +19,7 @@ from fluxtrain.runs.models import Run
 from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.runs.service import create_run, get_run
 from fluxtrain.settings import Settings
+from fluxtrain.training.tiny import write_tiny_flux_files
 
 FAKE_TRAINER = r"""
 import json, signal, sys, time, pathlib
@@ -66,8 +67,7 @@ def run_settings(settings: Settings) -> Settings:
     for name in ("demo", "fail", "silent", "slow", "slow2", "other", "stubborn"):
         (settings.datasets_dir / f"{name}.toml").write_text("[general]\n")
     settings.models_root.mkdir(parents=True, exist_ok=True)
-    for name in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):
-        (settings.models_root / name).write_bytes(b"")
+    write_tiny_flux_files(settings.models_root)
     return settings
 
 

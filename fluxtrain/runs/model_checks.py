@@ -1,0 +1,109 @@
+"""Cheap checks that a run's model paths hold what the trainer will load, done before a run exists.
+
+Only safetensors headers and config.json files are read, never the weights, so a wrong file (a
+tokenizer folder, a text file renamed `.sft`, the VAE given as the transformer) is refused with a
+422 at `/train` instead of failing the run minutes later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from fluxtrain.errors import InvalidInputError
+from fluxtrain.training.convert import BFL_PREFIXES
+
+SINGLE_FILE_SUFFIXES = (".sft", ".safetensors")
+"""What the loaders in fluxtrain.training.model_files read (not imported: it pulls in diffusers)."""
+TRANSFORMER_KEYS = ("double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.to_q.weight")
+COMPONENT_SUBFOLDERS = {
+    "pretrained_model": "transformer",
+    "ae": "vae",
+    "clip_l": "text_encoder",
+    "t5xxl": "text_encoder_2",
+}
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _header_keys(field: str, path: Path, shown: str) -> list[str]:
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise InvalidInputError(
+            f"{field}: '{shown}' must be a .sft or .safetensors file or a diffusers model folder"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for any bad header
+        raise InvalidInputError(f"{field}: '{shown}' is not a readable safetensors file ({exc})") from exc
+
+
+def _read_config(field: str, path: Path, shown: str) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError("the file is too large for a model config")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{field}: '{shown}' has an unreadable {path.name}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{field}: '{shown}' has a {path.name} that is not a JSON object")
+    return config
+
+
+def _folder_config(field: str, folder: Path, shown: str) -> tuple[Path, dict[str, Any]]:
+    """The model's config.json: at the folder's root (a model folder) or in its pipeline subfolder."""
+    subfolder = COMPONENT_SUBFOLDERS[field]
+    for candidate in (folder / subfolder / "config.json", folder / "config.json"):
+        if candidate.is_file():
+            return candidate, _read_config(field, candidate, shown)
+    raise InvalidInputError(
+        f"{field}: folder '{shown}' is not a diffusers model: it holds neither config.json "
+        f"nor {subfolder}/config.json"
+    )
+
+
+def _is_flux_transformer(class_name: object) -> bool:
+    return isinstance(class_name, str) and class_name.startswith("Flux") and "Transformer" in class_name
+
+
+def _has_transformer_keys(keys: list[str]) -> bool:
+    return any(key.removeprefix(prefix) in TRANSFORMER_KEYS for key in keys for prefix in ("", *BFL_PREFIXES))
+
+
+def check_transformer(path: Path, shown: str) -> None:
+    """A FLUX.1 transformer: a diffusers folder of a Flux transformer class, or a file with its keys."""
+    if path.is_dir():
+        config_path, config = _folder_config("pretrained_model", path, shown)
+        class_name = config.get("_class_name")
+        if not _is_flux_transformer(class_name):
+            raise InvalidInputError(
+                f"pretrained_model: '{shown}' is not a FLUX transformer: {config_path.name} names "
+                f"class {class_name!r}, not FluxTransformer2DModel"
+            )
+        return
+    keys = _header_keys("pretrained_model", path, shown)
+    if not _has_transformer_keys(keys):
+        sample = ", ".join(keys[:3]) or "no tensors"
+        raise InvalidInputError(
+            f"pretrained_model: '{shown}' holds no FLUX transformer weights (no double_blocks.* or "
+            f"transformer_blocks.* keys; found {sample})"
+        )
+
+
+def check_component(field: str, path: Path, shown: str) -> None:
+    """An autoencoder or text encoder: a safetensors file whose header parses, or a diffusers folder."""
+    if path.is_dir():
+        _folder_config(field, path, shown)
+        return
+    if not _header_keys(field, path, shown):
+        raise InvalidInputError(f"{field}: '{shown}' holds no tensors")
+
+
+def check_model(field: str, path: Path, shown: str) -> None:
+    """Refuse a model path whose file or folder cannot be the `field` model, naming both."""
+    if field == "pretrained_model":
+        check_transformer(path, shown)
+    else:
+        check_component(field, path, shown)
