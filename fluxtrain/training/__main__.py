@@ -1,8 +1,8 @@
 """`python -m fluxtrain.training RUN_DIR` (or under `accelerate launch -m`): train one run directory.
 
-Exit status: 0 when the run finished or was interrupted with its state saved (SIGTERM), 2 when
-run.json or the dataset is invalid, 1 on any other failure; every failure is also an `error`
-event in events.jsonl with its message.
+Exit status: 0 when the run finished or was stopped by SIGTERM / SIGINT (at any point, set-up
+included; what was trained is kept in `state/`), 2 when run.json or the dataset is invalid, 1 on
+any other failure; every failure is also an `error` event in events.jsonl with its message.
 """
 
 from __future__ import annotations

@@ -219,6 +219,7 @@ class Trainer:
         self.events = EventLog(self.paths.events, enabled=self.accelerator.is_main_process)
         self.progress = Progress()
         self.last_sample_step = -1
+        self.state_step: int | None = None
 
     # --- set-up -----------------------------------------------------------------------------------
 
@@ -262,33 +263,39 @@ class Trainer:
             captions.append("")
         return captions + list(self.config.sample_prompts)
 
-    def prepare_cache(self) -> None:
-        """Encode what the cache lacks (main process first, so other ranks only read)."""
-        started = time.monotonic()
+    def open_cache(self) -> None:
         self.cache = FeatureCache(
             self.cache_root,
             vae_id=file_identity(self.files.ae),
             text_id=f"{file_identity(self.files.clip_l)}:{file_identity(self.files.t5xxl)}",
             max_length=self.t5_length,
         )
+
+    def cache_latents(self) -> None:
+        """Encode the latents the cache lacks (main process first, so other ranks only read)."""
         wanted: dict[LatentKey, Path] = {}
         for image in self.data.images:
             for flip in (False, True) if image.flip_aug else (False,):
                 wanted[LatentKey(image.sha256, image.bucket, flip)] = image.path
         with self.accelerator.main_process_first():
-            latents_encoded, latents_cached = self.cache.fill_latents(wanted, self._load_vae)
+            self.latent_counts = self.cache.fill_latents(wanted, self._load_vae)
             _free_device_memory()
+
+    def cache_texts(self) -> None:
+        """Encode the captions and prompts the cache lacks, then report what caching did."""
+        with self.accelerator.main_process_first():
             texts_encoded, texts_cached = self.cache.fill_texts(
                 self._all_captions(), self._load_text_encoders
             )
             _free_device_memory()
+        latents_encoded, latents_cached = self.latent_counts
         self.events.emit(
             "caching",
             latents_encoded=latents_encoded,
             latents_cached=latents_cached,
             texts_encoded=texts_encoded,
             texts_cached=texts_cached,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(time.monotonic() - self.cache_started, 3),
         )
         log.info(
             "cache: %d latents encoded, %d from cache; %d captions encoded, %d from cache",
@@ -297,6 +304,11 @@ class Trainer:
             texts_encoded,
             texts_cached,
         )
+
+    def load_sample_vae(self) -> None:
+        """The autoencoder for samples, kept in host memory between renders."""
+        if self.config.sample_prompts:
+            self.sample_vae = self._load_vae().to("cpu")
 
     def prepare_model(self) -> None:
         """Load the frozen transformer, attach the LoRA, build optimizer and schedule."""
@@ -328,7 +340,9 @@ class Trainer:
         weights.clear()
         if self.accelerator.is_main_process:
             state = {k: v.contiguous() for k, v in lora_state_dict(self.unwrapped).items()}
-            save_file(state, str(Path(output_dir) / STATE_LORA_FILE))
+            save_file(
+                state, str(Path(output_dir) / STATE_LORA_FILE), metadata={"step": str(self.progress.step)}
+            )
 
     def _load_lora_state(self, models: list, input_dir: str) -> None:
         models.clear()
@@ -367,14 +381,23 @@ class Trainer:
             staging.rename(self.paths.state)
             shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+        self.state_step = self.progress.step
 
-    def resume(self) -> bool:
+    def saved_step(self) -> int | None:
+        """The step `state/` on disk holds (None without one), known before it is loaded."""
+        path = self.paths.state / STATE_LORA_FILE
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            return int((handle.metadata() or {}).get("step", 0))
+
+    def resume(self) -> None:
         """Load `state/` when a previous process of this run left one."""
         if not (self.paths.state / STATE_LORA_FILE).exists():
-            return False
+            return
         self.accelerator.load_state(str(self.paths.state))
+        self.state_step = self.progress.step
         log.info("resumed from %s at step %d", self.paths.state, self.progress.step)
-        return True
 
     def save_lora_file(self, path: Path, *, epoch: int) -> None:
         if not self.accelerator.is_main_process:
@@ -537,7 +560,11 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def run(self) -> str:
-        """Train to the end ('finished') or until a stop request ('interrupted')."""
+        """Train to the end ('finished') or until a stop request ('interrupted').
+
+        A stop is honoured between set-up phases too: with real FLUX weights caching and loading
+        take minutes, longer than the runs layer waits after SIGTERM before it kills the process.
+        """
         config = self.config
         set_seed(config.seed)
         self.data = load_training_data(config.dataset_config, enable_bucket=config.enable_bucket)
@@ -566,70 +593,85 @@ class Trainer:
             self.mixed_precision,
         )
         self.t5_length = 512 if transformer_has_guidance(self.files.transformer) else 256
-        self.prepare_cache()
-        if config.sample_prompts:
-            self.sample_vae = self._load_vae().to("cpu")
-        self.prepare_model()
-        self.resume()
+        self.cache_started = time.monotonic()
+        self.open_cache()
+        phases = (self.cache_latents, self.cache_texts, self.load_sample_vae, self.prepare_model, self.resume)
+        self.state_step = self.saved_step()
+        for phase in phases:
+            if self.stop_requested():
+                return self.interrupted(step=self.state_step)
+            phase()
+        if self.stop_requested():
+            return self.interrupted(step=self.state_step)
         return self.loop()
 
     def loop(self) -> str:
+        """Step to total_steps. A step's own work (samples, the epoch's checkpoint) is done before a
+        stop request is honoured, so a resumed run never skips or repeats any of it."""
         config = self.config
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         started_at, started_step, paused = time.monotonic(), self.progress.step, 0.0
+        epoch, mine = -1, []
         while self.progress.step < self.total_steps:
-            epoch = self.progress.step // self.steps_per_epoch
-            batches = epoch_batches(self.data, epoch=epoch, seed=config.seed)
-            mine = batches[rank::world] or batches
-            for position in range(self.progress.step % self.steps_per_epoch, self.steps_per_epoch):
-                loss = self.train_step(mine[position % len(mine)])
-                self.progress.step += 1
-                step = self.progress.step
-                elapsed = max(time.monotonic() - started_at - paused, 1e-9)
-                it_per_s = (step - started_step) / elapsed
-                self.events.emit(
-                    "step",
-                    step=step,
-                    total_steps=self.total_steps,
-                    epoch=epoch + 1,
-                    loss=loss,
-                    lr=self.scheduler.get_last_lr()[0],
-                    it_per_s=round(it_per_s, 4),
-                    eta_seconds=round((self.total_steps - step) / it_per_s, 1),
-                    memory=round(peak_memory_mb(self.device), 1),
-                )
-                log.info(
-                    "step %d/%d epoch %d loss %.5f %.2f it/s",
-                    step,
-                    self.total_steps,
-                    epoch + 1,
-                    loss,
-                    it_per_s,
-                )
-                pause_from = time.monotonic()
-                if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
-                    self.render_samples()
-                if step >= self.total_steps:
-                    break
-                if self.stop_requested():
-                    self.save_state()
-                    self.events.emit("interrupted", step=step, epoch=epoch + 1, state=self.paths.state)
-                    log.info("stop requested: state saved at step %d", step)
-                    return "interrupted"
-                paused += time.monotonic() - pause_from
-            else:
-                pause_from = time.monotonic()
-                finished_epoch = epoch + 1
-                last = self.progress.step >= self.total_steps
-                if (
-                    not last
-                    and config.save_every_n_epochs
-                    and finished_epoch % config.save_every_n_epochs == 0
-                ):
-                    self.checkpoint(finished_epoch)
-                if config.sample_every_n_epochs and finished_epoch % config.sample_every_n_epochs == 0:
-                    self.render_samples()
-                paused += time.monotonic() - pause_from
+            if self.progress.step // self.steps_per_epoch != epoch:
+                epoch = self.progress.step // self.steps_per_epoch
+                batches = epoch_batches(self.data, epoch=epoch, seed=config.seed)
+                mine = batches[rank::world] or batches
+            position = self.progress.step % self.steps_per_epoch
+            loss = self.train_step(mine[position % len(mine)])
+            self.progress.step += 1
+            step = self.progress.step
+            it_per_s = (step - started_step) / max(time.monotonic() - started_at - paused, 1e-9)
+            self.events.emit(
+                "step",
+                step=step,
+                total_steps=self.total_steps,
+                epoch=epoch + 1,
+                loss=loss,
+                lr=self.scheduler.get_last_lr()[0],
+                it_per_s=round(it_per_s, 4),
+                eta_seconds=round((self.total_steps - step) / it_per_s, 1),
+                memory=round(peak_memory_mb(self.device), 1),
+            )
+            log.info(
+                "step %d/%d epoch %d loss %.5f %.2f it/s", step, self.total_steps, epoch + 1, loss, it_per_s
+            )
+            if step == self.total_steps:
+                break
+            pause_from = time.monotonic()
+            if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+                self.render_samples()
+            if step % self.steps_per_epoch == 0:
+                self.end_epoch(epoch + 1)
+            if self.stop_requested():
+                return self.interrupted(step=step)
+            paused += time.monotonic() - pause_from
+        return self.finish()
+
+    def end_epoch(self, epoch: int) -> None:
+        """The checkpoint and samples due after `epoch` (1-based) when it is not the run's last."""
+        config = self.config
+        if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
+            self.checkpoint(epoch)
+        if config.sample_every_n_epochs and epoch % config.sample_every_n_epochs == 0:
+            self.render_samples()
+
+    def interrupted(self, *, step: int | None) -> str:
+        """Make sure `state/` holds `step` (None: nothing trained and no state yet) and report the stop.
+
+        Before the model is trained `step` is the one `state/` already holds, so nothing is written.
+        """
+        if step is not None and self.state_step != step:
+            self.save_state()
+        fields = {"state": self.paths.state} if step is not None else {}
+        step = step or 0
+        self.events.emit("interrupted", step=step, epoch=math.ceil(step / self.steps_per_epoch), **fields)
+        log.info("stop requested: stopped at step %d", step)
+        return "interrupted"
+
+    def finish(self) -> str:
+        """Last samples when due, then the final LoRA file."""
+        config = self.config
         sampling = config.sample_prompts and (config.sample_every_n_steps or config.sample_every_n_epochs)
         if sampling and self.last_sample_step != self.progress.step:
             self.render_samples()

@@ -162,3 +162,67 @@ def test_data_parallel_over_two_cpu_processes(tiny_models: Path, tmp_path: Path)
     assert not (run / "state.tmp").exists() and not (run / "state.old").exists()
     assert "LoRA weights identical on all 2 processes" in result.stdout
     assert result.stdout.count("finished: ") == 1
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sigterm_after(event: str, run: Path) -> subprocess.CompletedProcess:
+    """The trainer process, sent SIGTERM by itself right after writing `event` (`step:N` for step N)."""
+    command = [sys.executable, "-m", "tests.training.sigterm_after", event, str(run)]
+    return subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_stop_on_an_epochs_last_step_keeps_that_epochs_checkpoint(tiny_models: Path, tmp_path: Path) -> None:
+    toml = helpers.make_dataset(tmp_path / "data")
+    run = helpers.make_run(
+        tmp_path / "run",
+        models=tiny_models,
+        toml=toml,
+        cache=tmp_path / "cache",
+        max_train_epochs=4,
+        save_every_n_epochs=1,
+    )
+    # Two images, one a step: step 4 ends epoch 2.
+    _ok(_sigterm_after("step:4", run))
+    events = read_events(run / "events.jsonl")
+    assert events[0]["steps_per_epoch"] == 2
+    assert events[-1]["event"] == "interrupted" and (events[-1]["step"], events[-1]["epoch"]) == (4, 2)
+    assert [e["epoch"] for e in events if e["event"] == "checkpoint"] == [1, 2]
+
+    # Stopped again before the first step of the resumed run: the saved step and state are reported.
+    _ok(_sigterm_after("started", run))
+    events = read_events(run / "events.jsonl")
+    assert events[-1]["event"] == "interrupted" and events[-1]["step"] == 4
+    assert events[-1]["state"] == str(run / "state")
+
+    _ok(subprocess.run(_trainer(str(run)), env=ENV, capture_output=True, text=True, timeout=300))
+    events = read_events(run / "events.jsonl")
+    assert events[-1]["event"] == "finished" and events[-1]["step"] == 8
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, 9))
+    assert [e["epoch"] for e in events if e["event"] == "checkpoint"] == [1, 2, 3]
+    outputs = sorted(p.name for p in (run / "output").iterdir())
+    assert outputs == [f"tiny-00000{n}.safetensors" for n in (1, 2, 3)] + ["tiny.safetensors"]
+
+
+def test_sigterm_before_the_first_step_exits_promptly_and_restarts(tiny_models: Path, tmp_path: Path) -> None:
+    toml = helpers.make_dataset(tmp_path / "data")
+    run = helpers.make_run(
+        tmp_path / "run", models=tiny_models, toml=toml, cache=tmp_path / "cache", max_train_steps=3
+    )
+    result = _sigterm_after("started", run)
+    _ok(result)
+    assert "run interrupted" in result.stdout
+    events = read_events(run / "events.jsonl")
+    assert [e["event"] for e in events] == ["started", "interrupted"]
+    assert events[-1]["step"] == 0 and "state" not in events[-1]
+    assert not (run / "state").exists() and not (run / "output").exists()
+
+    _ok(subprocess.run(_trainer(str(run)), env=ENV, capture_output=True, text=True, timeout=300))
+    events = read_events(run / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    assert events[-1]["event"] == "finished" and (run / "output" / "tiny.safetensors").is_file()
