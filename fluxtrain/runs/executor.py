@@ -120,6 +120,7 @@ class Executor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.webhooks.wait(timeout=self.webhooks.timeout + 5)
         if self._leader:
             self.lease.release()
             self._leader = False

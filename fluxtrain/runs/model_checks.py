@@ -59,7 +59,7 @@ def _folder_config(field: str, folder: Path, shown: str) -> tuple[Path, dict[str
         if candidate.is_file():
             return candidate, _read_config(field, candidate, shown)
     raise InvalidInputError(
-        f"{field}: folder '{shown}' is not a diffusers model: it holds neither config.json "
+        f"{field}: '{shown}' is a folder but not a diffusers model: it holds neither config.json "
         f"nor {subfolder}/config.json"
     )
 

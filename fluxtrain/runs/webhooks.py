@@ -113,6 +113,11 @@ class WebhookOutbox:
         self._thread.start()
         return self._thread
 
+    def wait(self, timeout: float | None = None) -> None:
+        """Let a try in flight finish, so a following executor does not send the same one again."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _send_due(self) -> None:
         try:
             self.send_due()

@@ -153,3 +153,24 @@ def test_runs_lists_whole_ids_on_a_narrow_terminal(service: str) -> None:
     )
     assert narrow.returncode == 0, narrow.stderr
     assert run_id in narrow.stdout
+
+
+def _run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from fluxtrain.cli.main import app; app()", *args, "--url", url],
+        env={**os.environ, "FLUXTRAIN_API_KEY": "", "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_no_follow_prints_only_the_run_id_and_errors_go_to_stderr(service: str) -> None:
+    started = _run_cli(service, "train", "demo", "--steps", "1", "--no-follow")
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+    assert started.stdout == f"{run_id}\n"
+    assert _status(service, run_id)["run_id"] == run_id
+    missing = _run_cli(service, "status", "nope")
+    assert missing.returncode == 1
+    assert missing.stdout == "" and "404" in missing.stderr
