@@ -165,7 +165,7 @@ def list_runs(*, db: Database, status: str | None = None, limit: int = 100) -> l
         return list(session.scalars(query))
 
 
-def cancel_run(*, settings: Settings, db: Database, run_id: str) -> Run:
+def cancel_run(*, db: Database, run_id: str) -> Run:
     """Drop a queued run at once; ask the executor to stop a running one (SIGTERM, then SIGKILL)."""
     run = get_run(db=db, run_id=run_id)
     if run.status in TERMINAL_STATUSES:

@@ -68,7 +68,7 @@ def test_cancel_running_stops_the_process_group(make_executor, submit, drive, ru
     events = run_dir(run_settings, run.id) / "events.jsonl"
     running = drive(executor, run.id, lambda r: events.is_file() and '"step"' in events.read_text())
     assert _pgid_alive(running.backend_ref)
-    cancel_run(settings=run_settings, db=db, run_id=run.id)
+    cancel_run(db=db, run_id=run.id)
     done = drive(executor, run.id, lambda r: r.status == "canceled", timeout=15)
     assert done.finished_at is not None
     assert not _pgid_alive(running.backend_ref)
@@ -139,7 +139,7 @@ def test_only_one_executor_holds_the_lease(make_executor):
 
 def test_queued_run_cancel_is_immediate(make_executor, submit, run_settings, db):
     run = submit("demo")
-    canceled = cancel_run(settings=run_settings, db=db, run_id=run.id)
+    canceled = cancel_run(db=db, run_id=run.id)
     assert canceled.status == "canceled"
     make_executor().tick()
     assert get_run(db=db, run_id=run.id).backend_ref is None
@@ -152,7 +152,7 @@ def test_cancel_grace_comes_from_the_settings(make_executor, submit, drive, run_
     assert executor.cancel_grace == 0.5
     events = run_dir(run_settings, run.id) / "events.jsonl"
     running = drive(executor, run.id, lambda r: events.is_file() and '"step"' in events.read_text())
-    cancel_run(settings=run_settings, db=db, run_id=run.id)
+    cancel_run(db=db, run_id=run.id)
     done = drive(executor, run.id, lambda r: r.status == "canceled", timeout=8)
     assert not _pgid_alive(running.backend_ref), "the trainer ignored SIGTERM, so it got SIGKILL"
     assert '"interrupted"' not in events.read_text()

@@ -116,7 +116,7 @@ def test_server_errors_are_retried_with_backoff_then_sent_once(
 ) -> None:
     hook = listener(codes=(503, 500))
     run = submit("demo", webhook=hook.url)
-    cancel_run(settings=loopback, db=db, run_id=run.id)
+    cancel_run(db=db, run_id=run.id)
     outbox = WebhookOutbox(settings=loopback, db=db, backoff=0.2, timeout=2)
     assert outbox.send_due() == 0
     waiting = get_run(db=db, run_id=run.id)
@@ -134,7 +134,7 @@ def test_delivery_gives_up_after_its_tries(
 ) -> None:
     hook = listener(codes=(500,) * 10)
     run = submit("demo", webhook=hook.url)
-    cancel_run(settings=loopback, db=db, run_id=run.id)
+    cancel_run(db=db, run_id=run.id)
     outbox = WebhookOutbox(settings=loopback, db=db, max_attempts=3, backoff=0.0, timeout=2)
     for _ in range(5):
         outbox.send_due()
@@ -149,7 +149,7 @@ def test_a_receiver_that_never_answers_does_not_hold_up_the_executor(
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         run = submit("demo", webhook=f"http://127.0.0.1:{silent.getsockname()[1]}/hook")
-        cancel_run(settings=loopback, db=db, run_id=run.id)
+        cancel_run(db=db, run_id=run.id)
         executor = make_executor(webhooks=WebhookOutbox(settings=loopback, db=db, timeout=1.5))
         began = time.monotonic()
         executor.tick()

@@ -78,7 +78,7 @@ def runs(
 @router.post("/runs/{run_id}/cancel", response_model=RunStatusOut)
 def cancel(run_id: str, settings: SettingsDep, db: DatabaseDep) -> RunStatusOut:
     """Drop a queued run, or stop a running one (it saves its state first)."""
-    return build_status(settings, service.cancel_run(settings=settings, db=db, run_id=run_id))
+    return build_status(settings, service.cancel_run(db=db, run_id=run_id))
 
 
 def _stream_start(
