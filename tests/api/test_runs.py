@@ -13,10 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fluxtrain.api.app import create_app
-from fluxtrain.runs import executor as executor_module
-from fluxtrain.runs.launcher import LocalBackend
 from fluxtrain.settings import Settings
-from fluxtrain.training.tiny import write_tiny_flux_files
+from tests.runs.service_doubles import use_trainer_double
 
 TRAINER = textwrap.dedent(
     """
@@ -44,14 +42,7 @@ TRAINER = textwrap.dedent(
 
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    script = tmp_path / "trainer_double.py"
-    script.write_text(TRAINER)
-    backend = LocalBackend(gpus="", entry=(str(script),))
-    monkeypatch.setattr(executor_module, "make_backend", lambda _: backend)
-    settings.datasets_dir.mkdir(parents=True)
-    (settings.datasets_dir / "demo.toml").write_text("[general]\n")
-    settings.models_root.mkdir(parents=True)
-    write_tiny_flux_files(settings.models_root)
+    use_trainer_double(settings, monkeypatch, script=tmp_path / "trainer_double.py", source=TRAINER)
     with TestClient(create_app(settings)) as client:
         client.app.state.executor.poll_interval = 0.1
         yield client
@@ -285,16 +276,11 @@ def s3_api(
         monkeypatch.setenv(name, value)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    script = tmp_path / "uploading_trainer.py"
-    script.write_text(UPLOADING_TRAINER)
-    backend = LocalBackend(gpus="", entry=(str(script),))
-    monkeypatch.setattr(executor_module, "make_backend", lambda _: backend)
+    use_trainer_double(
+        settings, monkeypatch, script=tmp_path / "uploading_trainer.py", source=UPLOADING_TRAINER
+    )
     settings.cloud_storage_type = "S3"
     settings.storage_url = "s3://artifacts/runs"
-    settings.datasets_dir.mkdir(parents=True)
-    (settings.datasets_dir / "demo.toml").write_text("[general]\n")
-    settings.models_root.mkdir(parents=True)
-    write_tiny_flux_files(settings.models_root)
     try:
         httpx.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=10).raise_for_status()
         with TestClient(create_app(settings)) as client:

@@ -17,10 +17,8 @@ import pytest
 import uvicorn
 
 from fluxtrain.api.app import create_app
-from fluxtrain.runs import executor as executor_module
-from fluxtrain.runs.launcher import LocalBackend
 from fluxtrain.settings import Settings
-from fluxtrain.training.tiny import write_tiny_flux_files
+from tests.runs.service_doubles import use_trainer_double
 
 TRAINER = textwrap.dedent(
     """
@@ -51,14 +49,7 @@ TRAINER = textwrap.dedent(
 @pytest.fixture
 def service(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The service (uvicorn in a thread of this process) running a trainer double; yields its URL."""
-    script = tmp_path / "trainer_double.py"
-    script.write_text(TRAINER)
-    backend = LocalBackend(gpus="", entry=(str(script),))
-    monkeypatch.setattr(executor_module, "make_backend", lambda _: backend)
-    settings.datasets_dir.mkdir(parents=True)
-    (settings.datasets_dir / "demo.toml").write_text("[general]\n")
-    settings.models_root.mkdir(parents=True)
-    write_tiny_flux_files(settings.models_root)
+    use_trainer_double(settings, monkeypatch, script=tmp_path / "trainer_double.py", source=TRAINER)
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
