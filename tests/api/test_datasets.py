@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
-import ipaddress
 import json
-import sys
 import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
@@ -23,35 +18,7 @@ from pydantic import SecretStr
 
 from fluxtrain.api.app import create_app
 from fluxtrain.settings import Settings
-
-
-def _support() -> ModuleType:
-    """tests/datasets/support.py (the loopback server), loaded by path as `dataset_support`."""
-    if "dataset_support" not in sys.modules:
-        path = Path(__file__).parents[1] / "datasets" / "support.py"
-        spec = importlib.util.spec_from_file_location("dataset_support", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["dataset_support"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["dataset_support"]
-
-
-support = _support()
-
-
-@pytest.fixture
-def server() -> Iterator[support.LoopbackServer]:
-    running = support.LoopbackServer().start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def open_settings(settings: Settings) -> Settings:
-    return settings.model_copy(
-        update={"allow_networks": [ipaddress.ip_network("127.0.0.0/8")], "download_timeout": 2.0}
-    )
+from tests.datasets import support
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Support for dataset tests: a real HTTP server on 127.0.0.1 with canned replies and a log of hits,
 image encoding, and checks on what a dataset folder holds.
 
-Tests use --import-mode=importlib, so conftest.py loads this file by path as `dataset_support`.
+Tests import it as `from tests.datasets import support` (pytest's importlib mode).
 """
 
 from __future__ import annotations

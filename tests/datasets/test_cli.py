@@ -1,9 +1,9 @@
-from dataset_support import LoopbackServer, Reply
 from typer.testing import CliRunner
 
 from fluxtrain.cli import datasets as datasets_cli
 from fluxtrain.cli.main import app
 from fluxtrain.settings import Settings
+from tests.datasets.support import LoopbackServer, Reply
 
 
 def test_download_reports_failures_and_exits_1(

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from dataset_support import LoopbackServer, Reply, assert_clean_folder, encode
 from PIL import Image
 
 from fluxtrain.datasets import ledger
@@ -22,6 +21,7 @@ from fluxtrain.datasets.locks import lock_path
 from fluxtrain.datasets.store import delete_dataset, read_manifest
 from fluxtrain.errors import NotFoundError
 from fluxtrain.settings import Settings
+from tests.datasets.support import LoopbackServer, Reply, assert_clean_folder, encode
 
 DELETED = "the dataset was deleted during the download"
 

@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-from dataset_support import LoopbackServer, Reply, assert_baseline_jpeg, assert_clean_folder, encode
 from PIL import Image
 
 from fluxtrain.datasets.ingest import DownloadResult, download_images
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.settings import Settings
+from tests.datasets.support import LoopbackServer, Reply, assert_baseline_jpeg, assert_clean_folder, encode
 
 
 def run(settings: Settings, urls: list[str], name: str = "set") -> DownloadResult:

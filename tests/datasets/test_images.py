@@ -4,10 +4,10 @@ import zlib
 
 import pillow_heif
 import pytest
-from dataset_support import encode
 from PIL import Image
 
 from fluxtrain.datasets.images import ImageRejectedError, normalize_image
+from tests.datasets.support import encode
 
 LIMIT = 100_000_000
 

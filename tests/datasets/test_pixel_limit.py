@@ -7,12 +7,12 @@ import warnings
 import zlib
 
 import pytest
-from dataset_support import encode
 from PIL import Image
 
 from fluxtrain.datasets.images import ImageRejectedError, open_image
 from fluxtrain.datasets.ingest import add_uploads
 from fluxtrain.settings import Settings
+from tests.datasets.support import encode
 
 WIDTH, HEIGHT = 12_000, 10_000
 

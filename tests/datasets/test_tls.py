@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import trustme
-from dataset_support import LoopbackServer, Reply, assert_baseline_jpeg
 
 from fluxtrain.datasets.ingest import DownloadResult, download_images
 from fluxtrain.errors import UnavailableError
 from fluxtrain.settings import Settings
+from tests.datasets.support import LoopbackServer, Reply, assert_baseline_jpeg
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import io
 import os
 import stat
 
-from dataset_support import LoopbackServer, Reply, encode
 from PIL import Image
 
 from fluxtrain.datasets.ingest import DownloadResult, add_uploads, download_images
 from fluxtrain.datasets.store import read_manifest
 from fluxtrain.settings import Settings
+from tests.datasets.support import LoopbackServer, Reply, encode
 
 
 def png(colour: tuple[int, int, int], size: tuple[int, int] = (32, 24)) -> bytes:
