@@ -30,6 +30,7 @@ from fluxtrain.runs.executor import Executor  # noqa: E402
 from fluxtrain.runs.models import Run  # noqa: E402
 from fluxtrain.runs.ray_backend import RayBackend, submission_ids  # noqa: E402
 from fluxtrain.settings import Settings  # noqa: E402
+from tests.training import helpers_runs as helpers  # noqa: E402
 
 SCRIPT = r"""
 import os, sys, time, pathlib
@@ -325,22 +326,6 @@ def test_executor_drives_runs_on_ray_to_the_end(
     assert "exited with code 1" in failed.error and "boom, out of memory" in failed.error
 
 
-def _training_helpers():
-    """tests/training/helpers_runs.py (tiny dataset and run.json), imported under its own name."""
-    import importlib.util
-
-    name = "training_helpers_runs"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parents[1] / "training" / "helpers_runs.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def test_real_trainer_runs_as_a_ray_job_on_tiny_models(
     settings: Settings, ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -348,7 +333,6 @@ def test_real_trainer_runs_as_a_ray_job_on_tiny_models(
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    helpers = _training_helpers()
     models = tmp_path / "models"
     write_tiny_flux_files(models)
     toml = helpers.make_dataset(tmp_path / "data")
