@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Florence2Config, Florence2ForConditionalGeneration
+from transformers import Florence2ForConditionalGeneration
 
 from fluxtrain.captioning.captioner import Florence2Captioner, GenerationOptions
 from fluxtrain.captioning.model import (
@@ -35,11 +35,9 @@ from fluxtrain.captioning.model import (
     release_caption_models,
 )
 from fluxtrain.captioning.tiny import (
-    BOS_ID,
-    EOS_ID,
     IMAGE_TOKEN,
-    PAD_ID,
     SPECIAL_TOKENS,
+    florence2_config,
     florence2_generation_config,
     florence2_processor,
     silence_special_tokens,
@@ -91,10 +89,10 @@ def write_large_florence2(out_dir: Path) -> Path:
     tokenizer = tiny_tokenizer()
     processor = florence2_processor(tokenizer, image_size=LARGE_IMAGE_SIZE, image_tokens=LARGE_IMAGE_TOKENS)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = Florence2Config(
-        text_config={
-            "model_type": "bart",
-            "vocab_size": LARGE_VOCAB,
+    config = florence2_config(
+        vocab_size=LARGE_VOCAB,
+        image_token_id=image_token_id,
+        text={
             "d_model": 1024,
             "encoder_layers": 12,
             "decoder_layers": 12,
@@ -103,22 +101,15 @@ def write_large_florence2(out_dir: Path) -> Path:
             "encoder_ffn_dim": 4096,
             "decoder_ffn_dim": 4096,
             "max_position_embeddings": 4096,
-            "bos_token_id": BOS_ID,
-            "pad_token_id": PAD_ID,
-            "eos_token_id": EOS_ID,
-            "decoder_start_token_id": EOS_ID,
-            "forced_eos_token_id": EOS_ID,
         },
-        vision_config={
+        vision={
             "depths": [1, 1, 9, 1],
             "embed_dim": [256, 512, 1024, 2048],
             "num_heads": [8, 16, 32, 64],
             "num_groups": [8, 16, 32, 64],
             "window_size": 12,
             "projection_dim": 1024,
-            "drop_path_rate": 0.0,
         },
-        image_token_id=image_token_id,
     )
     torch.manual_seed(0)
     with torch.device("cuda"):

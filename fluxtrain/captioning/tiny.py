@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -105,16 +106,37 @@ def silence_special_tokens(model: Florence2ForConditionalGeneration, token_ids: 
         model.get_output_embeddings().weight[token_ids] = 0
 
 
+def florence2_config(
+    *, vocab_size: int, image_token_id: int, text: dict[str, Any], vision: dict[str, Any]
+) -> Florence2Config:
+    """A Florence-2 config wired to the local tokenizer's special ids; callers choose the sizes
+    (the tiny test model here, Florence-2-large's in bench/caption.py)."""
+    return Florence2Config(
+        text_config={
+            "model_type": "bart",
+            "vocab_size": vocab_size,
+            **text,
+            "bos_token_id": BOS_ID,
+            "pad_token_id": PAD_ID,
+            "eos_token_id": EOS_ID,
+            "decoder_start_token_id": EOS_ID,
+            "forced_eos_token_id": EOS_ID,
+        },
+        vision_config={**vision, "drop_path_rate": 0.0},
+        image_token_id=image_token_id,
+    )
+
+
 def write_tiny_florence2(out_dir: Path) -> Path:
     """Write the tiny model and processor into `out_dir/florence2`; the same files on every call."""
     target = out_dir / "florence2"
     tokenizer = tiny_tokenizer()
     processor = florence2_processor(tokenizer, image_size=TINY_IMAGE_SIZE, image_tokens=TINY_IMAGE_TOKENS)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = Florence2Config(
-        text_config={
-            "model_type": "bart",
-            "vocab_size": len(tokenizer),
+    config = florence2_config(
+        vocab_size=len(tokenizer),
+        image_token_id=image_token_id,
+        text={
             "d_model": 32,
             "encoder_layers": 1,
             "decoder_layers": 1,
@@ -123,13 +145,8 @@ def write_tiny_florence2(out_dir: Path) -> Path:
             "encoder_ffn_dim": 64,
             "decoder_ffn_dim": 64,
             "max_position_embeddings": 1100,
-            "bos_token_id": BOS_ID,
-            "pad_token_id": PAD_ID,
-            "eos_token_id": EOS_ID,
-            "decoder_start_token_id": EOS_ID,
-            "forced_eos_token_id": EOS_ID,
         },
-        vision_config={
+        vision={
             "depths": [1, 1],
             "patch_size": [7, 3],
             "patch_stride": [4, 2],
@@ -140,9 +157,7 @@ def write_tiny_florence2(out_dir: Path) -> Path:
             "num_groups": [1, 2],
             "window_size": 4,
             "projection_dim": 32,
-            "drop_path_rate": 0.0,
         },
-        image_token_id=image_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
