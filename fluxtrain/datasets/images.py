@@ -1,7 +1,9 @@
 """Turning any accepted image bytes into the one form a dataset holds: baseline JPEG, RGB, 8 bit.
 
 Whether bytes are an image is decided by decoding them with a fixed list of Pillow formats;
-the pixel count is read from the header and checked before any pixel is decoded.
+the pixel count is read from the header and checked before any pixel is decoded. Colours tagged
+with an ICC profile (Display P3 phone photos, Adobe RGB, CMYK prints) are converted to sRGB, since
+the stored JPEG carries no profile and every model and viewer reads untagged pixels as sRGB.
 
 The bound is FLUXTRAIN_MAX_IMAGE_PIXELS, checked by every caller of `open_image`. Pillow's own,
 process-wide guard (Image.MAX_IMAGE_PIXELS: a warning above ~89 MP, an error above twice that)
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pillow_heif
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 pillow_heif.register_heif_opener()
 Image.MAX_IMAGE_PIXELS = None
@@ -27,6 +29,9 @@ JPEG_QUALITY = 95
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WHITE = (255, 255, 255, 255)
+# Modes a profile transform reads, and the mode it writes (alpha is carried through).
+_PROFILE_OUTPUT_MODES = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB", "L": "RGB"}
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 class ImageRejectedError(Exception):
@@ -79,6 +84,22 @@ def _load_first_frame(image: Image.Image) -> Image.Image:
     return image
 
 
+def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
+    """Apply the embedded profile; one that is unreadable or does not fit the mode is ignored."""
+    if not icc:
+        return image
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    output_mode = _PROFILE_OUTPUT_MODES.get(image.mode)
+    if output_mode is None:
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(image, source, _SRGB, outputMode=output_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
@@ -93,15 +114,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def normalize_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
-    """Decode `data` and re-encode it as baseline JPEG q95, orientation applied and metadata dropped."""
+    """Decode `data` and re-encode it as sRGB baseline JPEG q95, orientation applied, metadata dropped."""
     with _open(data, max_pixels) as image:
         frame = _load_first_frame(image)
+        icc = frame.info.get("icc_profile")
         try:
             upright = ImageOps.exif_transpose(frame)
         except (OSError, ValueError, SyntaxError, KeyError, TypeError):
             upright = frame
         try:
-            rgb = _to_rgb(upright)
+            rgb = _to_rgb(_to_srgb(upright, icc))
         except (OSError, ValueError) as exc:
             raise ImageRejectedError(f"unsupported image mode {upright.mode}: {exc}") from exc
     out = io.BytesIO()

@@ -4,7 +4,7 @@ import zlib
 
 import pillow_heif
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from fluxtrain.datasets.images import ImageRejectedError, normalize_image
 from tests.datasets.support import encode
@@ -97,6 +97,42 @@ def test_grayscale_and_sixteen_bit_become_rgb() -> None:
     with Image.open(io.BytesIO(data)) as reopened:
         assert reopened.mode.startswith("I")
     assert close(decoded(data).getpixel((4, 4)), (156, 156, 156), tolerance=3)
+
+
+def swapped_primaries_profile() -> bytes:
+    """sRGB with its red and green primaries exchanged: pixels tagged with it mean the other colour."""
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", profile[128:132])[0]
+    tags = {}
+    for index in range(count):
+        signature, offset, size = struct.unpack(">4sII", profile[132 + 12 * index : 144 + 12 * index])
+        tags[signature] = (offset, size)
+    (r_at, r_size), (g_at, g_size) = tags[b"rXYZ"], tags[b"gXYZ"]
+    red, green = bytes(profile[r_at : r_at + r_size]), bytes(profile[g_at : g_at + g_size])
+    profile[r_at : r_at + r_size], profile[g_at : g_at + g_size] = green, red
+    return bytes(profile)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+def test_colours_tagged_with_a_profile_are_converted_to_srgb(fmt: str) -> None:
+    tagged = encode(Image.new("RGB", (16, 16), (230, 10, 10)), fmt, icc_profile=swapped_primaries_profile())
+    assert close(decoded(tagged).getpixel((8, 8)), (10, 230, 10), tolerance=30)
+
+
+def test_profile_conversion_keeps_alpha_for_compositing() -> None:
+    image = Image.new("RGBA", (16, 16), (230, 10, 10, 0))
+    image.paste((230, 10, 10, 255), (0, 0, 8, 16))
+    result = decoded(encode(image, "PNG", icc_profile=swapped_primaries_profile()))
+    assert close(result.getpixel((4, 8)), (10, 230, 10), tolerance=30)
+    assert close(result.getpixel((12, 8)), (255, 255, 255))
+
+
+@pytest.mark.parametrize("profile", [b"not an icc profile", None])
+def test_srgb_junk_or_no_profile_leaves_the_pixels(profile: bytes | None) -> None:
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for icc in (srgb, profile):
+        params = {"icc_profile": icc} if icc else {}
+        assert close(decoded(encode(Image.new("RGB", (8, 8), RED), "PNG", **params)).getpixel((4, 4)), RED)
 
 
 def test_exif_orientation_is_applied_then_dropped() -> None:
