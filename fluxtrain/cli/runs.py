@@ -297,6 +297,8 @@ def _print_status(body: dict[str, Any]) -> None:
     )
     for output in body["outputs"]:
         console.print(f"  {output['name']}  {output['url'] or output['path']}")
+    if body.get("waiting"):
+        console.print(f"[yellow]{body['waiting']}[/]")
     if body["error"]:
         console.print(f"[red]{body['error']}[/]")
     for line in body["logs"]:

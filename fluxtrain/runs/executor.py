@@ -362,7 +362,7 @@ class Executor:
             session.execute(
                 update(Run)
                 .where(Run.id == run.id)
-                .values(backend_ref=ref, launch_retry_at=None, launch_failing_since=None)
+                .values(backend_ref=ref, launch_retry_at=None, launch_failing_since=None, launch_error=None)
             )
         log.info("started run %s (attempt %d)", run.id, run.attempts + 1)
 
@@ -386,6 +386,7 @@ class Executor:
             started_at=run.started_at,
             launch_retry_at=now + delay,
             launch_failing_since=since,
+            launch_error=str(exc) or type(exc).__name__,
         )
 
 

@@ -65,6 +65,8 @@ class Run(Base):
     """Unix time before which a queued run whose launch failed transiently is not tried again."""
     launch_failing_since: Mapped[float | None] = mapped_column(Float, nullable=True)
     """Unix time of the first transient launch failure in a row; launches give up after a while."""
+    launch_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The last transient launch failure in a row, shown by /status while the run waits."""
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     webhook_started: Mapped[str | None] = mapped_column(String(16), nullable=True)

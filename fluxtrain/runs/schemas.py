@@ -77,6 +77,9 @@ class RunStatusOut(BaseModel):
     progress: Progress
     outputs: list[OutputFile]
     error: str | None = None
+    waiting: str | None = Field(
+        None, description="Why a queued run has not started yet, while its launch is being retried."
+    )
     created_at: UtcDatetime
     started_at: UtcDatetime | None = None
     finished_at: UtcDatetime | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,13 @@ def final_lora(folder: Path, output_name: str) -> Path:
     return folder / "output" / f"{output_name}.safetensors"
 
 
+def _waiting(run: Run) -> str | None:
+    if run.status != "queued" or run.launch_error is None or run.launch_retry_at is None:
+        return None
+    retry_at = datetime.fromtimestamp(run.launch_retry_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"could not start the trainer ({run.launch_error}); trying again at {retry_at}"
+
+
 def build_status(settings: Settings, run: Run, *, logs: list[str] | None = None) -> RunStatusOut:
     """The `/status` object; `logs` comes from the backend when it keeps them elsewhere."""
     folder = run_dir(settings, run.id)
@@ -124,6 +132,7 @@ def build_status(settings: Settings, run: Run, *, logs: list[str] | None = None)
         progress=progress,
         outputs=outputs_of(folder, run.output_name, final_epoch),
         error=run.error,
+        waiting=_waiting(run),
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,

@@ -183,12 +183,16 @@ def test_transient_launch_failure_requeues_then_starts(run_settings, db, fake_tr
     waiting = get_run(db=db, run_id=run.id)
     assert waiting.status == "queued" and waiting.attempts == 0 and waiting.started_at is None
     assert waiting.launch_retry_at is not None and waiting.launch_retry_at > time.time()
+    shown = build_status(run_settings, waiting)
+    assert shown.status == "queued" and shown.error is None
+    assert "could not start the trainer (the cluster is restarting); trying again at 20" in shown.waiting
     executor.tick()
     assert backend.launches == 1, "no second try before the backoff has passed"
     done = drive(executor, run.id, lambda r: r.status in ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
     assert backend.launches == 3 and done.attempts == 1
     assert done.launch_retry_at is None and done.launch_failing_since is None
+    assert done.launch_error is None and build_status(run_settings, done).waiting is None
 
 
 def test_launch_that_stays_unavailable_fails_with_the_reason(run_settings, db, fake_trainer, submit, drive):
