@@ -5,8 +5,10 @@ one step under the dataset's lock (`locks.dataset_lock`, shared by threads and p
 concurrent batches, in the service or in a CLI beside it, never hand out one name twice or lose
 each other's manifest entries. The manifest follows the files: it is rewritten atomically during
 a batch at most every FLUSH_SECONDS, merged with what other writers recorded, so a crash leaves
-at most that much of the batch unrecorded. A batch keeps the identity of the folder it started
-in; once that folder is deleted, its remaining images fail instead of recreating part of it.
+at most that much of the batch unrecorded; fetching such an image again finds its unrecorded file
+by name and content and records it, rather than saving a duplicate beside it. A batch keeps the
+identity of the folder it started in; once that folder is deleted, its remaining images fail
+instead of recreating part of it.
 """
 
 from __future__ import annotations
@@ -137,6 +139,18 @@ class Ledger:
                 return name
         return None
 
+    def _unrecorded_copy(self, stem: str, jpeg: bytes) -> str | None:
+        """A file under one of `stem`'s names that holds `jpeg` but has no manifest entry."""
+        candidate, counter = f"{stem}{IMAGE_SUFFIX}", 1
+        while candidate in self.manifest or (self.folder / candidate).exists():
+            path = self.folder / candidate
+            unrecorded = candidate not in self.manifest and path.is_file()
+            if unrecorded and path.stat().st_size == len(jpeg) and path.read_bytes() == jpeg:
+                return check_name(candidate, what="image file name")
+            counter += 1
+            candidate = f"{stem}-{counter}{IMAGE_SUFFIX}"
+        return None
+
     def _free_name(self, stem: str) -> str:
         candidate = f"{stem}{IMAGE_SUFFIX}"
         counter = 1
@@ -176,7 +190,7 @@ class Ledger:
                 if name is not None and source.url is None:
                     Path(tmp).unlink()
                     return self.folder / name
-                name = name or self._free_name(stem)
+                name = name or self._unrecorded_copy(stem, jpeg) or self._free_name(stem)
                 target = self.folder / name
                 os.replace(tmp, target)
                 self.manifest[name] = {**source.fields(), **entry}

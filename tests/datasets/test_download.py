@@ -77,6 +77,34 @@ def test_same_url_keeps_one_file_and_same_base_name_gets_two(
     assert {entry["url"] for entry in manifest_of(open_settings).values()} == {first, second}
 
 
+def test_refetch_records_a_file_a_crash_left_without_manifest_entry(
+    server: LoopbackServer, open_settings: Settings, png_bytes: bytes
+) -> None:
+    kept = server.add("/kept/cat.png", Reply(body=png_bytes))
+    lost = server.add("/lost/cat.png", Reply(body=encode(Image.new("RGB", (64, 48), (0, 90, 200)), "PNG")))
+    first = run(open_settings, [kept, lost])
+    folder = open_settings.datasets_dir / "set"
+    lost_name = Path(first.files[lost]).name
+    manifest = manifest_of(open_settings)
+    del manifest[lost_name]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    again = run(open_settings, [lost])
+    assert again.files == {lost: first.files[lost]}
+    assert sorted(p.name for p in folder.iterdir()) == ["cat-2.jpg", "cat.jpg", "manifest.json"]
+    assert manifest_of(open_settings)[lost_name]["url"] == lost
+
+
+def test_unrecorded_file_with_other_content_is_left_alone(
+    server: LoopbackServer, open_settings: Settings, png_bytes: bytes
+) -> None:
+    folder = open_settings.datasets_dir / "set"
+    folder.mkdir(parents=True)
+    (folder / "cat.jpg").write_bytes(encode(Image.new("RGB", (8, 8), (1, 2, 3)), "JPEG"))
+    url = server.add("/x/cat.png", Reply(body=png_bytes))
+    assert Path(run(open_settings, [url]).files[url]).name == "cat-2.jpg"
+    assert set(manifest_of(open_settings)) == {"cat-2.jpg"}
+
+
 def test_concurrent_batches_into_one_dataset_keep_every_manifest_entry(
     server: LoopbackServer, open_settings: Settings, png_bytes: bytes
 ) -> None:
