@@ -114,10 +114,11 @@ def inputs(model: FluxTransformer2DModel, resolution: int, device: torch.device)
     }
 
 
-def peak_memory_gib(device: torch.device) -> float:
+def peak_memory_gib(device: torch.device) -> tuple[float, float | None]:
+    """Peak allocated and peak reserved GPU memory (what a card must hold), or the CPU's peak RSS."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
 
 
 def measure(model, params, optimizer, batch: dict, *, steps: int, warmup: int, device: torch.device) -> float:
@@ -156,7 +157,10 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if cuda else f"CPU x{torch.get_num_threads()} threads"
     if not args.json:
         print(f"# {machine}, {'FLUX.1-dev size' if cuda else 'tiny model'}, rank {args.rank}, batch 1, bf16")
-        print(f"{'res':>5} {'fp8':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'TFLOP/s':>8} {'MFU':>6}")
+        print(
+            f"{'res':>5} {'fp8':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'reserved':>9} "
+            f"{'TFLOP/s':>8} {'MFU':>6}"
+        )
     for fp8 in (False, True):
         model = build_transformer(device)
         params = add_lora(model, rank=args.rank, alpha=1.0, dtype=torch.float32, fp8_base=fp8)
@@ -183,24 +187,30 @@ def main() -> None:
                 seconds = float("nan")
                 optimizer.zero_grad(set_to_none=True)
             achieved = 2 * flops / seconds / 1e12
+            allocated, reserved = peak_memory_gib(device)
+            measured = seconds == seconds  # NaN after an out-of-memory error
             row = {
                 "machine": machine,
                 "resolution": resolution,
                 "fp8_base": fp8,
                 "gradient_checkpointing": checkpointing,
-                "seconds_per_step": round(seconds, 4),
-                "peak_memory_gib": round(peak_memory_gib(device), 2),
+                "seconds_per_step": round(seconds, 4) if measured else None,
+                "peak_memory_gib": round(allocated, 2),
+                "peak_reserved_gib": round(reserved, 2) if reserved is not None else None,
                 "forward_tflop": round(flops / 1e12, 4),
-                "achieved_tflops": round(achieved, 3),
-                "mfu": round(achieved / peak, 4) if peak else None,
+                "achieved_tflops": round(achieved, 3) if measured else None,
+                "mfu": round(achieved / peak, 4) if peak and measured else None,
+                "out_of_memory": not measured,
             }
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
                 mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+                held = f"{reserved:>9.2f}" if reserved is not None else f"{'n/a':>9}"
                 print(
                     f"{resolution:>5} {str(fp8):>5} {str(checkpointing):>5} {seconds:>8.4f} "
-                    f"{row['peak_memory_gib']:>9.2f} {achieved:>8.3f} {mfu:>6}",
+                    f"{allocated:>9.2f} {held} {achieved:>8.3f} {mfu:>6}"
+                    + ("  (out of memory)" if not measured else ""),
                     flush=True,
                 )
         del model, params, optimizer

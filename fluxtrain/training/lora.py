@@ -16,11 +16,13 @@ from __future__ import annotations
 import torch
 from diffusers import ModelMixin
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from fluxtrain.training.fp8 import FLOAT8_DTYPES, store_float8
 
 ADAPTER_NAME = "default"
 FP8_COMPUTE_DTYPE = torch.bfloat16
-FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DOUBLE_BLOCK_TARGETS = (
     "attn.to_q",
     "attn.to_k",
@@ -58,11 +60,13 @@ def add_lora(
 ) -> list[torch.nn.Parameter]:
     """Freeze the transformer, attach the adapter and return its (only) trainable parameters.
 
-    With `fp8_base` the frozen weights are then stored in float8_e4m3fn and cast to bf16 layer by
-    layer for compute (diffusers' layerwise casting). The order matters, so a model that already
-    holds float8 weights is refused: peft builds the adapter in its base layer's dtype (float8 there,
-    so it starts from float8-rounded weights), while layerwise casting applied after the adapter
-    skips peft's own layers by default and keeps them in `dtype`.
+    With `fp8_base` the frozen weights are then stored in float8_e4m3fn and computed in bf16
+    (`fp8.store_float8`). The order matters, so a model that already holds float8 weights is
+    refused: peft builds the adapter in its base layer's dtype (float8 there, so it would start from
+    float8-rounded weights).
+    Every forward pass of the trainer runs under autocast, which casts each matmul's operands, so
+    peft's own cast of every adapter input to the adapter's dtype (an fp32 copy of each projection's
+    input with an fp32 LoRA on a bf16 base) is turned off.
     """
     if any(p.dtype in FLOAT8_DTYPES for p in transformer.parameters()):
         raise ValueError("the transformer already stores float8 weights: load it unquantized, pass fp8_base")
@@ -76,12 +80,13 @@ def add_lora(
             params.append(param)
     if not params:
         raise RuntimeError("the LoRA adapter matched no module of the transformer")
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
     if fp8_base:
-        transformer.enable_layerwise_casting(
-            storage_dtype=torch.float8_e4m3fn, compute_dtype=FP8_COMPUTE_DTYPE
-        )
+        store_float8(transformer, FP8_COMPUTE_DTYPE)
         if any(param.dtype in FLOAT8_DTYPES for param in params):
-            raise RuntimeError("layerwise casting reached the LoRA weights; they must stay trainable")
+            raise RuntimeError("float8 storage reached the LoRA weights; they must stay trainable")
     return params
 
 

@@ -132,13 +132,9 @@ def _block_count(keys: Any, pattern: str) -> int:
 
 
 def load_transformer(
-    path: Path, *, dtype: torch.dtype, device: str | torch.device = "cpu", fp8: bool = False
+    path: Path, *, dtype: torch.dtype, device: str | torch.device = "cpu"
 ) -> FluxTransformer2DModel:
-    """The FLUX.1 transformer from a BFL single file (dev or schnell) or a diffusers folder.
-
-    With fp8 the weights are stored as float8_e4m3fn and cast to `dtype` layer by layer for compute
-    (diffusers' layerwise casting; norms and embeddings stay in `dtype`).
-    """
+    """The FLUX.1 transformer from a BFL single file (dev or schnell) or a diffusers folder."""
     if path.is_dir():
         model = FluxTransformer2DModel.from_pretrained(
             _component_folder(path, "transformer"), torch_dtype=dtype, local_files_only=True
@@ -153,8 +149,6 @@ def load_transformer(
             model = FluxTransformer2DModel(**config)
         _assign_weights(model, sd, path.name)
     model.requires_grad_(False)
-    if fp8:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     return model.to(device).eval()
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 from fluxtrain.training.tiny import write_tiny_flux_files
+
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +29,15 @@ def tiny_schnell_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_schnell_models")
     write_tiny_flux_files(root, guidance=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def bench() -> ModuleType:
+    """bench/train_step.py as a module: its FLOP count and its input builder."""
+    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "bench" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -14,16 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fluxtrain.training.model_files import shipped_config
 from fluxtrain.training.tiny import tiny_transformer_config
-
-BENCH = Path(__file__).parents[2] / "bench" / "train_step.py"
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("guidance", [True, False])

@@ -2,7 +2,7 @@
 
 TrainConfig refuses fp8_base without CUDA (run.json must not promise what the machine cannot run),
 so the fp8 run takes a validated bf16 config and switches fp8_base on with `model_copy`: the loop,
-the layerwise casting and the adapter are the same code that runs on a GPU.
+the float8 storage and the adapter are the same code that runs on a GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from fluxtrain.training.config import TrainConfig, load_config
 from fluxtrain.training.events import read_events
+from fluxtrain.training.fp8 import store_float8
 from fluxtrain.training.lora import add_lora
 from fluxtrain.training.model_files import load_transformer
 from fluxtrain.training.trainer import StopFlag, Trainer, load_lora_transformer
@@ -53,7 +54,8 @@ def test_fp8_base_adds_the_adapter_before_float8_storage(tiny_models: Path) -> N
         to_q(torch.randn(2, to_q.in_features, dtype=torch.bfloat16))
     assert down.dtype == torch.float32 and to_q.base_layer.weight.dtype == FLOAT8
 
-    quantized = load_transformer(path, dtype=torch.bfloat16, fp8=True)
+    quantized = load_transformer(path, dtype=torch.bfloat16)
+    store_float8(quantized)
     with pytest.raises(ValueError, match="float8"):
         add_lora(quantized, rank=4, alpha=4.0, dtype=torch.float32)
 
