@@ -18,13 +18,13 @@ from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.launcher import visible_gpus
-from fluxtrain.runs.model_checks import check_model
 from fluxtrain.runs.models import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
 from fluxtrain.runs.schemas import request_fields
 from fluxtrain.runs.status import run_dir
 from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training
+from fluxtrain.training.model_checks import check_model
 
 MODEL_FIELDS = ("pretrained_model", "clip_l", "t5xxl", "ae")
 MAX_LIST_LIMIT = 1000

@@ -7,14 +7,21 @@ any other failure; every failure is also an `error` event in events.jsonl with i
 
 from __future__ import annotations
 
-import logging
 import sys
-import traceback
-from pathlib import Path
 
-from fluxtrain.errors import FluxtrainError
-from fluxtrain.training.config import load_config
-from fluxtrain.training.events import EventLog
+from fluxtrain.training.stop import StopFlag
+
+STOP = StopFlag()
+if __name__ == "__main__":
+    STOP.install()
+
+import logging  # noqa: E402 - a stop request is honoured before anything slow is imported
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from fluxtrain.errors import FluxtrainError  # noqa: E402
+from fluxtrain.training.config import load_config  # noqa: E402
+from fluxtrain.training.events import EventLog  # noqa: E402
 
 USAGE = "usage: python -m fluxtrain.training RUN_DIR"
 
@@ -27,6 +34,7 @@ def _is_main_process() -> bool:
 
 def main(argv: list[str]) -> int:
     """Run the trainer on the run directory named by `argv`; returns the exit status."""
+    STOP.install()
     if len(argv) != 1:
         print(USAGE, file=sys.stderr)
         return 2
@@ -47,12 +55,10 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         errors.emit("error", message=exc.message, kind="config")
         return 2
-    from fluxtrain.training.trainer import StopFlag, Trainer
+    from fluxtrain.training.trainer import Trainer
 
-    stop = StopFlag()
-    stop.install()
     try:
-        outcome = Trainer(run_dir, config, stop=stop).run()
+        outcome = Trainer(run_dir, config, stop=STOP).run()
     except FluxtrainError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         errors.emit("error", message=exc.message, kind="input")

@@ -18,8 +18,10 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save
 
+from fluxtrain.errors import InvalidInputError
 from fluxtrain.fsutil import atomic_write_bytes
 from fluxtrain.training.buckets import Size, fit_to_bucket
+from fluxtrain.training.data import IMAGE_ERRORS
 
 ENCODE_BATCH = 4
 
@@ -74,8 +76,11 @@ class TextEncoders:
 
 def image_tensor(path: Path, size: Size, *, flip: bool) -> torch.Tensor:
     """The image fitted to its bucket as a (3, H, W) tensor in [-1, 1]."""
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except IMAGE_ERRORS as exc:
+        raise InvalidInputError(f"image {path} cannot be read: {exc}") from exc
     image = fit_to_bucket(image, size)
     if flip:
         image = ImageOps.mirror(image)

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fluxtrain.dataset_config.model import DatasetConfigFile
 from fluxtrain.errors import InvalidInputError
@@ -23,7 +23,7 @@ PER_STEP_PIXEL_KEYS = ("color_aug", "random_crop")
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     output_name: SafeName
     dataset_config: Path | None = Field(None, description="Absolute path of the dataset TOML.")
@@ -47,7 +47,7 @@ class TrainConfig(BaseModel):
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     seed: int = Field(42, ge=0, lt=2**32)
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    mixed_precision: Literal["no", "bf16"] | None = None
     gradient_checkpointing: bool = True
     fp8_base: bool = False
     timestep_sampling: Literal["shift", "sigmoid", "uniform"] = "shift"
@@ -63,6 +63,23 @@ class TrainConfig(BaseModel):
     sample_guidance_scale: float = Field(3.5, ge=0, description="Distilled guidance of sample images (dev).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, value: object) -> object:
+        if value == "fp16":
+            raise ValueError(
+                "'fp16' is not offered: FLUX.1's activations overflow float16 (diffusers clamps them); "
+                "use 'bf16'"
+            )
+        return value
+
+    @field_validator("dataset_config", "models_root", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"must be an absolute path, not {str(value)!r}")
+        return value
+
     @model_validator(mode="after")
     def _check_cuda_only_options(self) -> TrainConfig:
         if self.optimizer == "adamw8bit" or self.fp8_base:
@@ -71,21 +88,16 @@ class TrainConfig(BaseModel):
             if not torch.cuda.is_available():
                 option = "optimizer 'adamw8bit'" if self.optimizer == "adamw8bit" else "fp8_base"
                 raise ValueError(f"{option} needs a CUDA GPU and none is visible")
-        if self.mixed_precision == "fp16":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("mixed_precision 'fp16' needs a CUDA GPU and none is visible")
-        if self.full_bf16 and self.mixed_precision in ("no", "fp16"):
+        if self.full_bf16 and self.mixed_precision == "no":
             raise ValueError(f"full_bf16 needs mixed_precision 'bf16', not '{self.mixed_precision}'")
-        if self.fp8_base and self.mixed_precision in ("no", "fp16"):
+        if self.fp8_base and self.mixed_precision == "no":
             raise ValueError(
                 f"fp8_base computes in bf16 and needs mixed_precision 'bf16', not '{self.mixed_precision}'"
             )
         return self
 
     @property
-    def resolved_mixed_precision(self) -> Literal["no", "bf16", "fp16"]:
+    def resolved_mixed_precision(self) -> Literal["no", "bf16"]:
         """The precision the run uses: as asked, else bf16 with full_bf16, fp8_base or on CUDA, else no."""
         if self.mixed_precision is not None:
             return self.mixed_precision
@@ -97,13 +109,25 @@ class TrainConfig(BaseModel):
 
 
 def load_config(path: Path) -> TrainConfig:
-    """Read and validate `run.json`; a bad value raises InvalidInputError naming the field."""
+    """Read and validate `run.json`; a bad value raises InvalidInputError naming the field.
+
+    The file is validated strictly: a number given as a string, `true` for a count or 3.0 for a
+    seed is refused rather than coerced, since a file written by hand says exactly what it means.
+    """
     try:
-        return TrainConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise InvalidInputError(f"{path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path} cannot be read: {exc}") from exc
+    try:
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise InvalidInputError(f"{path} must hold one JSON object, not {type(document).__name__}")
+    try:
+        return TrainConfig.model_validate_json(text, strict=True)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'run.json'}: {err['msg']}" for err in exc.errors()

@@ -2,8 +2,9 @@
 
 The file is read by `fluxtrain.dataset_config` (kohya's cascade of `[general]`, `[[datasets]]`
 and `[[datasets.subsets]]` resolved there).
-Captions come from `<stem><caption_extension>` next to each image, or the subset's
-`class_tokens` (the trigger word) when that file is missing. With `shuffle_caption` the
+Captions come from `<stem><caption_extension>` next to each image (with kohya's default `.caption`,
+a `.txt` counts too: fluxtrain writes those), or the subset's `class_tokens` (the trigger word)
+when that file is missing. With `shuffle_caption` the
 comma-separated tags after the first `keep_tokens` are shuffled; since text-encoder outputs are
 cached, each caption gets a fixed set of shuffled variants and a step picks one of them.
 `color_aug` and `random_crop` are refused (`check_dataset_options`): latents are cached too.
@@ -12,11 +13,12 @@ cached, each caption gets a fixed set of shuffled variants and a step picks one 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fluxtrain.dataset_config.toml_file import load_dataset_config
 from fluxtrain.errors import InvalidInputError
@@ -24,6 +26,9 @@ from fluxtrain.training.buckets import BucketSpec, Size, choose_bucket
 from fluxtrain.training.config import check_dataset_options
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+KOHYA_CAPTION_EXTENSION = ".caption"
+IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
+log = logging.getLogger(__name__)
 SHUFFLED_VARIANTS = 8
 
 
@@ -69,18 +74,27 @@ def shuffled_captions(caption: str, *, shuffle: bool, keep_tokens: int, seed: st
     return list(dict.fromkeys(variants))
 
 
-def _read_caption(image_path: Path, extension: str, class_tokens: str) -> str:
-    caption_path = image_path.with_suffix(extension)
-    if caption_path.is_file():
-        text = caption_path.read_text(encoding="utf-8").strip()
-        if text:
-            return text
-    return class_tokens
+def _read_caption(image_path: Path, extension: str) -> str | None:
+    """The image's caption; with kohya's default extension a `.txt` (what fluxtrain writes) counts too."""
+    extensions = (extension, ".txt") if extension == KOHYA_CAPTION_EXTENSION else (extension,)
+    for suffix in extensions:
+        caption_path = image_path.with_suffix(suffix)
+        if caption_path.is_file():
+            try:
+                text = caption_path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidInputError(f"caption {caption_path} is not readable UTF-8 text: {exc}") from exc
+            if text:
+                return text
+    return None
 
 
 def _image_size(path: Path) -> Size:
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).size
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).size
+    except IMAGE_ERRORS as exc:
+        raise InvalidInputError(f"image {path} cannot be read: {exc}") from exc
 
 
 def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) -> TrainingData:
@@ -114,11 +128,14 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
             extension = subset.caption_extension
             if not extension.startswith("."):
                 extension = "." + extension
+            uncaptioned = 0
             for path in sorted(subset.image_dir.iterdir()):
                 if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
                     continue
                 sha = hashlib.sha256(path.read_bytes()).hexdigest()
-                caption = _read_caption(path, extension, class_tokens)
+                caption = _read_caption(path, extension)
+                if caption is None:
+                    caption, uncaptioned = class_tokens, uncaptioned + 1
                 size = _image_size(path)
                 digest.update(f"{sha}\0{caption}\0{subset.num_repeats}\n".encode())
                 images.append(
@@ -134,6 +151,17 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
                         num_repeats=subset.num_repeats,
                         dataset_index=d_index,
                     )
+                )
+            if uncaptioned:
+                log.warning(
+                    "datasets[%d].subsets[%d]: %d image(s) in %s have no %s caption and train on the "
+                    "class tokens %r",
+                    d_index,
+                    s_index,
+                    uncaptioned,
+                    subset.image_dir,
+                    extension,
+                    class_tokens,
                 )
     if not images:
         raise InvalidInputError(f"dataset_config {toml_path} lists no images")

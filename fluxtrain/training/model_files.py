@@ -38,8 +38,8 @@ from fluxtrain.training.convert import (
     infer_transformer_config,
     infer_vae_config,
 )
+from fluxtrain.training.model_checks import SINGLE_FILE_SUFFIXES
 
-SINGLE_FILE_SUFFIXES = (".sft", ".safetensors")
 TOKENIZER_HUB_IDS = {"clip_l": "openai/clip-vit-large-patch14", "t5xxl": "google/t5-v1_1-xxl"}
 CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "cond_stage_model.transformer.", "text_model.")
 T5_PREFIXES = ("text_encoders.t5xxl.transformer.",)

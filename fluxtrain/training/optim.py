@@ -8,6 +8,7 @@ naming the package when it is missing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -15,6 +16,8 @@ from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LRScheduler
 
 from fluxtrain.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(
@@ -49,6 +52,12 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, *, name: str, warmup_steps: int, total_steps: int
 ) -> LRScheduler:
     """diffusers' schedule `name` over `total_steps` optimizer steps."""
+    if warmup_steps and name == "constant":
+        log.warning(
+            "lr_warmup_steps=%d is ignored by lr_scheduler 'constant' (as in kohya); "
+            "use 'constant_with_warmup' to warm up",
+            warmup_steps,
+        )
     return get_scheduler(
         name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)
     )

@@ -20,15 +20,14 @@ import math
 import os
 import resource
 import shutil
-import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -49,11 +48,18 @@ from fluxtrain.training.flow import (
     text_ids,
 )
 from fluxtrain.training.lora import FP8_COMPUTE_DTYPE, add_lora, load_lora_state_dict, lora_state_dict
+from fluxtrain.training.model_checks import check_model, transformer_has_guidance
 from fluxtrain.training.optim import build_optimizer, build_scheduler
 from fluxtrain.training.sampling import generate, sample_path
+from fluxtrain.training.stop import StopFlag
 
 log = logging.getLogger("fluxtrain.training")
+# Other processes wait in a collective while the main one encodes the whole dataset into the cache
+# (with T5-XXL, minutes for a large set); NCCL's default would give up after 10 minutes.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 STATE_LORA_FILE = "lora_state.safetensors"
+# run.json fields a saved state depends on: the adapter's shapes and scale, the optimizer's state.
+STATE_FIELDS = ("network_dim", "network_alpha", "optimizer", "full_bf16")
 
 
 @dataclass
@@ -67,20 +73,6 @@ class Progress:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGINT; the loop checks it at each step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
 
 
 @dataclass
@@ -115,12 +107,17 @@ class ModelFiles:
 
 
 def resolve_model_files(config: TrainConfig, models_root: Path) -> ModelFiles:
-    """The four model files (each checked to exist) and where their tokenizers are."""
+    """The four model files, each checked to exist and to hold its model, and where their tokenizers are."""
+    paths = {}
+    for field in ("pretrained_model", "ae", "clip_l", "t5xxl"):
+        value = getattr(config, field)
+        paths[field] = loading.resolve_model_path(models_root, value)
+        check_model(field, paths[field], value)
     return ModelFiles(
-        transformer=loading.resolve_model_path(models_root, config.pretrained_model),
-        ae=loading.resolve_model_path(models_root, config.ae),
-        clip_l=loading.resolve_model_path(models_root, config.clip_l),
-        t5xxl=loading.resolve_model_path(models_root, config.t5xxl),
+        transformer=paths["pretrained_model"],
+        ae=paths["ae"],
+        clip_l=paths["clip_l"],
+        t5xxl=paths["t5xxl"],
         clip_tokenizer=loading.tokenizer_dir(models_root, "clip_l"),
         t5_tokenizer=loading.tokenizer_dir(models_root, "t5xxl"),
     )
@@ -168,7 +165,9 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     """
     world = launched_processes()
     accelerator = Accelerator(
-        mixed_precision=mixed_precision, cpu=world > 1 and not torch.cuda.is_available()
+        mixed_precision=mixed_precision,
+        cpu=world > 1 and not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
     )
     if accelerator.num_processes != world:
         raise RuntimeError(
@@ -185,7 +184,7 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident size on the CPU."""
+    """Peak allocated GPU memory since training began, or the process's peak resident size on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -225,7 +224,7 @@ class Trainer:
 
     @property
     def base_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
+        return torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
 
     @property
     def lora_dtype(self) -> torch.dtype:
@@ -340,9 +339,9 @@ class Trainer:
         weights.clear()
         if self.accelerator.is_main_process:
             state = {k: v.contiguous() for k, v in lora_state_dict(self.unwrapped).items()}
-            save_file(
-                state, str(Path(output_dir) / STATE_LORA_FILE), metadata={"step": str(self.progress.step)}
-            )
+            metadata = {"step": str(self.progress.step)}
+            metadata.update({name: json.dumps(getattr(self.config, name)) for name in STATE_FIELDS})
+            save_file(state, str(Path(output_dir) / STATE_LORA_FILE), metadata=metadata)
 
     def _load_lora_state(self, models: list, input_dir: str) -> None:
         models.clear()
@@ -390,6 +389,21 @@ class Trainer:
             return None
         with safe_open(str(path), framework="pt") as handle:
             return int((handle.metadata() or {}).get("step", 0))
+
+    def check_state_matches(self) -> None:
+        """Refuse a `state/` saved under other values of the fields it depends on, naming them."""
+        with safe_open(str(self.paths.state / STATE_LORA_FILE), framework="pt") as handle:
+            saved = handle.metadata() or {}
+        changed = [
+            f"{name} {json.loads(saved[name])!r} -> {getattr(self.config, name)!r}"
+            for name in STATE_FIELDS
+            if name in saved and json.loads(saved[name]) != getattr(self.config, name)
+        ]
+        if changed:
+            raise InvalidInputError(
+                f"{self.paths.state} was saved by this run with other settings ({'; '.join(changed)}): "
+                "restore them in run.json to resume, or remove state/ to train from the start"
+            )
 
     def resume(self) -> None:
         """Load `state/` when a previous process of this run left one."""
@@ -468,6 +482,7 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
             self.events.emit("sample", path=path, prompt=prompt, step=self.progress.step)
+            log.info("sample %s (step %d): %s", path.name, self.progress.step, prompt)
         self.sample_vae = vae.to("cpu")
         self.last_sample_step = self.progress.step
         model.train()
@@ -592,11 +607,14 @@ class Trainer:
             self.accelerator.num_processes,
             self.mixed_precision,
         )
-        self.t5_length = 512 if transformer_has_guidance(self.files.transformer) else 256
+        guided = transformer_has_guidance(self.files.transformer, config.pretrained_model)
+        self.t5_length = 512 if guided else 256
         self.cache_started = time.monotonic()
         self.open_cache()
         phases = (self.cache_latents, self.cache_texts, self.load_sample_vae, self.prepare_model, self.resume)
         self.state_step = self.saved_step()
+        if self.state_step is not None:
+            self.check_state_matches()
         for phase in phases:
             if self.stop_requested():
                 return self.interrupted(step=self.state_step)
@@ -611,6 +629,8 @@ class Trainer:
         config = self.config
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         started_at, started_step, paused = time.monotonic(), self.progress.step, 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # report training, not the encoders
         epoch, mine = -1, []
         while self.progress.step < self.total_steps:
             if self.progress.step // self.steps_per_epoch != epoch:
@@ -683,17 +703,3 @@ class Trainer:
         self.events.emit("finished", path=final, step=self.progress.step, epoch=epochs_done)
         log.info("finished: %s", final)
         return "finished"
-
-
-def transformer_has_guidance(path: Path) -> bool:
-    """Whether the transformer is guidance-distilled (dev, T5 length 512) rather than schnell (256)."""
-    if path.is_dir():
-        config_file = path / "transformer" / "config.json"
-        if not config_file.is_file():
-            config_file = path / "config.json"
-        return bool(json.loads(config_file.read_text(encoding="utf-8")).get("guidance_embeds", False))
-    with safe_open(str(path), framework="pt") as handle:
-        names = list(handle.keys())
-    return any(
-        key.endswith(("guidance_in.in_layer.weight", "guidance_embedder.linear_1.weight")) for key in names
-    )

@@ -226,3 +226,53 @@ def test_sigterm_before_the_first_step_exits_promptly_and_restarts(tiny_models: 
     events = read_events(run / "events.jsonl")
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
     assert events[-1]["event"] == "finished" and (run / "output" / "tiny.safetensors").is_file()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has its own SIGTERM handler in place (Linux's SigCgt mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_sigterm_during_start_up_imports_exits_0(tiny_models: Path, tmp_path: Path) -> None:
+    toml = helpers.make_dataset(tmp_path / "data")
+    run = helpers.make_run(
+        tmp_path / "run", models=tiny_models, toml=toml, cache=tmp_path / "cache", max_train_steps=3
+    )
+    process = subprocess.Popen(_trainer(str(run)), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not _catches_sigterm(process.pid):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    maps = Path(f"/proc/{process.pid}/maps").read_text()
+    assert "libtorch" not in maps, "the handler should be in place before torch is imported"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output.decode()
+    events = read_events(run / "events.jsonl")
+    assert [e["event"] for e in events] == ["started", "interrupted"]
+    assert not (run / "output").exists()
+
+
+def test_trainer_stops_gracefully_when_its_launcher_dies(tiny_models: Path, tmp_path: Path) -> None:
+    """A SIGKILLed parent (a launcher killed alone) turns into SIGTERM for the trainer: state, exit 0."""
+    toml = helpers.make_dataset(tmp_path / "data")
+    run = helpers.make_run(
+        tmp_path / "run", models=tiny_models, toml=toml, cache=tmp_path / "cache", max_train_steps=TOTAL
+    )
+    trainer = " ".join(_trainer(str(run)))
+    launcher = subprocess.Popen(["bash", "-c", f"{trainer}; true"], env=ENV, stdout=subprocess.DEVNULL)
+    _wait_for_step(run, 2, launcher)
+    launcher.kill()
+    launcher.wait(timeout=10)
+    deadline = time.monotonic() + 120
+    while not any(e["event"] == "interrupted" for e in read_events(run / "events.jsonl")):
+        assert time.monotonic() < deadline, "the orphaned trainer kept training"
+        time.sleep(0.1)
+    interrupted = read_events(run / "events.jsonl")[-1]
+    assert interrupted["event"] == "interrupted" and interrupted["step"] < TOTAL
+    assert (run / "state").is_dir()

@@ -1,8 +1,10 @@
-"""Cheap checks that a run's model paths hold what the trainer will load, done before a run exists.
+"""Cheap checks that a run's model paths hold what the trainer will load.
 
 Only safetensors headers and config.json files are read, never the weights, so a wrong file (a
 tokenizer folder, a text file renamed `.sft`, the VAE given as the transformer) is refused with a
-422 at `/train` instead of failing the run minutes later.
+422 at `/train` before a run exists, and by the trainer (exit 2) before it caches or loads anything
+when a run directory was written by hand. The module imports no model library, so the service can
+use it without loading diffusers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fluxtrain.errors import InvalidInputError
 from fluxtrain.training.convert import BFL_PREFIXES
 
 SINGLE_FILE_SUFFIXES = (".sft", ".safetensors")
-"""What the loaders in fluxtrain.training.model_files read (not imported: it pulls in diffusers)."""
+GUIDANCE_KEYS = ("guidance_in.in_layer.weight", "guidance_embedder.linear_1.weight")
 TRANSFORMER_KEYS = ("double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.to_q.weight")
 COMPONENT_SUBFOLDERS = {
     "pretrained_model": "transformer",
@@ -107,3 +109,11 @@ def check_model(field: str, path: Path, shown: str) -> None:
         check_transformer(path, shown)
     else:
         check_component(field, path, shown)
+
+
+def transformer_has_guidance(path: Path, shown: str) -> bool:
+    """Whether the transformer is guidance-distilled (dev, T5 length 512) rather than schnell (256)."""
+    check_transformer(path, shown)
+    if path.is_dir():
+        return bool(_folder_config("pretrained_model", path, shown)[1].get("guidance_embeds", False))
+    return any(key.endswith(GUIDANCE_KEYS) for key in _header_keys("pretrained_model", path, shown))
