@@ -571,6 +571,8 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """True on every process when any process got a stop signal."""
+        if self.accelerator.num_processes == 1:
+            return self.stop.requested  # no collective, so no device sync at each step
         flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
