@@ -23,7 +23,7 @@ UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class _RunOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dataset: SafeName | None = Field(
         None, description="Dataset whose `datasets/<name>.toml` is used; defaults to output_name."

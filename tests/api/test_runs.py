@@ -146,6 +146,7 @@ def test_train_runs_to_success_with_status_artifacts_and_events(api: TestClient,
         ({"output_name": "demo", "no_such_field": 1}, 422, "no_such_field"),
         ({"output_name": "demo", "webhook": "ftp://example.com/hook"}, 422, "webhook"),
         ({"output_name": "demo", "webhook": "http://169.254.169.254/hook"}, 422, "webhook"),
+        ({"output_name": "demo", "mixed_precision": "fp16"}, 422, "mixed_precision"),
         ({}, 422, "output_name"),
     ],
 )
@@ -159,6 +160,15 @@ def test_bad_requests_create_no_run_and_no_folder(
         assert str(settings.datasets_dir) in response.text or str(settings.models_root) in response.text
     assert api.get("/runs").json()["runs"] == []
     assert _runs_dir_entries(settings) == []
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(api: TestClient, number: str) -> None:
+    body = '{"output_name": "demo", "learning_rate": ' + number + "}"
+    response = api.post("/train", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "learning_rate" in response.text and "finite number" in response.text
+    assert api.get("/runs").json()["runs"] == []
 
 
 def test_missing_model_names_the_file_and_the_folder(api: TestClient, settings: Settings) -> None:
