@@ -28,9 +28,9 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "HEIF", "AVIF")
 JPEG_QUALITY = 95
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_WHITE = (255, 255, 255, 255)
-# Modes a profile transform reads, and the mode it writes (alpha is carried through).
-_PROFILE_OUTPUT_MODES = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB", "L": "RGB"}
+_WHITE = (255, 255, 255)
+# Modes whose colours an embedded ICC profile describes (alpha is split off first).
+_PROFILE_MODES = frozenset({"RGB", "CMYK", "L"})
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
@@ -84,33 +84,46 @@ def _load_first_frame(image: Image.Image) -> Image.Image:
     return image
 
 
-def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
-    """Apply the embedded profile; one that is unreadable or does not fit the mode is ignored."""
-    if not icc:
-        return image
-    if image.mode in ("P", "PA"):
-        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
-    output_mode = _PROFILE_OUTPUT_MODES.get(image.mode)
-    if output_mode is None:
-        return image
-    try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return ImageCms.profileToProfile(image, source, _SRGB, outputMode=output_mode)
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit and floating-point grey as 8-bit grey; other modes as they are."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-    elif image.mode == "F":
-        image = image.point(lambda value: min(max(value, 0), 255)).convert("L")
-    has_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
-    if has_alpha:
+        return image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode == "F":
+        return image.point(lambda value: min(max(value, 0), 255)).convert("L")
+    return image
+
+
+def _split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """The colour channels and the alpha apart; a transparency key (PNG tRNS) counts as alpha."""
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE)
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        grey = image.mode in ("L", "LA", "La")
+        return rgba.convert("L" if grey else "RGB"), rgba.getchannel("A")
+    if image.mode in _PROFILE_MODES:
+        return image, None
+    return image.convert("RGB"), None
+
+
+def _to_srgb(colour: Image.Image, icc: bytes | None) -> Image.Image:
+    """RGB through the embedded profile; a profile that is unreadable or does not fit is ignored."""
+    if icc and colour.mode in _PROFILE_MODES:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(colour, source, _SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass
+    return colour.convert("RGB")
+
+
+def _to_rgb(image: Image.Image, icc: bytes | None) -> Image.Image:
+    """sRGB pixels, anything transparent composited on white."""
+    colour, alpha = _split_alpha(_eight_bit(image))
+    rgb = _to_srgb(colour, icc)
+    if alpha is None:
+        return rgb
+    background = Image.new("RGB", rgb.size, _WHITE)
+    background.paste(rgb, mask=alpha)
+    return background
 
 
 def normalize_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
@@ -123,7 +136,7 @@ def normalize_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
         except (OSError, ValueError, SyntaxError, KeyError, TypeError):
             upright = frame
         try:
-            rgb = _to_rgb(_to_srgb(upright, icc))
+            rgb = _to_rgb(upright, icc)
         except (OSError, ValueError) as exc:
             raise ImageRejectedError(f"unsupported image mode {upright.mode}: {exc}") from exc
     out = io.BytesIO()

@@ -113,6 +113,56 @@ def swapped_primaries_profile() -> bytes:
     return bytes(profile)
 
 
+def _fixed(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def linear_grey_profile() -> bytes:
+    """A minimal ICC v2 grey display profile with a gamma-1.0 tone curve (D50 white)."""
+    d50 = _fixed(0.9642) + _fixed(1.0) + _fixed(0.8249)
+    text = b"linear grey\0"
+    tags = [
+        (b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 3 + 67)),
+        (b"wtpt", b"XYZ \0\0\0\0" + d50),
+        (b"kTRC", b"curv\0\0\0\0" + struct.pack(">IH", 1, 256)),
+    ]
+    table, body = b"", b""
+    start = 128 + 4 + 12 * len(tags)
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", start + len(body), len(data))
+        body += data
+    header = struct.pack(
+        ">I4s4s4s4s4s", start + len(body), b"lcms", bytes([2, 0x10, 0, 0]), b"mntr", b"GRAY", b"XYZ "
+    )
+    header += bytes(12) + b"acsp" + bytes(24) + d50
+    header += bytes(128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def test_a_grey_profile_applies_with_or_without_alpha_and_at_sixteen_bits() -> None:
+    # Value 100 in linear light is about 169 in sRGB's encoding.
+    grey = Image.new("L", (8, 8), 100)
+    assert close(decoded(encode(grey, "PNG", icc_profile=linear_grey_profile())).getpixel((4, 4)), (169,) * 3)
+    with_alpha = Image.new("LA", (8, 8), (100, 255))
+    with_alpha.paste((100, 0), (0, 0, 4, 8))
+    result = decoded(encode(with_alpha, "PNG", icc_profile=linear_grey_profile()))
+    assert close(result.getpixel((6, 4)), (169,) * 3) and close(result.getpixel((1, 4)), (255, 255, 255))
+    deep = Image.new("I;16", (8, 8), 100 * 257)
+    assert close(decoded(encode(deep, "PNG", icc_profile=linear_grey_profile())).getpixel((4, 4)), (169,) * 3)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_transparency_key_survives_a_profile(mode: str) -> None:
+    image = Image.new(mode, (8, 8), 0)
+    image.paste(200 if mode == "L" else (200, 0, 0), (4, 0, 8, 8))
+    key = 0 if mode == "L" else (0, 0, 0)
+    profile = linear_grey_profile() if mode == "L" else swapped_primaries_profile()
+    result = decoded(encode(image, "PNG", icc_profile=profile, transparency=key))
+    assert close(result.getpixel((1, 4)), (255, 255, 255))
+    assert result.getpixel((6, 4)) != (255, 255, 255)
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
 def test_colours_tagged_with_a_profile_are_converted_to_srgb(fmt: str) -> None:
     tagged = encode(Image.new("RGB", (16, 16), (230, 10, 10)), fmt, icc_profile=swapped_primaries_profile())
