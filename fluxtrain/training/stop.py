@@ -1,9 +1,10 @@
 """Stop requests: SIGTERM / SIGINT, and the death of the process that launched the trainer.
 
 Installed first thing in `python -m fluxtrain.training`, before torch is imported, so a stop sent
-during the seconds of start-up is honoured like any other (state kept, exit 0). On Linux the
-trainer also asks for SIGTERM when its parent dies: under `accelerate launch`, a SIGTERM sent to
-the launcher alone kills it at once, and the trainer would otherwise train on unseen.
+during the seconds of start-up is honoured like any other (state kept, exit 0). Started by a
+launcher (`accelerate launch`, torchrun), the trainer on Linux also asks for SIGTERM when the
+launcher dies: a SIGTERM sent to the launcher alone kills it at once, and the trainer would
+otherwise train on unseen. Started by hand (`python -m ...` under nohup), it outlives its shell.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import sys
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+# Set in the trainer's environment by `accelerate launch` and by torchrun respectively.
+LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
 
 
 def _signal_on_parent_death() -> bool:
-    """Ask the kernel for SIGTERM when the parent dies; False where that is not available."""
-    if not sys.platform.startswith("linux"):
+    """Under a launcher, ask the kernel for SIGTERM when it dies; False when not asked."""
+    if not sys.platform.startswith("linux") or not any(name in os.environ for name in LAUNCHER_VARIABLES):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)

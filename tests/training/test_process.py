@@ -265,7 +265,8 @@ def test_trainer_stops_gracefully_when_its_launcher_dies(tiny_models: Path, tmp_
         tmp_path / "run", models=tiny_models, toml=toml, cache=tmp_path / "cache", max_train_steps=TOTAL
     )
     trainer = " ".join(_trainer(str(run)))
-    launcher = subprocess.Popen(["bash", "-c", f"{trainer}; true"], env=ENV, stdout=subprocess.DEVNULL)
+    launched = {**ENV, "ACCELERATE_MIXED_PRECISION": "no"}  # what `accelerate launch` sets for its child
+    launcher = subprocess.Popen(["bash", "-c", f"{trainer}; true"], env=launched, stdout=subprocess.DEVNULL)
     _wait_for_step(run, 2, launcher)
     launcher.kill()
     launcher.wait(timeout=10)
@@ -276,3 +277,21 @@ def test_trainer_stops_gracefully_when_its_launcher_dies(tiny_models: Path, tmp_
     interrupted = read_events(run / "events.jsonl")[-1]
     assert interrupted["event"] == "interrupted" and interrupted["step"] < TOTAL
     assert (run / "state").is_dir()
+
+
+def test_a_trainer_started_by_hand_outlives_its_shell(tiny_models: Path, tmp_path: Path) -> None:
+    toml = helpers.make_dataset(tmp_path / "data")
+    run = helpers.make_run(
+        tmp_path / "run", models=tiny_models, toml=toml, cache=tmp_path / "cache", max_train_steps=4
+    )
+    trainer = " ".join(_trainer(str(run)))
+    shell = subprocess.run(["bash", "-c", f"nohup {trainer} >/dev/null 2>&1 & sleep 1; exit 0"], env=ENV)
+    assert shell.returncode == 0
+    deadline = time.monotonic() + 120
+    while not (events := read_events(run / "events.jsonl")) or events[-1]["event"] not in (
+        "finished",
+        "interrupted",
+    ):
+        assert time.monotonic() < deadline, "the trainer neither finished nor stopped"
+        time.sleep(0.1)
+    assert events[-1]["event"] == "finished"
