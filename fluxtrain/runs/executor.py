@@ -44,6 +44,7 @@ ERROR_LOG_LINES = 20
 CPU_SLOT = "cpu"
 TRANSIENT_LAUNCH_ERRORS: tuple[type[BaseException], ...] = (UnavailableError, ConnectionError, TimeoutError)
 MAX_LAUNCH_DELAY_S = 60.0
+LAUNCH_ERROR_CHARS = 300
 
 
 def make_backend(settings: Settings) -> TrainerBackend:
@@ -386,8 +387,15 @@ class Executor:
             started_at=run.started_at,
             launch_retry_at=now + delay,
             launch_failing_since=since,
-            launch_error=str(exc) or type(exc).__name__,
+            launch_error=short_error(exc),
         )
+
+
+def short_error(exc: BaseException, limit: int = LAUNCH_ERROR_CHARS) -> str:
+    """A launch error as one short line: backends may put whole tracebacks in their messages."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def start_executor(settings: Settings) -> Executor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,10 @@ def final_lora(folder: Path, output_name: str) -> Path:
 
 
 def _waiting(run: Run) -> str | None:
+    """Why a queued run waits, while a retry of its failed launch is still ahead."""
     if run.status != "queued" or run.launch_error is None or run.launch_retry_at is None:
+        return None
+    if run.launch_retry_at <= time.time():
         return None
     retry_at = datetime.fromtimestamp(run.launch_retry_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"could not start the trainer ({run.launch_error}); trying again at {retry_at}"

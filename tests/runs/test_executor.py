@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from fluxtrain.errors import UnavailableError
 from fluxtrain.runs.backend import LaunchSpec
-from fluxtrain.runs.executor import Executor
+from fluxtrain.runs.executor import Executor, short_error
 from fluxtrain.runs.launcher import LocalBackend, _parse
 from fluxtrain.runs.models import Run, utcnow
 from fluxtrain.runs.service import cancel_run, get_run
@@ -193,6 +193,23 @@ def test_transient_launch_failure_requeues_then_starts(run_settings, db, fake_tr
     assert backend.launches == 3 and done.attempts == 1
     assert done.launch_retry_at is None and done.launch_failing_since is None
     assert done.launch_error is None and build_status(run_settings, done).waiting is None
+
+
+def test_waiting_shows_one_short_line_and_only_until_the_retry(run_settings, db, submit) -> None:
+    run = submit("demo")
+    error = "cluster down: " + "x" * 1000 + "\nTraceback (most recent call last): ..."
+    with db.session() as session:
+        session.execute(
+            update(Run)
+            .where(Run.id == run.id)
+            .values(launch_error=short_error(RuntimeError(error)), launch_retry_at=time.time() + 30)
+        )
+    waiting = build_status(run_settings, get_run(db=db, run_id=run.id)).waiting
+    assert waiting.startswith("could not start the trainer (cluster down: xxx")
+    assert "Traceback" not in waiting and len(waiting) < 400
+    with db.session() as session:
+        session.execute(update(Run).where(Run.id == run.id).values(launch_retry_at=time.time() - 1))
+    assert build_status(run_settings, get_run(db=db, run_id=run.id)).waiting is None
 
 
 def test_launch_that_stays_unavailable_fails_with_the_reason(run_settings, db, fake_trainer, submit, drive):
