@@ -4,9 +4,9 @@ The file is read by `fluxtrain.dataset_config` (kohya's cascade of `[general]`, 
 and `[[datasets.subsets]]` resolved there).
 Captions come from `<stem><caption_extension>` next to each image (with kohya's default `.caption`,
 a `.txt` counts too: fluxtrain writes those), or the subset's `class_tokens` (the trigger word)
-when that file is missing. With `shuffle_caption` the
-comma-separated tags after the first `keep_tokens` are shuffled; since text-encoder outputs are
-cached, each caption gets a fixed set of shuffled variants and a step picks one of them.
+when that file is missing. With `shuffle_caption` the comma-separated tags after the first
+`keep_tokens` are shuffled; since text-encoder outputs are cached, each caption gets a fixed set
+of shuffled variants and a step picks one of them.
 `color_aug` and `random_crop` are refused (`check_dataset_options`): latents are cached too.
 """
 
