@@ -31,6 +31,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training import model_files as loading
@@ -146,6 +147,18 @@ def load_lora_transformer(
         transformer.enable_gradient_checkpointing()
     transformer.to(device).train()
     return transformer, params
+
+
+def exclude_frozen_from_ddp(model: torch.nn.Module) -> list[str]:
+    """Keep DDP to the LoRA: it would otherwise broadcast every frozen weight from process 0 at start.
+
+    Every process loads the same frozen weights from the same file, so the broadcast (all 12 B
+    parameters of FLUX.1-dev, across hosts too) would only send them what they already hold.
+    """
+    names = [name for name, param in model.named_parameters() if not param.requires_grad]
+    names += [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
 
 
 def launched_processes() -> int:
@@ -330,6 +343,9 @@ class Trainer:
             warmup_steps=self.config.lr_warmup_steps,
             total_steps=self.total_steps,
         )
+        if self.accelerator.num_processes > 1:
+            left_out = exclude_frozen_from_ddp(transformer)
+            log.info("data parallel over the LoRA only: %d frozen tensors not broadcast", len(left_out))
         self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
         self.accelerator.register_save_state_pre_hook(self._save_lora_state)

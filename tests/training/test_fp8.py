@@ -12,6 +12,7 @@ from torch import nn
 from fluxtrain.training.fp8 import STORAGE_DTYPE, Float8Linear, store_float8
 from fluxtrain.training.lora import add_lora
 from fluxtrain.training.model_files import load_transformer
+from fluxtrain.training.trainer import exclude_frozen_from_ddp
 
 BF16 = torch.bfloat16
 
@@ -90,3 +91,12 @@ def test_backward_keeps_no_bf16_copy_of_a_float8_weight(base: nn.Module, bench, 
     assert saved and copies == []
     loss.backward()
     assert all(p.grad is not None for name, p in base.named_parameters() if "lora_" in name)
+
+
+def test_ddp_leaves_the_float8_base_out_of_its_broadcast(base: nn.Module) -> None:
+    params = add_lora(base, rank=4, alpha=4.0, dtype=torch.float32, fp8_base=True)
+    left_out = exclude_frozen_from_ddp(base)
+    assert base._ddp_params_and_buffers_to_ignore == left_out
+    assert not any("lora_" in name for name in left_out)
+    frozen = [name for name, p in base.named_parameters() if not p.requires_grad]
+    assert set(frozen) <= set(left_out) and len(frozen) + len(params) == len(list(base.parameters()))

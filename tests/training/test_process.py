@@ -161,6 +161,7 @@ def test_data_parallel_over_two_cpu_processes(tiny_models: Path, tmp_path: Path)
     ]
     assert not (run / "state.tmp").exists() and not (run / "state.old").exists()
     assert "LoRA weights identical on all 2 processes" in result.stdout
+    assert "data parallel over the LoRA only" in result.stdout
     assert result.stdout.count("finished: ") == 1
 
 
