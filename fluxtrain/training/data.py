@@ -74,9 +74,13 @@ def shuffled_captions(caption: str, *, shuffle: bool, keep_tokens: int, seed: st
     return list(dict.fromkeys(variants))
 
 
-def _read_caption(image_path: Path, extension: str) -> str | None:
-    """The image's caption; with kohya's default extension a `.txt` (what fluxtrain writes) counts too."""
-    extensions = (extension, ".txt") if extension == KOHYA_CAPTION_EXTENSION else (extension,)
+def _caption_extensions(extension: str) -> tuple[str, ...]:
+    """Where captions are looked for; with kohya's default extension a `.txt` (what fluxtrain writes) too."""
+    extension = extension if extension.startswith(".") else "." + extension
+    return (extension, ".txt") if extension == KOHYA_CAPTION_EXTENSION else (extension,)
+
+
+def _read_caption(image_path: Path, extensions: tuple[str, ...]) -> str | None:
     for suffix in extensions:
         caption_path = image_path.with_suffix(suffix)
         if caption_path.is_file():
@@ -125,15 +129,13 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
             class_tokens = subset.class_tokens or ""
             if class_tokens:
                 trigger_words.append(class_tokens)
-            extension = subset.caption_extension
-            if not extension.startswith("."):
-                extension = "." + extension
+            extensions = _caption_extensions(subset.caption_extension)
             uncaptioned = 0
             for path in sorted(subset.image_dir.iterdir()):
                 if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
                     continue
                 sha = hashlib.sha256(path.read_bytes()).hexdigest()
-                caption = _read_caption(path, extension)
+                caption = _read_caption(path, extensions)
                 if caption is None:
                     caption, uncaptioned = class_tokens, uncaptioned + 1
                 size = _image_size(path)
@@ -160,7 +162,7 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
                     s_index,
                     uncaptioned,
                     subset.image_dir,
-                    extension,
+                    " or ".join(extensions),
                     class_tokens,
                 )
     if not images:
