@@ -1,10 +1,11 @@
-"""Atomic file writes: readers see the old file or the new one, never a partial one."""
+"""Atomic file writes (readers see the old file or the new one, never a partial one) and tail reads."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +35,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def tail_lines(path: Path, count: int, *, block: int = 65536) -> list[str]:
+    """The last `count` lines of a text file, read from its end."""
+    if count <= 0 or not path.is_file():
+        return []
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        position = handle.tell()
+        data = b""
+        while position > 0 and data.count(b"\n") <= count:
+            step = min(block, position)
+            position -= step
+            handle.seek(position)
+            data = handle.read(step) + data
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return list(deque(lines, maxlen=count))

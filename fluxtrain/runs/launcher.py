@@ -12,11 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 import psutil
 
+from fluxtrain.fsutil import tail_lines
 from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState
 
 LOG_NAME = "train.log"
@@ -33,23 +33,6 @@ def visible_gpus(setting: str) -> list[str]:
     import torch
 
     return [str(index) for index in range(torch.cuda.device_count())]
-
-
-def tail_lines(path: Path, count: int, *, block: int = 65536) -> list[str]:
-    """The last `count` lines of a text file, read from its end."""
-    if count <= 0 or not path.is_file():
-        return []
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        position = handle.tell()
-        data = b""
-        while position > 0 and data.count(b"\n") <= count:
-            step = min(block, position)
-            position -= step
-            handle.seek(position)
-            data = handle.read(step) + data
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    return list(deque(lines, maxlen=count))
 
 
 class LocalBackend:

@@ -31,9 +31,9 @@ from pathlib import Path
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from fluxtrain.errors import InvalidInputError, UnavailableError
-from fluxtrain.fsutil import atomic_write_text
+from fluxtrain.fsutil import atomic_write_text, tail_lines
 from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState
-from fluxtrain.runs.launcher import LOG_NAME, TRAINER_ENTRY, tail_lines
+from fluxtrain.runs.launcher import LOG_NAME, TRAINER_ENTRY
 from fluxtrain.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fluxtrain.runs.launcher import LOG_NAME, tail_lines
+from fluxtrain.fsutil import tail_lines
+from fluxtrain.runs.launcher import LOG_NAME
 from fluxtrain.runs.models import Run
 from fluxtrain.runs.schemas import OutputFile, Progress, RunStatusOut
 from fluxtrain.settings import Settings

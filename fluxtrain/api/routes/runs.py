@@ -12,10 +12,11 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from fluxtrain.api.deps import SettingsDep
 from fluxtrain.errors import InvalidInputError, NotFoundError
+from fluxtrain.fsutil import tail_lines
 from fluxtrain.names import check_name
 from fluxtrain.runs import service
 from fluxtrain.runs.db import Database, get_database
-from fluxtrain.runs.launcher import LOG_NAME, tail_lines
+from fluxtrain.runs.launcher import LOG_NAME
 from fluxtrain.runs.models import TERMINAL_STATUSES
 from fluxtrain.runs.schemas import (
     Artifact,
