@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json
+from fluxtrain.model_paths import MODEL_FIELDS, resolve_model_path
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.launcher import visible_gpus
 from fluxtrain.runs.models import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
@@ -26,26 +27,12 @@ from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training
 from fluxtrain.training.model_checks import check_model
 
-MODEL_FIELDS = ("pretrained_model", "clip_l", "t5xxl", "ae")
 MAX_LIST_LIMIT = 1000
 
 
 @lru_cache
 def _local_gpus(setting: str) -> tuple[str, ...]:
     return tuple(visible_gpus(setting))
-
-
-def _model_path(models_root: Path, field: str, value: str) -> Path:
-    root = models_root.resolve()
-    if Path(value).is_absolute():
-        raise InvalidInputError(f"{field}: '{value}' must be a path relative to the models folder")
-    path = (root / value).resolve()
-    if not path.is_relative_to(root) or path == root:
-        raise InvalidInputError(f"{field}: '{value}' leaves the models folder")
-    if not path.exists():
-        raise NotFoundError(f"{field}: model file '{value}' not found in {root}")
-    check_model(field, path, value)
-    return path
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -63,7 +50,7 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
         raise NotFoundError(f"dataset config '{dataset}.toml' not found in {settings.datasets_dir}")
     check_dataset_for_training(toml)
     for field in MODEL_FIELDS:
-        _model_path(settings.models_root, field, fields[field])
+        check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])
     webhook = getattr(request, "webhook", None)
     if webhook:
         check_webhook(webhook, settings)

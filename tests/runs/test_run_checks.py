@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +114,21 @@ def test_timestamps_come_out_in_utc_with_an_offset(
             text("UPDATE runs SET created_at = '2025-01-02 03:04:05.000006' WHERE id = :id"), {"id": run.id}
         )
     assert get_run(db=db, run_id=run.id).created_at.isoformat() == "2025-01-02T03:04:05.000006+00:00"
+
+
+def test_train_follows_a_link_the_administrator_placed_in_the_models_folder(
+    run_settings: Settings, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared-mount"
+    shared.mkdir()
+    (run_settings.models_root / "ae.sft").rename(shared / "ae.sft")
+    (run_settings.models_root / "ae.sft").symlink_to(shared / "ae.sft")
+    (run_settings.models_root / "mount").symlink_to(shared, target_is_directory=True)
+    _check(run_settings)
+    _check(run_settings, ae="mount/ae.sft")
+
+
+@pytest.mark.parametrize("value", ["../ae.sft", "mount/../../ae.sft"])
+def test_train_refuses_a_path_that_climbs_out_by_its_text(run_settings: Settings, value: str) -> None:
+    with pytest.raises(InvalidInputError, match=f"ae: '{re.escape(value)}' leaves the models folder"):
+        _check(run_settings, ae=value)
