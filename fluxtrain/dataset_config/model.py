@@ -84,10 +84,10 @@ class DatasetSection(SubsetOptions, DatasetOptions):
 
 
 class KohyaDatasetToml(_Section):
-    """The whole file: `[general]` and one or more `[[datasets]]`."""
+    """The whole file: `[general]` and `[[datasets]]`; training needs at least one dataset."""
 
     general: GeneralSection = Field(default_factory=GeneralSection)
-    datasets: list[DatasetSection] = Field(min_length=1)
+    datasets: list[DatasetSection] = Field(default_factory=list)
 
 
 class SubsetSpec(BaseModel):
@@ -138,16 +138,39 @@ def _pick(key: str, *sections: BaseModel) -> object:
     return KOHYA_DEFAULTS[key]
 
 
+def _subset_values(*sections: BaseModel) -> dict[str, object]:
+    """Kohya's cascade for a subset's keys: the first section (subset, dataset, general) that sets one."""
+    return {key: _pick(key, *sections) for key in SubsetOptions.model_fields}
+
+
+def cascaded_subset_options(document: KohyaDatasetToml) -> dict[str, dict[str, object]]:
+    """Every subset's options after the cascade, keyed by where it sits (`datasets[0].subsets[1]`).
+
+    A file with no dataset yet yields its `[general]` alone, so a check of these options can
+    name the section that sets them before the rest of the file is complete.
+    """
+    general = document.general
+    if not document.datasets:
+        return {"[general]": _subset_values(general)}
+    return {
+        f"datasets[{d_index}].subsets[{s_index}]": _subset_values(subset, dataset, general)
+        for d_index, dataset in enumerate(document.datasets)
+        for s_index, subset in enumerate(dataset.subsets)
+    }
+
+
 def resolve_document(document: KohyaDatasetToml, *, path: Path) -> DatasetConfigFile:
     """Apply kohya's fallbacks; a relative `image_dir` is taken from the TOML's own folder."""
     general = document.general
+    if not document.datasets:
+        raise InvalidInputError("datasets: the file has no [[datasets]] table; training needs one")
     datasets: list[DatasetSpec] = []
     for index, dataset in enumerate(document.datasets):
         resolution = _pick_resolution(dataset, general, index=index)
         subsets = [
             SubsetSpec(
                 image_dir=(path.parent / subset.image_dir).resolve(),
-                **{key: _pick(key, subset, dataset, general) for key in SubsetOptions.model_fields},
+                **_subset_values(subset, dataset, general),
             )
             for subset in dataset.subsets
         ]

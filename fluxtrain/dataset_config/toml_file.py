@@ -44,10 +44,19 @@ def parse_dataset_toml(text: str) -> KohyaDatasetToml:
         raise InvalidInputError(f"dataset config is not a valid kohya dataset TOML: {problems}") from exc
 
 
-def load_dataset_config(path: Path) -> DatasetConfigFile:
-    """Read a dataset TOML (ours or hand-written for kohya) with every inherited key resolved."""
-    path = Path(path).resolve()
+def read_dataset_toml(path: Path) -> KohyaDatasetToml:
+    """Read a dataset TOML file (ours or hand-written for kohya), each section checked, unresolved."""
+    path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"dataset config '{path}' does not exist")
-    document = parse_dataset_toml(path.read_text(encoding="utf-8"))
-    return resolve_document(document, path=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"dataset config {path.name} cannot be read: {exc}") from exc
+    return parse_dataset_toml(text)
+
+
+def load_dataset_config(path: Path) -> DatasetConfigFile:
+    """Read a dataset TOML with every inherited key resolved: what the trainer uses."""
+    path = Path(path).resolve()
+    return resolve_document(read_dataset_toml(path), path=path)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from fluxtrain.dataset_config.service import dataset_config_path
 from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json
 from fluxtrain.model_paths import MODEL_FIELDS, resolve_model_path
@@ -45,9 +46,9 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     """Turn a request into the run's config, or raise the 404/422 that explains why not."""
     fields = request_fields(request)
     dataset = getattr(request, "dataset", None) or fields["output_name"]
-    toml = settings.datasets_dir / f"{dataset}.toml"
+    toml = dataset_config_path(settings, dataset)
     if not toml.is_file():
-        raise NotFoundError(f"dataset config '{dataset}.toml' not found in {settings.datasets_dir}")
+        raise NotFoundError(f"dataset config '{toml.name}' not found in {settings.datasets_dir}")
     check_dataset_for_training(toml)
     for field in MODEL_FIELDS:
         check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])

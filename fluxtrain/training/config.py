@@ -7,13 +7,13 @@ where the seed is silent, so its users' settings carry over.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fluxtrain.dataset_config.model import DatasetConfigFile
+from fluxtrain.dataset_config.model import DatasetConfigFile, cascaded_subset_options
+from fluxtrain.dataset_config.toml_file import read_dataset_toml
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.names import SafeName
 
@@ -135,7 +135,13 @@ def load_config(path: Path) -> TrainConfig:
         raise InvalidInputError(f"invalid {path.name}: {problems}") from exc
 
 
-def _refuse_per_step_pixel_keys(name: str, found: list[str]) -> None:
+def _refuse_per_step_pixel_keys(name: str, options: dict[str, dict[str, Any]]) -> None:
+    """Refuse subset keys the cached-latent trainer cannot honour instead of ignoring them silently."""
+    found = []
+    for where, values in options.items():
+        keys = [key for key in PER_STEP_PIXEL_KEYS if values.get(key) is True]
+        if keys:
+            found.append(f"{where} sets {' and '.join(keys)}")
     if found:
         raise InvalidInputError(
             f"dataset config {name}: {'; '.join(found)}. color_aug and random_crop change the pixels at "
@@ -144,48 +150,22 @@ def _refuse_per_step_pixel_keys(name: str, found: list[str]) -> None:
         )
 
 
-def _subset_keys(values: dict[str, Any]) -> str | None:
-    keys = [key for key in PER_STEP_PIXEL_KEYS if values.get(key) is True]
-    return " and ".join(keys) if keys else None
-
-
 def check_dataset_options(dataset: DatasetConfigFile) -> None:
-    """Refuse subset keys the cached-latent trainer cannot honour instead of ignoring them silently."""
-    found = []
-    for d_index, spec in enumerate(dataset.datasets):
-        for s_index, subset in enumerate(spec.subsets):
-            if keys := _subset_keys(subset.model_dump()):
-                found.append(f"datasets[{d_index}].subsets[{s_index}] sets {keys}")
-    _refuse_per_step_pixel_keys(dataset.path.name, found)
+    """The trainer's check of a resolved dataset config."""
+    options = {
+        f"datasets[{d_index}].subsets[{s_index}]": subset.model_dump()
+        for d_index, spec in enumerate(dataset.datasets)
+        for s_index, subset in enumerate(spec.subsets)
+    }
+    _refuse_per_step_pixel_keys(dataset.path.name, options)
 
 
 def check_dataset_for_training(toml_path: Path) -> None:
-    """Refuse a dataset TOML with options the trainer cannot honour, before a run exists.
+    """`/train`'s check of a dataset TOML, before a run exists.
 
-    Only those options are judged here, through kohya's cascade (subset over dataset over
-    `[general]`); the rest of the file is checked in full when the trainer reads it.
+    The file is read and its sections checked; the per-step options are judged through kohya's
+    cascade. What only matters once training starts (a resolution, the image folders) is the
+    trainer's to check.
     """
-    try:
-        document = tomllib.loads(Path(toml_path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidInputError(f"dataset config {Path(toml_path).name} cannot be read: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidInputError(f"dataset config {Path(toml_path).name} is not valid TOML: {exc}") from exc
-
-    def table(value: Any) -> dict[str, Any]:
-        return value if isinstance(value, dict) else {}
-
-    def tables(value: Any) -> list[dict[str, Any]]:
-        return [table(item) for item in value] if isinstance(value, list) else []
-
-    general = table(document.get("general"))
-    datasets = tables(document.get("datasets"))
-    found = []
-    if not datasets and (keys := _subset_keys(general)):
-        found.append(f"[general] sets {keys}")
-    for d_index, dataset in enumerate(datasets):
-        subsets = tables(dataset.get("subsets")) or [{}]
-        for s_index, subset in enumerate(subsets):
-            if keys := _subset_keys({**general, **dataset, **subset}):
-                found.append(f"datasets[{d_index}].subsets[{s_index}] sets {keys}")
-    _refuse_per_step_pixel_keys(Path(toml_path).name, found)
+    document = read_dataset_toml(toml_path)
+    _refuse_per_step_pixel_keys(Path(toml_path).name, cascaded_subset_options(document))

@@ -43,3 +43,18 @@ def test_train_names_random_crop_of_a_hand_written_subset(client: TestClient, se
     response = client.post("/train", json={"output_name": "out", "dataset": "hand"})
     assert response.status_code == 422, response.text
     assert "datasets[0].subsets[0] sets random_crop" in str(response.json())
+
+
+def test_train_refuses_a_key_kohya_does_not_know_before_a_run_exists(
+    client: TestClient, settings: Settings
+) -> None:
+    settings.datasets_dir.mkdir(parents=True)
+    (settings.datasets_dir / "typo.toml").write_text(
+        '[[datasets]]\nresolution = 512\n\n[[datasets.subsets]]\nimage_dir = "/data/x"\nflip_agu = true\n',
+        encoding="utf-8",
+    )
+    _models(settings)
+    response = client.post("/train", json={"output_name": "out", "dataset": "typo"})
+    assert response.status_code == 422, response.text
+    assert "flip_agu" in str(response.json())
+    assert not settings.runs_dir.exists() or not any(settings.runs_dir.iterdir())

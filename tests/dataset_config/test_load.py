@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fluxtrain.dataset_config.toml_file import load_dataset_config
+from fluxtrain.dataset_config.model import cascaded_subset_options
+from fluxtrain.dataset_config.toml_file import load_dataset_config, read_dataset_toml
 from fluxtrain.errors import InvalidInputError, NotFoundError
 
 KOHYA_EXAMPLE = """
@@ -119,3 +120,24 @@ def test_invalid_files_are_refused_with_the_reason(tmp_path: Path, text: str, me
 def test_missing_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError):
         load_dataset_config(tmp_path / "nope.toml")
+
+
+def test_the_cascade_of_subset_options_is_the_one_the_trainer_resolves(tmp_path: Path) -> None:
+    path = _write(tmp_path, KOHYA_EXAMPLE)
+    options = cascaded_subset_options(read_dataset_toml(path))
+    loaded = load_dataset_config(path)
+    resolved = {
+        f"datasets[{d}].subsets[{s}]": subset.model_dump(exclude={"image_dir"})
+        for d, dataset in enumerate(loaded.datasets)
+        for s, subset in enumerate(dataset.subsets)
+    }
+    assert options == resolved
+    assert options["datasets[0].subsets[1]"]["keep_tokens"] == 3
+    assert options["datasets[0].subsets[0]"]["keep_tokens"] == 2
+    assert options["datasets[1].subsets[0]"]["keep_tokens"] == 1
+
+
+def test_a_file_without_datasets_cascades_its_general_section(tmp_path: Path) -> None:
+    options = cascaded_subset_options(read_dataset_toml(_write(tmp_path, "[general]\nflip_aug = true\n")))
+    assert list(options) == ["[general]"] and options["[general]"]["flip_aug"] is True
+    assert options["[general]"]["num_repeats"] == 1
