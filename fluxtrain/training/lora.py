@@ -20,9 +20,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fluxtrain.training.fp8 import FLOAT8_DTYPES, store_float8
+from fluxtrain.training.precision import FP8_COMPUTE_DTYPE
 
 ADAPTER_NAME = "default"
-FP8_COMPUTE_DTYPE = torch.bfloat16
 DOUBLE_BLOCK_TARGETS = (
     "attn.to_q",
     "attn.to_k",

@@ -48,9 +48,10 @@ from fluxtrain.training.flow import (
     sample_timesteps,
     text_ids,
 )
-from fluxtrain.training.lora import FP8_COMPUTE_DTYPE, add_lora, load_lora_state_dict, lora_state_dict
+from fluxtrain.training.lora import add_lora, load_lora_state_dict, lora_state_dict
 from fluxtrain.training.model_checks import check_model, transformer_has_guidance
 from fluxtrain.training.optim import build_optimizer, build_scheduler
+from fluxtrain.training.precision import FP8_COMPUTE_DTYPE, run_precision
 from fluxtrain.training.sampling import generate, sample_path
 from fluxtrain.training.stop import StopFlag
 
@@ -225,9 +226,14 @@ class Trainer:
             settings = get_settings()
         self.models_root = config.models_root or settings.models_root
         self.cache_root = config.cache_dir or settings.cache_dir
-        self.mixed_precision = config.resolved_mixed_precision
-        self.accelerator = make_accelerator(self.mixed_precision)
+        self.accelerator = make_accelerator(config.resolved_mixed_precision)
         self.device = self.accelerator.device
+        self.precision = run_precision(
+            mixed_precision=config.resolved_mixed_precision,
+            full_bf16=config.full_bf16,
+            fp8_base=config.fp8_base,
+            device=self.device,
+        )
         self.events = EventLog(self.paths.events, enabled=self.accelerator.is_main_process)
         self.progress = Progress()
         self.last_sample_step = -1
@@ -235,30 +241,18 @@ class Trainer:
 
     # --- set-up -----------------------------------------------------------------------------------
 
-    @property
-    def base_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
-
-    @property
-    def lora_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.config.full_bf16 else torch.float32
-
-    @property
-    def encoder_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-
     def _load_text_encoders(self) -> TextEncoders:
         log.info("loading text encoders")
         clip, clip_tok = loading.load_clip(
             self.files.clip_l,
             tokenizer_dir=self.files.clip_tokenizer,
-            dtype=self.encoder_dtype,
+            dtype=self.precision.encoder,
             device=self.device,
         )
         t5, t5_tok = loading.load_t5(
             self.files.t5xxl,
             tokenizer_dir=self.files.t5_tokenizer,
-            dtype=self.encoder_dtype,
+            dtype=self.precision.encoder,
             device=self.device,
         )
         return TextEncoders(
@@ -267,7 +261,7 @@ class Trainer:
 
     def _load_vae(self):
         log.info("loading autoencoder")
-        return loading.load_autoencoder(self.files.ae, dtype=torch.float32, device=self.device)
+        return loading.load_autoencoder(self.files.ae, dtype=self.precision.autoencoder, device=self.device)
 
     def _all_captions(self) -> list[str]:
         captions = [c for image in self.data.images for c in image.captions]
@@ -328,8 +322,8 @@ class Trainer:
             self.files.transformer,
             rank=self.config.network_dim,
             alpha=self.config.network_alpha,
-            base_dtype=self.base_dtype,
-            lora_dtype=self.lora_dtype,
+            base_dtype=self.precision.base,
+            lora_dtype=self.precision.lora,
             fp8_base=self.config.fp8_base,
             gradient_checkpointing=self.config.gradient_checkpointing,
             device=self.device,
@@ -456,7 +450,7 @@ class Trainer:
             save_format=config.save_format,
             rank=config.network_dim,
             alpha=config.network_alpha,
-            dtype=torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32,
+            dtype=self.precision.export,
             metadata=metadata,
             config=self.unwrapped.config,
         )
@@ -490,7 +484,7 @@ class Trainer:
                     guidance_scale=self.config.sample_guidance_scale,
                     seed=self.config.seed + index,
                     device=self.device,
-                    dtype=self.compute_dtype,
+                    dtype=self.precision.compute,
                 )
             path = sample_path(
                 self.paths.samples, output_name=self.config.output_name, step=self.progress.step, index=index
@@ -505,10 +499,6 @@ class Trainer:
         _free_device_memory()
 
     # --- the loop ---------------------------------------------------------------------------------
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return FP8_COMPUTE_DTYPE if self.config.fp8_base else self.base_dtype
 
     def load_batch(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Cached latents and text outputs of one batch, with this step's flips and captions."""
@@ -537,7 +527,7 @@ class Trainer:
             sigmoid_scale=self.config.sigmoid_scale,
             generator=generator,
         )
-        device, dtype = self.device, self.compute_dtype
+        device, dtype = self.device, self.precision.compute
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         model_input = pack_latents(noisy_latents(x0, noise, t)).to(dtype)
         height, width = x0.shape[-2:]
@@ -613,7 +603,7 @@ class Trainer:
             buckets={f"{w}x{h}": n for (w, h), n in sorted(self.data.buckets.items())},
             num_processes=self.accelerator.num_processes,
             device=str(self.device),
-            mixed_precision=self.mixed_precision,
+            mixed_precision=self.precision.mixed_precision,
         )
         log.info(
             "%d images, %d steps (%d epochs of %d steps) on %s x%d, mixed precision %s",
@@ -623,7 +613,7 @@ class Trainer:
             self.steps_per_epoch,
             self.device,
             self.accelerator.num_processes,
-            self.mixed_precision,
+            self.precision.mixed_precision,
         )
         guided = transformer_has_guidance(self.files.transformer, config.pretrained_model)
         self.t5_length = 512 if guided else 256
