@@ -17,27 +17,29 @@ import hashlib
 import json
 import logging
 import math
-import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel
 
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training import model_files as loading
 from fluxtrain.training.cache import FeatureCache, LatentKey, TextEncoders, file_identity
 from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig
 from fluxtrain.training.data import epoch_batches, load_training_data
+from fluxtrain.training.distributed import (
+    any_process_stopped,
+    check_replicas_agree,
+    exclude_frozen_from_ddp,
+    make_accelerator,
+    peak_memory_mb,
+)
 from fluxtrain.training.events import EventLog
 from fluxtrain.training.export import lora_metadata, save_lora
 from fluxtrain.training.flow import (
@@ -56,9 +58,6 @@ from fluxtrain.training.sampling import generate, sample_path
 from fluxtrain.training.stop import StopFlag
 
 log = logging.getLogger("fluxtrain.training")
-# Other processes wait in a collective while the main one encodes the whole dataset into the cache
-# (with T5-XXL, minutes for a large set); NCCL's default would give up after 10 minutes.
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
 STATE_LORA_FILE = "lora_state.safetensors"
 # run.json fields a saved state depends on: the adapter's shapes and scale, the optimizer's state.
 STATE_FIELDS = ("network_dim", "network_alpha", "optimizer", "full_bf16")
@@ -150,58 +149,10 @@ def load_lora_transformer(
     return transformer, params
 
 
-def exclude_frozen_from_ddp(model: torch.nn.Module) -> list[str]:
-    """Keep DDP to the LoRA: it would otherwise broadcast every frozen weight from process 0 at start.
-
-    Every process loads the same frozen weights from the same file, so the broadcast (all 12 B
-    parameters of FLUX.1-dev, across hosts too) would only send them what they already hold.
-    """
-    names = [name for name, param in model.named_parameters() if not param.requires_grad]
-    names += [name for name, _ in model.named_buffers()]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    return names
-
-
-def launched_processes() -> int:
-    """How many processes the launcher (torchrun, `accelerate launch`, MPI) started for this run."""
-    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
-
-
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """accelerate's state for this process; several processes without CUDA train over gloo on the CPU.
-
-    accelerate only sets up CPU data parallelism when told to use the CPU, so without that flag N
-    processes started by torchrun on a GPU-less host would each train alone on the same run
-    directory; a launch that still ends up like that is refused.
-    """
-    world = launched_processes()
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        cpu=world > 1 and not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
-    )
-    if accelerator.num_processes != world:
-        raise RuntimeError(
-            f"launched as {world} processes but accelerate set up {accelerator.num_processes}: "
-            "each would train alone on the same run directory"
-        )
-    return accelerator
-
-
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The CPU generator of one step on one process."""
     digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory since training began, or the process's peak resident size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _free_device_memory() -> None:
@@ -554,33 +505,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(self.accelerator.gather(loss.detach()).mean())
 
-    def check_replicas_agree(self) -> None:
-        """Refuse to save one process's LoRA as the run's when the processes' copies have drifted apart.
-
-        Data parallel training averages the gradients over all processes, so every copy of the LoRA
-        must be bit-identical; each compares float64 sums and sums of squares of every parameter.
-        """
-        world = self.accelerator.num_processes
-        if world == 1:
-            return
-        digest = torch.cat(
-            [
-                torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                for p in self.params
-            ]
-        )
-        gathered = self.accelerator.gather(digest[None].to(self.device))
-        differing = [rank for rank in range(world) if not torch.equal(gathered[rank], gathered[0])]
-        if differing:
-            raise RuntimeError(f"LoRA weights of process(es) {differing} differ from process 0's")
-        log.info("LoRA weights identical on all %d processes", world)
-
     def stop_requested(self) -> bool:
-        """True on every process when any process got a stop signal."""
-        if self.accelerator.num_processes == 1:
-            return self.stop.requested  # no collective, so no device sync at each step
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return any_process_stopped(self.accelerator, self.stop.requested)
 
     def run(self) -> str:
         """Train to the end ('finished') or until a stop request ('interrupted').
@@ -703,7 +629,7 @@ class Trainer:
         sampling = config.sample_prompts and (config.sample_every_n_steps or config.sample_every_n_epochs)
         if sampling and self.last_sample_step != self.progress.step:
             self.render_samples()
-        self.check_replicas_agree()
+        check_replicas_agree(self.accelerator, self.params)
         final = self.paths.output / f"{config.output_name}.safetensors"
         epochs_done = math.ceil(self.progress.step / self.steps_per_epoch)
         self.save_lora_file(final, epoch=epochs_done)

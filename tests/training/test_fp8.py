@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from fluxtrain.training.distributed import exclude_frozen_from_ddp
 from fluxtrain.training.fp8 import STORAGE_DTYPE, Float8Linear, store_float8
 from fluxtrain.training.lora import add_lora
 from fluxtrain.training.model_files import load_transformer
-from fluxtrain.training.trainer import exclude_frozen_from_ddp
 
 BF16 = torch.bfloat16
 
