@@ -1,17 +1,12 @@
 """How the executor talks to whatever runs the trainer: a local process group or a Ray job.
 
-E2 (Ray backend): implement `TrainerBackend` in fluxtrain/runs/ray_backend.py (or under
-fluxtrain/storage/ as you see fit) with a class that takes `settings` in its constructor;
-`fluxtrain.runs.executor.make_backend` picks it when FLUXTRAIN_EXECUTOR=ray. The executor stores
-the string `launch` returns in the run row (`backend_ref`) and hands it back to `poll`, `cancel`
-and `logs`, also after a service restart, so it must identify the job on its own (a Ray job id).
-A run whose reference was never saved (the service died between launching and storing it) is
-looked up with `find`. A launch that fails with `UnavailableError`, `ConnectionError` or
-`TimeoutError` is taken as transient and tried again later; any other error fails the run.
-`slots()` returning None means the backend queues by itself (Ray's scheduler): the executor then
-submits every queued run at once instead of waiting for local GPUs.
-Finished uploads: write `RUN_DIR/uploads.json` ({"output/<file>": "s3://...", ...}, atomically);
-the status object shows those URLs in `outputs[].url`.
+`launch` returns a reference the executor keeps in the run row (`backend_ref`) and hands back to
+`poll`, `cancel` and `logs`, also after a service restart, so it identifies the job on its own
+(a process group and its start time, a Ray job id). A run whose reference was never saved (the
+service died between launching and storing it) is looked up with `find`. A launch that fails
+with `UnavailableError`, `ConnectionError` or `TimeoutError` is taken as transient and tried
+again later; any other error fails the run. `slots()` returning None means the backend queues by
+itself (Ray's scheduler): the executor then submits every queued run at once.
 """
 
 from __future__ import annotations

@@ -21,19 +21,13 @@ from pathlib import Path
 from sqlalchemy import select, update
 
 from fluxtrain.errors import UnavailableError
+from fluxtrain.rundir import RunDir, first_event, recent_events
 from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState, TrainerBackend
 from fluxtrain.runs.db import Database, get_database
 from fluxtrain.runs.launcher import LocalBackend
 from fluxtrain.runs.lease import DatabaseLease
 from fluxtrain.runs.models import Run, utcnow
-from fluxtrain.runs.status import (
-    final_lora,
-    first_event,
-    last_event,
-    lora_files,
-    recent_events,
-    run_dir,
-)
+from fluxtrain.runs.status import last_event, run_dir
 from fluxtrain.runs.webhooks import WebhookOutbox
 from fluxtrain.settings import Settings
 from fluxtrain.storage.remote import RemoteStore, open_remote
@@ -59,13 +53,14 @@ def make_backend(settings: Settings) -> TrainerBackend:
 
 
 def _has_state(folder: Path) -> bool:
-    state = folder / "state"
+    state = RunDir(folder).state
     return state.is_dir() and any(state.iterdir())
 
 
 def _never_started(folder: Path) -> bool:
     """True when no trainer ever got going in the run dir: no start event, no state, no LoRA."""
-    return first_event(folder, "started") is None and not _has_state(folder) and not lora_files(folder)
+    run = RunDir(folder)
+    return first_event(run.events, "started") is None and not _has_state(folder) and not run.lora_files()
 
 
 def _waiting(run: Run, now: float) -> bool:
@@ -217,11 +212,11 @@ class Executor:
         """Decide how a trainer that is no longer running ended, from what it left behind."""
         folder = run_dir(self.settings, run.id)
         self._terminated.discard(run.id)
-        events = recent_events(folder)
+        events = recent_events(RunDir(folder).events)
         ended = last_event(events, "finished", "interrupted", "error", "started")
         kind = ended["event"] if ended else None
         code = result.returncode
-        has_final = final_lora(folder, run.output_name).is_file()
+        has_final = RunDir(folder).checkpoint(run.output_name, None).is_file()
         if run.cancel_requested_at is not None:
             self._complete(run, "canceled", None)
         elif kind == "interrupted" and not has_final:

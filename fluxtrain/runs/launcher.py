@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 
 from fluxtrain.fsutil import tail_lines
+from fluxtrain.rundir import RunDir
 from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState
 
-LOG_NAME = "train.log"
 TRAINER_ENTRY = ("-m", "fluxtrain.training")
 
 
@@ -36,7 +36,7 @@ def visible_gpus(setting: str) -> list[str]:
 
 
 class LocalBackend:
-    """Runs each trainer as `accelerate launch` in a new session, logging to `train.log`."""
+    """Runs each trainer as `accelerate launch` in a new session, logging to the run's log file."""
 
     name = "local"
 
@@ -67,7 +67,7 @@ class LocalBackend:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpu_ids) if spec.gpu_ids else ""
         env["PYTHONUNBUFFERED"] = "1"
-        with (spec.run_dir / LOG_NAME).open("ab") as log:
+        with RunDir(spec.run_dir).log.open("ab") as log:
             process = subprocess.Popen(
                 self.command(spec),
                 cwd=spec.run_dir,
@@ -144,7 +144,7 @@ class LocalBackend:
             return
 
     def logs(self, ref: str | None, run_dir: Path, *, tail: int) -> list[str]:
-        return tail_lines(run_dir / LOG_NAME, tail)
+        return tail_lines(RunDir(run_dir).log, tail)
 
 
 def _parse(ref: str) -> tuple[int, float]:

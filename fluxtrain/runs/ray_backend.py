@@ -11,7 +11,7 @@ The reference handed to the executor is the submission id, so a restarted servic
 again, and launching a run whose job is still alive re-attaches instead of submitting twice.
 Status maps onto the job's own: PENDING and RUNNING are running; SUCCEEDED exits 0 (the executor
 then checks the final LoRA); FAILED exits with the driver's code; STOPPED counts as SIGTERM.
-When a job ends its log is copied to `<run_dir>/train.log`, so it outlives the cluster's history.
+When a job ends its log is copied to the run directory's log file, so it outlives the cluster's history.
 `FLUXTRAIN_GPUS` set to an empty value runs every job on CPU workers (the tiny demo).
 """
 
@@ -32,8 +32,9 @@ from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from fluxtrain.errors import InvalidInputError, UnavailableError
 from fluxtrain.fsutil import atomic_write_text, tail_lines
+from fluxtrain.rundir import RunDir
 from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState
-from fluxtrain.runs.launcher import LOG_NAME, TRAINER_ENTRY
+from fluxtrain.runs.launcher import TRAINER_ENTRY
 from fluxtrain.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class RayBackend:
         return lines
 
     def _keep_log(self, ref: str, run_dir: Path, info: JobDetails) -> None:
-        """Copy the job's log into the run's `train.log`: live (every few seconds) while it runs, so
+        """Copy the job's log into the run's log file: live (every few seconds) while it runs, so
         /status, /logs and `logs -f` read one file whatever the backend, and once more at the end,
         where it survives the cluster forgetting the job."""
         try:
@@ -223,7 +224,7 @@ class RayBackend:
             log.warning("could not fetch the log of Ray job %s: %s", ref, exc)
             return
         if run_dir.is_dir():
-            atomic_write_text(run_dir / LOG_NAME, "".join(f"{line}\n" for line in lines))
+            atomic_write_text(RunDir(run_dir).log, "".join(f"{line}\n" for line in lines))
 
     def cancel(self, ref: str, run_dir: Path, *, force: bool) -> None:
         """Stop the job: Ray sends SIGTERM, then SIGKILL after the grace period set at submission.
@@ -253,4 +254,4 @@ class RayBackend:
                     return self._job_lines(ref, info)[-tail:] if tail > 0 else []
             except Exception as exc:  # fall back to the copy kept in the run directory
                 log.warning("could not fetch the log of Ray job %s: %s", ref, exc)
-        return tail_lines(run_dir / LOG_NAME, tail)
+        return tail_lines(RunDir(run_dir).log, tail)

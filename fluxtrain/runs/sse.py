@@ -1,4 +1,4 @@
-"""Server-Sent Events of a run: every `events.jsonl` line as it is written, then the final status.
+"""Server-Sent Events of a run: every line of its events file as it is written, then the final status.
 
 Each line's SSE id is its line number (from 1), so a client that reconnects with
 `Last-Event-ID: N` continues at line N + 1 and misses nothing.
@@ -15,10 +15,11 @@ from fastapi.sse import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from fluxtrain.errors import InvalidInputError
+from fluxtrain.rundir import RunDir
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.models import TERMINAL_STATUSES
 from fluxtrain.runs.service import get_run
-from fluxtrain.runs.status import EVENTS_NAME, build_status, run_dir
+from fluxtrain.runs.status import build_status, run_dir
 from fluxtrain.settings import Settings
 
 POLL_SECONDS = 0.5
@@ -62,7 +63,7 @@ async def run_events(
     *, settings: Settings, db: Database, run_id: str, after: int = 0
 ) -> AsyncIterator[ServerSentEvent]:
     """Follow a run until it ends; the status is read before the file so no last line is lost."""
-    reader = _LineReader(run_dir(settings, run_id) / EVENTS_NAME)
+    reader = _LineReader(RunDir(run_dir(settings, run_id)).events)
     number = 0
     while True:
         run = await run_in_threadpool(get_run, db=db, run_id=run_id)

@@ -8,7 +8,7 @@ since its upload is sent again. Local files are never deleted or modified.
 
 Two files in the run dir record what was sent, both written atomically (temp file + rename):
 
-`uploads.json`, the one the runs layer reads to fill `outputs[].url` (a flat map from the
+`RunDir.uploads`, the one the runs layer reads to fill `outputs[].url` (a flat map from the
 file's path inside the run dir, '/'-separated, to its remote URL; absent until the first upload):
 
     {
@@ -16,7 +16,7 @@ file's path inside the run dir, '/'-separated, to its remote URL; absent until t
       "samples/000010-0.png": "s3://bucket/prefix/<run_id>/samples/000010-0.png"
     }
 
-`uploads-state.json`, this module's own bookkeeping (what size/mtime was sent, failures and
+`RunDir.upload_state`, this module's own bookkeeping (what size/mtime was sent, failures and
 when to try again; Unix times):
 
     {
@@ -29,7 +29,7 @@ when to try again; Unix times):
 
 A file leaves `failed` once uploaded.
 
-Each outcome is also appended to `run_dir/events.jsonl` in the trainer's event format:
+Each outcome is also appended to the run's events (`fluxtrain.rundir`), as the trainer's are:
 
     {"event": "upload", "time": 1732540001.25, "file": "output/mylora.safetensors",
      "url": "s3://...", "size": 1234}
@@ -44,7 +44,6 @@ Use `sync_once` on every executor tick, or an `ArtifactSync` thread per run, and
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -56,14 +55,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.fsutil import atomic_write_json
+from fluxtrain.rundir import RunDir, append_event
 from fluxtrain.storage.remote import RemoteStore
 
 logger = logging.getLogger(__name__)
 
-UPLOADS_FILE = "uploads.json"
-STATE_FILE = "uploads-state.json"
-EVENTS_FILE = "events.jsonl"
-WATCHED_DIRS = ("output", "samples")
 MAX_ERROR_CHARS = 500
 MAX_RETRY_DELAY_S = 300.0
 
@@ -141,7 +137,7 @@ def upload_file(
 
 def load_state(run_dir: Path) -> UploadState:
     """What this module sent and what failed; absent or unreadable means nothing was sent yet."""
-    path = run_dir / STATE_FILE
+    path = RunDir(run_dir).upload_state
     try:
         return UploadState.model_validate_json(path.read_bytes())
     except FileNotFoundError:
@@ -152,32 +148,22 @@ def load_state(run_dir: Path) -> UploadState:
 
 
 def _save_state(run_dir: Path, state: UploadState) -> None:
-    atomic_write_json(run_dir / STATE_FILE, state.model_dump(mode="json"))
-    atomic_write_json(run_dir / UPLOADS_FILE, {key: record.url for key, record in state.uploaded.items()})
+    files = RunDir(run_dir)
+    atomic_write_json(files.upload_state, state.model_dump(mode="json"))
+    atomic_write_json(files.uploads, {key: record.url for key, record in state.uploaded.items()})
 
 
 def remote_url(run_dir: Path, relpath: str) -> str | None:
     """The remote URL of `relpath` (e.g. 'output/x.safetensors') once uploaded, else None."""
-    try:
-        urls = json.loads((run_dir / UPLOADS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    url = urls.get(relpath) if isinstance(urls, dict) else None
-    return url if isinstance(url, str) else None
+    return RunDir(run_dir).uploaded_urls().get(relpath)
 
 
 def _append_event(run_dir: Path, event: str, **fields: object) -> None:
-    line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
-    fd = os.open(run_dir / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode("utf-8"))
-    finally:
-        os.close(fd)
+    append_event(RunDir(run_dir).events, event, **fields)
 
 
 def _finished_files(run_dir: Path) -> Iterator[tuple[str, Path]]:
-    for folder in WATCHED_DIRS:
-        root = run_dir / folder
+    for root in RunDir(run_dir).artifact_dirs:
         if not root.is_dir():
             continue
         for dirpath, dirnames, filenames in os.walk(root):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query
@@ -11,15 +10,11 @@ from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from fluxtrain.api.deps import SettingsDep
-from fluxtrain.errors import InvalidInputError, NotFoundError
-from fluxtrain.fsutil import tail_lines
-from fluxtrain.names import check_name
 from fluxtrain.runs import service
+from fluxtrain.runs.artifacts import artifact_path, list_artifacts
 from fluxtrain.runs.db import Database, get_database
-from fluxtrain.runs.launcher import LOG_NAME
-from fluxtrain.runs.models import TERMINAL_STATUSES
+from fluxtrain.runs.logs import read_log
 from fluxtrain.runs.schemas import (
-    Artifact,
     ArtifactList,
     LogLines,
     RunList,
@@ -29,14 +24,11 @@ from fluxtrain.runs.schemas import (
     TrainStarted,
 )
 from fluxtrain.runs.sse import parse_last_event_id, run_events
-from fluxtrain.runs.status import build_status, lora_files, remote_urls, run_dir
-from fluxtrain.settings import Settings
+from fluxtrain.runs.status import build_status
 
 router = APIRouter(tags=["runs"])
 
-SAMPLE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 MAX_TAIL = 10_000
-MAX_LOG_CHUNK = 1 << 20
 
 
 def _database(settings: SettingsDep) -> Database:
@@ -105,21 +97,6 @@ async def events(
         yield event
 
 
-def _log_from(path: Path, offset: int, *, ended: bool) -> tuple[list[str], int]:
-    """Whole lines after `offset`; once the run has ended its unterminated last line counts too."""
-    if not path.is_file():
-        return [], 0
-    size = path.stat().st_size
-    start = min(offset, size)
-    with path.open("rb") as handle:
-        handle.seek(start)
-        chunk = handle.read(MAX_LOG_CHUNK)
-    at_end = start + len(chunk) >= size
-    complete = chunk if ended and at_end else chunk[: chunk.rfind(b"\n") + 1]
-    text = complete.decode("utf-8", errors="replace")
-    return text.splitlines(), start + len(complete)
-
-
 @router.get("/runs/{run_id}/logs", response_model=LogLines)
 def logs(
     run_id: str,
@@ -129,52 +106,17 @@ def logs(
     offset: Annotated[int | None, Query(ge=0, description="Byte offset to follow the log from.")] = None,
 ) -> LogLines:
     """The trainer's log: its last `tail` lines, or everything after `offset` to follow it."""
-    run = service.get_run(db=db, run_id=run_id)
-    path = run_dir(settings, run.id) / LOG_NAME
-    if offset is not None:
-        lines, next_offset = _log_from(path, offset, ended=run.status in TERMINAL_STATUSES)
-        return LogLines(run_id=run.id, lines=lines, next_offset=next_offset)
-    size = path.stat().st_size if path.is_file() else 0
-    return LogLines(run_id=run.id, lines=tail_lines(path, tail), next_offset=size)
-
-
-def _artifacts(settings: Settings, run_id: str) -> dict[str, tuple[Path, str]]:
-    folder = run_dir(settings, run_id)
-    found = {path.name: (path, "lora") for path in lora_files(folder)}
-    samples = folder / "samples"
-    if samples.is_dir():
-        for path in sorted(samples.iterdir()):
-            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in SAMPLE_SUFFIXES:
-                found.setdefault(path.name, (path, "sample"))
-    return found
+    return read_log(settings=settings, run=service.get_run(db=db, run_id=run_id), tail=tail, offset=offset)
 
 
 @router.get("/runs/{run_id}/artifacts", response_model=ArtifactList)
 def artifacts(run_id: str, settings: SettingsDep, db: DatabaseDep) -> ArtifactList:
     """LoRA files and samples a run has written, with their remote URLs once uploaded."""
-    run = service.get_run(db=db, run_id=run_id)
-    urls = remote_urls(run_dir(settings, run.id))
-    files = [
-        Artifact(
-            name=name,
-            kind=kind,  # type: ignore[arg-type]
-            size=path.stat().st_size,
-            url=urls.get(f"{'output' if kind == 'lora' else 'samples'}/{name}"),
-        )
-        for name, (path, kind) in _artifacts(settings, run.id).items()
-    ]
-    return ArtifactList(run_id=run.id, files=files)
+    return list_artifacts(settings=settings, run=service.get_run(db=db, run_id=run_id))
 
 
 @router.get("/runs/{run_id}/artifacts/{name:path}", response_class=FileResponse)
 def artifact(run_id: str, name: str, settings: SettingsDep, db: DatabaseDep) -> FileResponse:
     """Download one LoRA file or sample image by its name (a bare file name: no folders, no '..')."""
     run = service.get_run(db=db, run_id=run_id)
-    try:
-        check_name(name, what="artifact name")
-    except ValueError as exc:
-        raise InvalidInputError(str(exc)) from exc
-    found = _artifacts(settings, run.id).get(name)
-    if found is None:
-        raise NotFoundError(f"run '{run.id}' has no artifact '{name}'")
-    return FileResponse(found[0], filename=name)
+    return FileResponse(artifact_path(settings=settings, run=run, name=name), filename=name)
