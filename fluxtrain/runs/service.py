@@ -18,6 +18,7 @@ from fluxtrain.dataset_config.service import dataset_config_path
 from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json
 from fluxtrain.model_paths import MODEL_FIELDS, resolve_model_path
+from fluxtrain.rundir import RunDir
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.launcher import visible_gpus
 from fluxtrain.runs.models import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
@@ -25,7 +26,7 @@ from fluxtrain.runs.schemas import request_fields
 from fluxtrain.runs.status import run_dir
 from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
-from fluxtrain.training.config import TrainConfig, check_dataset_for_training
+from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
 from fluxtrain.training.model_checks import check_model
 
 MAX_LIST_LIMIT = 1000
@@ -55,17 +56,8 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     webhook = getattr(request, "webhook", None)
     if webhook:
         check_webhook(webhook, settings)
-    gpus = getattr(request, "gpus", 1)
-    if settings.executor == "local":
-        available = _local_gpus(settings.gpus)
-        if not available and gpus > 1:
-            raise InvalidInputError(
-                f"gpus: this host has no GPU; gpus must be 1 (the run trains in one CPU process), got {gpus}"
-            )
-        if available and gpus > len(available):
-            raise InvalidInputError(f"gpus: {gpus} asked for, this host has {len(available)}")
     try:
-        return TrainConfig.model_validate(
+        config = TrainConfig.model_validate(
             {
                 **fields,
                 "dataset_config": str(toml.resolve()),
@@ -75,6 +67,25 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
         )
     except ValidationError as exc:
         raise InvalidInputError(_validation_message(exc)) from exc
+    if settings.executor == "local":
+        _check_local_host(settings, config, gpus=getattr(request, "gpus", 1))
+    return config
+
+
+def _check_local_host(settings: Settings, config: TrainConfig, *, gpus: int) -> None:
+    """The local executor runs the trainer on this host: its GPUs must fit the run.
+
+    A Ray cluster's nodes are judged by the trainer there, never by this (perhaps GPU-less) host.
+    """
+    available = _local_gpus(settings.gpus)
+    if not available:
+        if gpus > 1:
+            raise InvalidInputError(
+                f"gpus: this host has no GPU; gpus must be 1 (the run trains in one CPU process), got {gpus}"
+            )
+        refuse_cuda_only_options(config, where="this host (FLUXTRAIN_EXECUTOR=local)")
+    elif gpus > len(available):
+        raise InvalidInputError(f"gpus: {gpus} asked for, this host has {len(available)}")
 
 
 def _request_hash(request: BaseModel) -> str:
@@ -104,7 +115,7 @@ def create_run(
     folder = run_dir(settings, run_id)
     folder.mkdir(parents=True)
     try:
-        atomic_write_json(folder / "run.json", config.model_dump(mode="json"))
+        atomic_write_json(RunDir(folder).config, config.model_dump(mode="json"))
         run = Run(
             id=run_id,
             output_name=config.output_name,

@@ -18,6 +18,8 @@ from fluxtrain.errors import InvalidInputError
 from fluxtrain.names import SafeName
 
 DEFAULT_MAX_TRAIN_STEPS = 1600
+# Paths run.json always names (absolute), so the trainer never falls back to the service's settings.
+RUN_PATHS = ("dataset_config", "models_root", "cache_dir")
 # Subset keys that change an image's pixels at every step; latents are encoded once and cached.
 PER_STEP_PIXEL_KEYS = ("color_aug", "random_crop")
 
@@ -81,13 +83,7 @@ class TrainConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_cuda_only_options(self) -> TrainConfig:
-        if self.optimizer == "adamw8bit" or self.fp8_base:
-            import torch
-
-            if not torch.cuda.is_available():
-                option = "optimizer 'adamw8bit'" if self.optimizer == "adamw8bit" else "fp8_base"
-                raise ValueError(f"{option} needs a CUDA GPU and none is visible")
+    def _check_precision_options(self) -> TrainConfig:
         if self.full_bf16 and self.mixed_precision == "no":
             raise ValueError(f"full_bf16 needs mixed_precision 'bf16', not '{self.mixed_precision}'")
         if self.fp8_base and self.mixed_precision == "no":
@@ -108,11 +104,34 @@ class TrainConfig(BaseModel):
         return "bf16" if torch.cuda.is_available() else "no"
 
 
+def cuda_only_options(config: TrainConfig) -> list[str]:
+    """The options of `config` that only run on a CUDA GPU, as a message names them.
+
+    Judged where the run executes (the local executor's host at `/train`, the trainer itself),
+    never by an API host that hands the run to a Ray cluster.
+    """
+    found = []
+    if config.optimizer == "adamw8bit":
+        found.append("optimizer 'adamw8bit'")
+    if config.fp8_base:
+        found.append("fp8_base")
+    return found
+
+
+def refuse_cuda_only_options(config: TrainConfig, *, where: str) -> None:
+    """Raise InvalidInputError naming each CUDA-only option, for a place `where` that has no GPU."""
+    if found := cuda_only_options(config):
+        verb = "needs" if len(found) == 1 else "need"
+        raise InvalidInputError(f"{' and '.join(found)} {verb} a CUDA GPU and {where} has none")
+
+
 def load_config(path: Path) -> TrainConfig:
-    """Read and validate `run.json`; a bad value raises InvalidInputError naming the field.
+    """Read and validate `run.json` for the trainer; a bad value raises InvalidInputError naming the field.
 
     The file is validated strictly: a number given as a string, `true` for a count or 3.0 for a
     seed is refused rather than coerced, since a file written by hand says exactly what it means.
+    It must name every path in RUN_PATHS, and CUDA-only options are refused here when this
+    process sees no CUDA device.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -127,12 +146,23 @@ def load_config(path: Path) -> TrainConfig:
     if not isinstance(document, dict):
         raise InvalidInputError(f"{path} must hold one JSON object, not {type(document).__name__}")
     try:
-        return TrainConfig.model_validate_json(text, strict=True)
+        config = TrainConfig.model_validate_json(text, strict=True)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'run.json'}: {err['msg']}" for err in exc.errors()
         )
         raise InvalidInputError(f"invalid {path.name}: {problems}") from exc
+    if missing := [field for field in RUN_PATHS if getattr(config, field) is None]:
+        raise InvalidInputError(
+            f"invalid {path.name}: {', '.join(missing)} missing; a run directory names every path "
+            "its trainer uses (the dataset TOML, the models folder, the cache folder)"
+        )
+    if cuda_only_options(config):
+        import torch
+
+        if not torch.cuda.is_available():
+            refuse_cuda_only_options(config, where="this machine")
+    return config
 
 
 def _refuse_per_step_pixel_keys(name: str, options: dict[str, dict[str, Any]]) -> None:

@@ -20,6 +20,7 @@ from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.runs.service import create_run, get_run, resolve_config
 from fluxtrain.runs.status import build_status
 from fluxtrain.settings import Settings
+from fluxtrain.training.config import RUN_PATHS, cuda_only_options, load_config
 
 
 def _check(settings: Settings, **fields: object) -> None:
@@ -132,3 +133,63 @@ def test_train_follows_a_link_the_administrator_placed_in_the_models_folder(
 def test_train_refuses_a_path_that_climbs_out_by_its_text(run_settings: Settings, value: str) -> None:
     with pytest.raises(InvalidInputError, match=f"ae: '{re.escape(value)}' leaves the models folder"):
         _check(run_settings, ae=value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"fp8_base": True}, "fp8_base needs a CUDA GPU"),
+        ({"optimizer": "adamw8bit"}, "optimizer 'adamw8bit' needs a CUDA GPU"),
+        ({"optimizer": "adamw8bit", "fp8_base": True}, "optimizer 'adamw8bit' and fp8_base need a CUDA GPU"),
+    ],
+)
+def test_cuda_only_options_are_judged_by_the_host_that_runs_the_trainer(
+    run_settings: Settings, fields: dict, named: str
+) -> None:
+    run_settings.gpus = ""
+    with pytest.raises(InvalidInputError, match=re.escape(named) + r".*FLUXTRAIN_EXECUTOR=local"):
+        _check(run_settings, **fields)
+    ray = run_settings.model_copy(update={"executor": "ray"})
+    config = resolve_config(settings=ray, request=TrainRequest(output_name="demo", **fields))
+    expected = [part for part in ("optimizer 'adamw8bit'", "fp8_base") if part in named]
+    assert cuda_only_options(config) == expected
+    run_settings.gpus = "0"
+    _check(run_settings, **fields)
+
+
+def test_train_answers_422_for_fp8_base_on_a_gpu_less_local_host(
+    run_settings: Settings, db: Database
+) -> None:
+    run_settings.gpus = ""
+    with pytest.raises(InvalidInputError, match="fp8_base"):
+        create_run(settings=run_settings, db=db, request=TrainRequest(output_name="demo", fp8_base=True))
+    assert not run_settings.runs_dir.exists() or not any(run_settings.runs_dir.iterdir())
+
+
+def test_the_trainer_refuses_cuda_only_options_on_a_machine_without_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run.json"
+    paths = {field: str(tmp_path / field) for field in RUN_PATHS}
+    path.write_text(json.dumps({"output_name": "x", "fp8_base": True, **paths}), encoding="utf-8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidInputError, match="fp8_base needs a CUDA GPU and this machine has none"):
+        load_config(path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_config(path).fp8_base
+
+
+@pytest.mark.parametrize("field", ["dataset_config", "models_root", "cache_dir"])
+def test_run_json_names_every_path_the_trainer_uses(tmp_path: Path, field: str) -> None:
+    path = tmp_path / "run.json"
+    paths = {name: str(tmp_path / name) for name in RUN_PATHS if name != field}
+    path.write_text(json.dumps({"output_name": "x", **paths}), encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=f"{field} missing"):
+        load_config(path)
+
+
+def test_run_json_as_written_by_create_run_names_every_path(run_settings: Settings, db: Database) -> None:
+    run = create_run(settings=run_settings, db=db, request=TrainRequest(output_name="demo"))
+    config = load_config(run_settings.runs_dir / run.id / "run.json")
+    assert config.dataset_config == (run_settings.datasets_dir / "demo.toml").resolve()
+    assert (config.models_root, config.cache_dir) == (run_settings.models_root, run_settings.cache_dir)
