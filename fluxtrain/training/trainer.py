@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from diffusers import FluxTransformer2DModel
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training import model_files as loading
@@ -50,30 +46,22 @@ from fluxtrain.training.flow import (
     sample_timesteps,
     text_ids,
 )
-from fluxtrain.training.lora import add_lora, load_lora_state_dict, lora_state_dict
+from fluxtrain.training.lora import add_lora, lora_state_dict
 from fluxtrain.training.model_checks import check_model, transformer_has_guidance
 from fluxtrain.training.optim import build_optimizer, build_scheduler
 from fluxtrain.training.precision import FP8_COMPUTE_DTYPE, run_precision
 from fluxtrain.training.sampling import generate, sample_path
+from fluxtrain.training.state import (
+    StepCounter,
+    check_state_matches,
+    has_state,
+    make_resumable,
+    save_state,
+    saved_step,
+)
 from fluxtrain.training.stop import StopFlag
 
 log = logging.getLogger("fluxtrain.training")
-STATE_LORA_FILE = "lora_state.safetensors"
-# run.json fields a saved state depends on: the adapter's shapes and scale, the optimizer's state.
-STATE_FIELDS = ("network_dim", "network_alpha", "optimizer", "full_bf16")
-
-
-@dataclass
-class Progress:
-    """Completed optimizer steps; saved in `state/` with the optimizer and RNG states."""
-
-    step: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
 
 @dataclass
@@ -186,7 +174,7 @@ class Trainer:
             device=self.device,
         )
         self.events = EventLog(self.paths.events, enabled=self.accelerator.is_main_process)
-        self.progress = Progress()
+        self.progress = StepCounter()
         self.last_sample_step = -1
         self.state_step: int | None = None
 
@@ -292,21 +280,13 @@ class Trainer:
             left_out = exclude_frozen_from_ddp(transformer)
             log.info("data parallel over the LoRA only: %d frozen tensors not broadcast", len(left_out))
         self.transformer, self.optimizer = self.accelerator.prepare(transformer, optimizer)
-        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
-        self.accelerator.register_save_state_pre_hook(self._save_lora_state)
-        self.accelerator.register_load_state_pre_hook(self._load_lora_state)
-
-    def _save_lora_state(self, models: list, weights: list, output_dir: str) -> None:
-        weights.clear()
-        if self.accelerator.is_main_process:
-            state = {k: v.contiguous() for k, v in lora_state_dict(self.unwrapped).items()}
-            metadata = {"step": str(self.progress.step)}
-            metadata.update({name: json.dumps(getattr(self.config, name)) for name in STATE_FIELDS})
-            save_file(state, str(Path(output_dir) / STATE_LORA_FILE), metadata=metadata)
-
-    def _load_lora_state(self, models: list, input_dir: str) -> None:
-        models.clear()
-        load_lora_state_dict(self.unwrapped, load_file(str(Path(input_dir) / STATE_LORA_FILE)))
+        make_resumable(
+            self.accelerator,
+            transformer=self.unwrapped,
+            scheduler=self.scheduler,
+            counter=self.progress,
+            config=self.config,
+        )
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -327,48 +307,12 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------------
 
     def save_state(self) -> None:
-        """Write `state/` atomically: a fresh folder, then swapped in for the old one."""
-        staging = self.paths.root / "state.tmp"
-        if self.accelerator.is_main_process and staging.exists():
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(staging))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            old = self.paths.root / "state.old"
-            if self.paths.state.exists():
-                self.paths.state.rename(old)
-            staging.rename(self.paths.state)
-            shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        save_state(self.accelerator, self.paths.state)
         self.state_step = self.progress.step
-
-    def saved_step(self) -> int | None:
-        """The step `state/` on disk holds (None without one), known before it is loaded."""
-        path = self.paths.state / STATE_LORA_FILE
-        if not path.exists():
-            return None
-        with safe_open(str(path), framework="pt") as handle:
-            return int((handle.metadata() or {}).get("step", 0))
-
-    def check_state_matches(self) -> None:
-        """Refuse a `state/` saved under other values of the fields it depends on, naming them."""
-        with safe_open(str(self.paths.state / STATE_LORA_FILE), framework="pt") as handle:
-            saved = handle.metadata() or {}
-        changed = [
-            f"{name} {json.loads(saved[name])!r} -> {getattr(self.config, name)!r}"
-            for name in STATE_FIELDS
-            if name in saved and json.loads(saved[name]) != getattr(self.config, name)
-        ]
-        if changed:
-            raise InvalidInputError(
-                f"{self.paths.state} was saved by this run with other settings ({'; '.join(changed)}): "
-                "restore them in run.json to resume, or remove state/ to train from the start"
-            )
 
     def resume(self) -> None:
         """Load `state/` when a previous process of this run left one."""
-        if not (self.paths.state / STATE_LORA_FILE).exists():
+        if not has_state(self.paths.state):
             return
         self.accelerator.load_state(str(self.paths.state))
         self.state_step = self.progress.step
@@ -546,9 +490,9 @@ class Trainer:
         self.cache_started = time.monotonic()
         self.open_cache()
         phases = (self.cache_latents, self.cache_texts, self.load_sample_vae, self.prepare_model, self.resume)
-        self.state_step = self.saved_step()
+        self.state_step = saved_step(self.paths.state)
         if self.state_step is not None:
-            self.check_state_matches()
+            check_state_matches(self.paths.state, config)
         for phase in phases:
             if self.stop_requested():
                 return self.interrupted(step=self.state_step)
