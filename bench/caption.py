@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import Florence2ForConditionalGeneration
 
 from fluxtrain.captioning.captioner import Florence2Captioner, GenerationOptions
-from fluxtrain.captioning.model import (
+from fluxtrain.captioning.florence import (
     CaptionModel,
     default_batch_size,
     get_caption_model,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature
 
-from fluxtrain.captioning.model import CaptionModel
+from fluxtrain.captioning.florence import CaptionModel
 from fluxtrain.captioning.prompts import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_BEAMS,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxtrain.captioning.captioner import Florence2Captioner, GenerationOptions
-from fluxtrain.captioning.model import default_batch_size, get_caption_model
+from fluxtrain.captioning.florence import default_batch_size, get_caption_model
 from fluxtrain.captioning.prompts import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_BEAMS,

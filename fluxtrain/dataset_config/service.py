@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fluxtrain.dataset_config.model import (
+from fluxtrain.dataset_config.request import DatasetConfig
+from fluxtrain.dataset_config.schema import (
     DatasetSection,
     GeneralSection,
     KohyaDatasetToml,
     SubsetSection,
 )
-from fluxtrain.dataset_config.request import DatasetConfig
 from fluxtrain.dataset_config.toml_file import render_dataset_toml
 from fluxtrain.datasets.store import dataset_dir, list_images
 from fluxtrain.errors import NotFoundError

@@ -8,7 +8,7 @@ from pathlib import Path
 import tomli_w
 from pydantic import ValidationError
 
-from fluxtrain.dataset_config.model import DatasetConfigFile, KohyaDatasetToml, resolve_document
+from fluxtrain.dataset_config.schema import DatasetConfigFile, KohyaDatasetToml, resolve_document
 from fluxtrain.errors import InvalidInputError, NotFoundError
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.names import check_name
 from fluxtrain.rundir import RunDir
-from fluxtrain.runs.models import Run
 from fluxtrain.runs.schemas import Artifact, ArtifactList
 from fluxtrain.runs.status import run_dir
+from fluxtrain.runs.table import Run
 from fluxtrain.settings import Settings
 
 SAMPLE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})

@@ -24,10 +24,10 @@ from fluxtrain.errors import UnavailableError
 from fluxtrain.rundir import RunDir, first_event, recent_events
 from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState, TrainerBackend
 from fluxtrain.runs.db import Database, get_database
-from fluxtrain.runs.launcher import LocalBackend
 from fluxtrain.runs.lease import DatabaseLease
-from fluxtrain.runs.models import Run, utcnow
+from fluxtrain.runs.local_backend import LocalBackend
 from fluxtrain.runs.status import last_event, run_dir
+from fluxtrain.runs.table import Run, utcnow
 from fluxtrain.runs.webhooks import WebhookOutbox
 from fluxtrain.settings import Settings
 from fluxtrain.storage.remote import RemoteStore, open_remote

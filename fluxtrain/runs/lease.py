@@ -16,7 +16,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from fluxtrain.runs.db import Database
-from fluxtrain.runs.models import Lease
+from fluxtrain.runs.table import Lease
 
 
 def make_owner() -> str:

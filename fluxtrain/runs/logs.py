@@ -6,9 +6,9 @@ from pathlib import Path
 
 from fluxtrain.fsutil import tail_lines
 from fluxtrain.rundir import RunDir
-from fluxtrain.runs.models import TERMINAL_STATUSES, Run
 from fluxtrain.runs.schemas import LogLines
 from fluxtrain.runs.status import run_dir
+from fluxtrain.runs.table import TERMINAL_STATUSES, Run
 from fluxtrain.settings import Settings
 
 MAX_LOG_CHUNK = 1 << 20

@@ -34,7 +34,7 @@ from fluxtrain.errors import InvalidInputError, UnavailableError
 from fluxtrain.fsutil import atomic_write_text, tail_lines
 from fluxtrain.rundir import RunDir
 from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState
-from fluxtrain.runs.launcher import TRAINER_ENTRY
+from fluxtrain.runs.local_backend import TRAINER_ENTRY
 from fluxtrain.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from fluxtrain.names import SafeName
-from fluxtrain.runs.models import as_utc
+from fluxtrain.runs.table import as_utc
 from fluxtrain.training.config import TrainConfig
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]

@@ -20,10 +20,10 @@ from fluxtrain.fsutil import atomic_write_json
 from fluxtrain.model_paths import MODEL_FIELDS, resolve_model_path
 from fluxtrain.rundir import RunDir
 from fluxtrain.runs.db import Database
-from fluxtrain.runs.launcher import visible_gpus
-from fluxtrain.runs.models import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
+from fluxtrain.runs.local_backend import visible_gpus
 from fluxtrain.runs.schemas import request_fields
 from fluxtrain.runs.status import run_dir
+from fluxtrain.runs.table import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
 from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options

@@ -17,9 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.rundir import RunDir
 from fluxtrain.runs.db import Database
-from fluxtrain.runs.models import TERMINAL_STATUSES
 from fluxtrain.runs.service import get_run
 from fluxtrain.runs.status import build_status, run_dir
+from fluxtrain.runs.table import TERMINAL_STATUSES
 from fluxtrain.settings import Settings
 
 POLL_SECONDS = 0.5

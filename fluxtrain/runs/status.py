@@ -9,8 +9,8 @@ from typing import Any
 
 from fluxtrain.fsutil import tail_lines
 from fluxtrain.rundir import RunDir, first_event, parse_checkpoint_name, recent_events
-from fluxtrain.runs.models import Run
 from fluxtrain.runs.schemas import OutputFile, Progress, RunStatusOut
+from fluxtrain.runs.table import Run
 from fluxtrain.settings import Settings
 
 STATUS_LOG_LINES = 10

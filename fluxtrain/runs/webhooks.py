@@ -24,8 +24,8 @@ from sqlalchemy import and_, or_, select, update
 from fluxtrain.datasets.fetch import FetchError, check_url, make_client
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.runs.db import Database
-from fluxtrain.runs.models import TERMINAL_STATUSES, Run
 from fluxtrain.runs.status import build_status
+from fluxtrain.runs.table import TERMINAL_STATUSES, Run
 from fluxtrain.settings import Settings
 
 log = logging.getLogger(__name__)

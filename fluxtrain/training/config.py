@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fluxtrain.dataset_config.model import DatasetConfigFile, cascaded_subset_options
+from fluxtrain.dataset_config.schema import DatasetConfigFile, cascaded_subset_options
 from fluxtrain.dataset_config.toml_file import read_dataset_toml
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.names import SafeName

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fluxtrain.api.app import create_app
-from fluxtrain.captioning import model as caption_model
+from fluxtrain.captioning import florence as caption_model
 from fluxtrain.captioning.captioner import Florence2Captioner
 from fluxtrain.captioning.tiny import write_tiny_florence2
 from fluxtrain.settings import Settings

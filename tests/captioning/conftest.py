@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxtrain.captioning import model as caption_model
+from fluxtrain.captioning import florence as caption_model
 from fluxtrain.captioning.tiny import write_tiny_florence2
 from fluxtrain.settings import Settings
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxtrain.dataset_config.model import cascaded_subset_options
+from fluxtrain.dataset_config.schema import cascaded_subset_options
 from fluxtrain.dataset_config.toml_file import load_dataset_config, read_dataset_toml
 from fluxtrain.errors import InvalidInputError, NotFoundError
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fluxtrain.dataset_config.model import (
+from fluxtrain.dataset_config.request import DatasetConfig
+from fluxtrain.dataset_config.schema import (
     DatasetOptions,
     DatasetSection,
     GeneralSection,
     KohyaDatasetToml,
     SubsetSection,
 )
-from fluxtrain.dataset_config.request import DatasetConfig
 from fluxtrain.dataset_config.service import create_dataset_config
 from fluxtrain.dataset_config.toml_file import load_dataset_config, parse_dataset_toml, render_dataset_toml
 from fluxtrain.errors import NotFoundError

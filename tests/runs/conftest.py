@@ -14,10 +14,10 @@ import pytest
 
 from fluxtrain.runs.db import Database, get_database
 from fluxtrain.runs.executor import Executor
-from fluxtrain.runs.launcher import LocalBackend
-from fluxtrain.runs.models import Run
+from fluxtrain.runs.local_backend import LocalBackend
 from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.runs.service import create_run, get_run
+from fluxtrain.runs.table import Run
 from fluxtrain.settings import Settings
 from fluxtrain.training.tiny import write_tiny_flux_files
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fluxtrain.runs import executor as executor_module
-from fluxtrain.runs.launcher import LocalBackend
+from fluxtrain.runs.local_backend import LocalBackend
 from fluxtrain.settings import Settings
 from fluxtrain.training.tiny import write_tiny_flux_files
 

@@ -9,7 +9,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from fluxtrain.runs.db import make_engine, upgrade
-from fluxtrain.runs.models import Base
+from fluxtrain.runs.table import Base
 
 
 def test_migrations_match_the_models(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ from sqlalchemy import update
 from fluxtrain.errors import UnavailableError
 from fluxtrain.runs.backend import LaunchSpec
 from fluxtrain.runs.executor import Executor, short_error
-from fluxtrain.runs.launcher import LocalBackend, _parse
-from fluxtrain.runs.models import Run, utcnow
+from fluxtrain.runs.local_backend import LocalBackend, _parse
 from fluxtrain.runs.service import cancel_run, get_run
 from fluxtrain.runs.status import build_status, run_dir
+from fluxtrain.runs.table import Run, utcnow
 
 
 def _pgid_alive(ref: str) -> bool:

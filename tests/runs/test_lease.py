@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from fluxtrain.runs.db import Database, get_database
 from fluxtrain.runs.lease import DatabaseLease, make_owner, owner_is_gone
-from fluxtrain.runs.models import Lease
+from fluxtrain.runs.table import Lease
 from fluxtrain.settings import Settings
 
 

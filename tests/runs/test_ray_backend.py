@@ -27,8 +27,8 @@ from fluxtrain.errors import InvalidInputError  # noqa: E402
 from fluxtrain.runs.backend import LaunchSpec, ProcessState  # noqa: E402
 from fluxtrain.runs.db import Database  # noqa: E402
 from fluxtrain.runs.executor import Executor  # noqa: E402
-from fluxtrain.runs.models import Run  # noqa: E402
 from fluxtrain.runs.ray_backend import RayBackend, submission_ids  # noqa: E402
+from fluxtrain.runs.table import Run  # noqa: E402
 from fluxtrain.settings import Settings  # noqa: E402
 from tests.training import helpers_runs as helpers  # noqa: E402
 

@@ -15,10 +15,10 @@ from sqlalchemy import text
 
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.runs.db import Database
-from fluxtrain.runs.models import Run
 from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.runs.service import create_run, get_run, resolve_config
 from fluxtrain.runs.status import build_status
+from fluxtrain.runs.table import Run
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import RUN_PATHS, cuda_only_options, load_config
 

@@ -13,9 +13,9 @@ from sqlalchemy import update
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.rundir import RunDir
 from fluxtrain.runs.db import Database
-from fluxtrain.runs.models import Run
 from fluxtrain.runs.sse import _LineReader, parse_last_event_id, run_events
 from fluxtrain.runs.status import run_dir
+from fluxtrain.runs.table import Run
 from fluxtrain.settings import Settings
 
 

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from fluxtrain.runs.db import Database
-from fluxtrain.runs.models import Run
 from fluxtrain.runs.service import cancel_run, get_run
+from fluxtrain.runs.table import Run
 from fluxtrain.runs.webhooks import WebhookOutbox
 from fluxtrain.settings import Settings
 

@@ -11,7 +11,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from fluxtrain.captioning.model import (
+from fluxtrain.captioning.florence import (
     caption_device,
     default_batch_size,
     get_caption_model,
