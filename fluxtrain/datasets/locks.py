@@ -1,8 +1,8 @@
 """One lock per dataset, held across threads and processes (the CLI writing beside the service).
 
-The lock is an flock on `$DATA_ROOT/datasets/.<name>.lock`, outside the dataset folder so the
-folder keeps holding only images, captions and the manifest, and so deleting the folder never
-deletes the lock a waiting writer is about to take. A thread lock per file sits in front of the
+The lock is an flock on `$DATA_ROOT/.locks/<name>.lock`, outside `datasets/`, so that folder
+keeps holding only the users' data and TOML files (other tools read it), and so deleting a dataset
+never deletes the lock a waiting writer is about to take. A thread lock per file sits in front of the
 flock, so threads of one process exclude each other even where flock is emulated per process.
 """
 
@@ -19,9 +19,12 @@ _THREAD_LOCKS: dict[Path, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
 
 
+LOCKS_DIR = ".locks"
+
+
 def lock_path(folder: Path) -> Path:
-    """The lock file of the dataset in `folder`: a hidden sibling that listings skip."""
-    return folder.parent / f".{folder.name}.lock"
+    """The lock file of the dataset in `folder` (`$DATA_ROOT/datasets/<name>`)."""
+    return folder.parent.parent / LOCKS_DIR / f"{folder.name}.lock"
 
 
 def _thread_lock(path: Path) -> threading.Lock:

@@ -182,6 +182,8 @@ def test_deleting_mid_batch_fails_the_rest_and_recreates_nothing(
     assert outcome[0].files == {}
     assert outcome[0].failed == dict.fromkeys([first, *held], DELETED)
     assert not folder.exists()
-    assert [p.name for p in open_settings.datasets_dir.iterdir()] == [".set.lock"]
+    assert list(open_settings.datasets_dir.iterdir()) == []
+    assert lock_path(folder) == open_settings.data_root / ".locks" / "set.lock"
+    assert lock_path(folder).is_file()
     with pytest.raises(NotFoundError):
         describe_dataset(settings=open_settings, name="set")
