@@ -13,13 +13,16 @@ linear1 and linear2.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from diffusers import ModelMixin
+from diffusers import FluxTransformer2DModel, ModelMixin
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fluxtrain.training.fp8 import FLOAT8_DTYPES, store_float8
+from fluxtrain.training.model_files import load_transformer
 from fluxtrain.training.precision import FP8_COMPUTE_DTYPE
 
 ADAPTER_NAME = "default"
@@ -101,3 +104,28 @@ def load_lora_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Te
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise RuntimeError(f"saved LoRA state has keys the adapter lacks: {unexpected[:5]}")
+
+
+def load_lora_transformer(
+    path: Path,
+    *,
+    rank: int,
+    alpha: float,
+    base_dtype: torch.dtype,
+    lora_dtype: torch.dtype,
+    fp8_base: bool,
+    gradient_checkpointing: bool,
+    device: torch.device | str = "cpu",
+) -> tuple[FluxTransformer2DModel, list[torch.nn.Parameter]]:
+    """The frozen transformer with the LoRA attached, in training mode, and the LoRA's parameters.
+
+    With fp8_base the file is loaded unquantized in the bf16 compute dtype and only moved to float8
+    storage after peft has built the adapter (see `add_lora`); all of that happens in host memory,
+    so the device never holds the bf16 weights (FLUX.1-dev's 24 GB would not fit a 24 GB card).
+    """
+    transformer = load_transformer(path, dtype=FP8_COMPUTE_DTYPE if fp8_base else base_dtype)
+    params = add_lora(transformer, rank=rank, alpha=alpha, dtype=lora_dtype, fp8_base=fp8_base)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device).train()
+    return transformer, params

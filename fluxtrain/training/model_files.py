@@ -12,10 +12,11 @@ import os
 import re
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import init_empty_weights
@@ -38,7 +39,10 @@ from fluxtrain.training.convert import (
     infer_transformer_config,
     infer_vae_config,
 )
-from fluxtrain.training.model_checks import SINGLE_FILE_SUFFIXES
+from fluxtrain.training.model_checks import SINGLE_FILE_SUFFIXES, check_model
+
+if TYPE_CHECKING:
+    from fluxtrain.training.config import TrainConfig
 
 TOKENIZER_HUB_IDS = {"clip_l": "openai/clip-vit-large-patch14", "t5xxl": "google/t5-v1_1-xxl"}
 CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "cond_stage_model.transformer.", "text_model.")
@@ -325,3 +329,32 @@ def load_t5(
         model.encoder.embed_tokens.weight = model.shared.weight
     model.requires_grad_(False)
     return model.to(device).eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A run's four models (files or diffusers folders) and its two tokenizer folders."""
+
+    transformer: Path
+    ae: Path
+    clip_l: Path
+    t5xxl: Path
+    clip_tokenizer: Path
+    t5_tokenizer: Path
+
+
+def resolve_model_files(config: TrainConfig, models_root: Path) -> ModelFiles:
+    """The four model files, each checked to exist and to hold its model, and where their tokenizers are."""
+    paths = {}
+    for field in ("pretrained_model", "ae", "clip_l", "t5xxl"):
+        value = getattr(config, field)
+        paths[field] = resolve_model_path(models_root, value)
+        check_model(field, paths[field], value)
+    return ModelFiles(
+        transformer=paths["pretrained_model"],
+        ae=paths["ae"],
+        clip_l=paths["clip_l"],
+        t5xxl=paths["t5xxl"],
+        clip_tokenizer=tokenizer_dir(models_root, "clip_l"),
+        t5_tokenizer=tokenizer_dir(models_root, "t5xxl"),
+    )

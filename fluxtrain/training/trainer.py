@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from diffusers import FluxTransformer2DModel
 
 from fluxtrain.errors import InvalidInputError
-from fluxtrain.training import model_files as loading
+from fluxtrain.training import model_files
 from fluxtrain.training.cache import FeatureCache, LatentKey, TextEncoders, file_identity
 from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig
 from fluxtrain.training.data import epoch_batches, load_training_data
@@ -46,10 +45,11 @@ from fluxtrain.training.flow import (
     sample_timesteps,
     text_ids,
 )
-from fluxtrain.training.lora import add_lora, lora_state_dict
-from fluxtrain.training.model_checks import check_model, transformer_has_guidance
+from fluxtrain.training.lora import load_lora_transformer, lora_state_dict
+from fluxtrain.training.model_checks import transformer_has_guidance
+from fluxtrain.training.model_files import resolve_model_files
 from fluxtrain.training.optim import build_optimizer, build_scheduler
-from fluxtrain.training.precision import FP8_COMPUTE_DTYPE, run_precision
+from fluxtrain.training.precision import run_precision
 from fluxtrain.training.sampling import generate, sample_path
 from fluxtrain.training.state import (
     StepCounter,
@@ -83,58 +83,6 @@ class RunPaths:
     @property
     def state(self) -> Path:
         return self.root / "state"
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    transformer: Path
-    ae: Path
-    clip_l: Path
-    t5xxl: Path
-    clip_tokenizer: Path
-    t5_tokenizer: Path
-
-
-def resolve_model_files(config: TrainConfig, models_root: Path) -> ModelFiles:
-    """The four model files, each checked to exist and to hold its model, and where their tokenizers are."""
-    paths = {}
-    for field in ("pretrained_model", "ae", "clip_l", "t5xxl"):
-        value = getattr(config, field)
-        paths[field] = loading.resolve_model_path(models_root, value)
-        check_model(field, paths[field], value)
-    return ModelFiles(
-        transformer=paths["pretrained_model"],
-        ae=paths["ae"],
-        clip_l=paths["clip_l"],
-        t5xxl=paths["t5xxl"],
-        clip_tokenizer=loading.tokenizer_dir(models_root, "clip_l"),
-        t5_tokenizer=loading.tokenizer_dir(models_root, "t5xxl"),
-    )
-
-
-def load_lora_transformer(
-    path: Path,
-    *,
-    rank: int,
-    alpha: float,
-    base_dtype: torch.dtype,
-    lora_dtype: torch.dtype,
-    fp8_base: bool,
-    gradient_checkpointing: bool,
-    device: torch.device | str = "cpu",
-) -> tuple[FluxTransformer2DModel, list[torch.nn.Parameter]]:
-    """The frozen transformer with the LoRA attached, in training mode, and the LoRA's parameters.
-
-    With fp8_base the file is loaded unquantized in the bf16 compute dtype and only moved to float8
-    storage after peft has built the adapter (see `add_lora`); all of that happens in host memory,
-    so the device never holds the bf16 weights (FLUX.1-dev's 24 GB would not fit a 24 GB card).
-    """
-    transformer = loading.load_transformer(path, dtype=FP8_COMPUTE_DTYPE if fp8_base else base_dtype)
-    params = add_lora(transformer, rank=rank, alpha=alpha, dtype=lora_dtype, fp8_base=fp8_base)
-    if gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.to(device).train()
-    return transformer, params
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -182,13 +130,13 @@ class Trainer:
 
     def _load_text_encoders(self) -> TextEncoders:
         log.info("loading text encoders")
-        clip, clip_tok = loading.load_clip(
+        clip, clip_tok = model_files.load_clip(
             self.files.clip_l,
             tokenizer_dir=self.files.clip_tokenizer,
             dtype=self.precision.encoder,
             device=self.device,
         )
-        t5, t5_tok = loading.load_t5(
+        t5, t5_tok = model_files.load_t5(
             self.files.t5xxl,
             tokenizer_dir=self.files.t5_tokenizer,
             dtype=self.precision.encoder,
@@ -200,7 +148,9 @@ class Trainer:
 
     def _load_vae(self):
         log.info("loading autoencoder")
-        return loading.load_autoencoder(self.files.ae, dtype=self.precision.autoencoder, device=self.device)
+        return model_files.load_autoencoder(
+            self.files.ae, dtype=self.precision.autoencoder, device=self.device
+        )
 
     def _all_captions(self) -> list[str]:
         captions = [c for image in self.data.images for c in image.captions]

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from fluxtrain.training.config import TrainConfig, load_config
 from fluxtrain.training.events import read_events
 from fluxtrain.training.fp8 import store_float8
-from fluxtrain.training.lora import add_lora
+from fluxtrain.training.lora import add_lora, load_lora_transformer
 from fluxtrain.training.model_files import load_transformer
-from fluxtrain.training.trainer import StopFlag, Trainer, load_lora_transformer
+from fluxtrain.training.trainer import StopFlag, Trainer
 from tests.training import helpers_runs as helpers
 
 FLOAT8 = torch.float8_e4m3fn
