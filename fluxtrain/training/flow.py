@@ -58,9 +58,12 @@ def sample_timesteps(
     if method == "uniform":
         return torch.rand(batch, generator=generator)
     t = torch.sigmoid(sigmoid_scale * torch.randn(batch, generator=generator))
-    if method == "shift":
-        t = (t * shift) / (1 + (shift - 1) * t)
-    return t
+    return shift_timesteps(t, shift) if method == "shift" else t
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t' = s t / (1 + (s - 1) t): towards noise for s > 1, with 0 and 1 kept."""
+    return (t * shift) / (1 + (shift - 1) * t)
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
