@@ -1,7 +1,9 @@
-"""Names that arrive in requests, and the paths they may map to.
+"""Names that arrive in requests, the paths they may map to, and the trigger word.
 
 A name is one path segment of letters, digits, '-', '_' and '.', without a leading dot, at most
-100 characters: it can never climb out of, or hide inside, the folder it is joined to.
+100 characters: it can never climb out of, or hide inside, the folder it is joined to. A trigger
+word is one line of text that captioning writes first in every caption and the dataset config
+ties to every image: the same rule for both.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import AfterValidator, Field
 from fluxtrain.errors import InvalidInputError
 
 MAX_NAME_LENGTH = 100
+MAX_TRIGGER_WORD_LENGTH = 200
 _NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 
 
@@ -45,6 +48,25 @@ SafeName = Annotated[
         }
     ),
 ]
+
+
+def check_trigger_word(value: str) -> str:
+    """The trigger word stripped of surrounding blanks, else ValueError saying why not."""
+    value = value.strip()
+    if not value:
+        raise ValueError("trigger_word must not be empty")
+    if len(value) > MAX_TRIGGER_WORD_LENGTH:
+        raise ValueError(f"trigger_word must be at most {MAX_TRIGGER_WORD_LENGTH} characters")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise ValueError("trigger_word must not contain control characters such as line breaks")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("trigger_word must be valid Unicode text") from exc
+    return value
+
+
+TriggerWord = Annotated[str, AfterValidator(check_trigger_word)]
 
 
 def safe_join(root: Path, name: str, *, what: str = "name") -> Path:

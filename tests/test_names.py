@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from fluxtrain.captioning.request import CaptionRequest
+from fluxtrain.dataset_config.request import DatasetConfig
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.names import MAX_NAME_LENGTH, SafeName, check_name, safe_join
 
@@ -34,3 +36,16 @@ def test_safe_join_stays_inside_its_root(tmp_path: Path) -> None:
     assert safe_join(tmp_path, "ok") == (tmp_path / "ok").resolve()
     with pytest.raises(InvalidInputError):
         safe_join(tmp_path, "..")
+
+
+@pytest.mark.parametrize("value", ["", "   ", "two\nlines", "tab\tword", "x" * 201, "del\x7f"])
+def test_captioning_and_the_dataset_config_refuse_the_same_trigger_words(value: str) -> None:
+    with pytest.raises(ValidationError, match="trigger_word"):
+        CaptionRequest(output_name="cats", trigger_word=value)
+    with pytest.raises(ValidationError, match="trigger_word"):
+        DatasetConfig(output_name="cats", trigger_word=value)
+
+
+def test_a_trigger_word_is_stripped_alike() -> None:
+    assert CaptionRequest(output_name="c", trigger_word=" zqx ").trigger_word == "zqx"
+    assert DatasetConfig(output_name="c", trigger_word=" zqx ").trigger_word == "zqx"

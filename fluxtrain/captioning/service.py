@@ -22,7 +22,7 @@ from fluxtrain.captioning.prompts import (
 )
 from fluxtrain.datasets.store import dataset_dir, list_images, read_caption, write_caption
 from fluxtrain.errors import InvalidInputError, NotFoundError
-from fluxtrain.names import safe_join
+from fluxtrain.names import check_trigger_word, safe_join
 from fluxtrain.settings import Settings
 
 ProgressCallback = Callable[[int, int], None]
@@ -53,8 +53,10 @@ def caption_dataset(
     images = list_images(folder)
     if not images:
         raise InvalidInputError(f"dataset '{name}' has no images to caption")
-    if not trigger_word.strip() or "\n" in trigger_word or "\r" in trigger_word:
-        raise InvalidInputError("trigger_word must be one non-empty line")
+    try:
+        trigger_word = check_trigger_word(trigger_word)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from exc
     options = GenerationOptions(
         prompt=model_prompt(prompt, task), max_new_tokens=max_new_tokens, num_beams=num_beams
     )

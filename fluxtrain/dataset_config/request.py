@@ -6,14 +6,13 @@ from typing import Annotated, Self
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
 
-from fluxtrain.names import SafeName
+from fluxtrain.names import SafeName, TriggerWord
 
 MIN_RESOLUTION = 256
 MAX_RESOLUTION = 4096
 RESOLUTION_STEP = 64
 # FLUX latents are 1/8 of the image and packed in 2x2 patches: bucket sides step by 16 at least.
 BUCKET_STEP_UNIT = 16
-MAX_TRIGGER_WORD_LENGTH = 200
 
 DEFAULT_MAX_BUCKET_RESO = 2048
 
@@ -32,22 +31,6 @@ def _check_bucket_step(value: int) -> int:
     return value
 
 
-def _check_trigger_word(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("trigger_word must not be empty")
-    if len(value) > MAX_TRIGGER_WORD_LENGTH:
-        raise ValueError(f"trigger_word must be at most {MAX_TRIGGER_WORD_LENGTH} characters")
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
-        raise ValueError("trigger_word must not contain control characters such as line breaks")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("trigger_word must be valid Unicode text") from exc
-    return value
-
-
-TriggerWord = Annotated[str, AfterValidator(_check_trigger_word)]
 CaptionExtension = Annotated[str, StringConstraints(pattern=r"^\.[A-Za-z0-9_-]{1,16}$")]
 
 

@@ -113,6 +113,7 @@ def test_a_dataset_without_images_is_422(api: TestClient, settings: Settings) ->
         {"output_name": "../cats", "trigger_word": "photo"},
         {"output_name": "cats", "trigger_word": ""},
         {"output_name": "cats", "trigger_word": "two\nlines"},
+        {"output_name": "cats", "trigger_word": "tab\tword"},
         {"output_name": "cats", "trigger_word": "photo", "task": "<OD>"},
         {"output_name": "cats", "trigger_word": "photo", "prompt": "<OD>"},
         {"output_name": "cats", "trigger_word": "photo", "num_beams": 0},

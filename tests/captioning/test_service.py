@@ -100,7 +100,7 @@ def test_a_dataset_without_images_is_invalid(caption_settings: Settings, make_da
         caption_dataset(settings=caption_settings, name="cats", trigger_word="mycat")
 
 
-@pytest.mark.parametrize("trigger_word", ["", "  ", "two\nlines"])
+@pytest.mark.parametrize("trigger_word", ["", "  ", "two\nlines", "tab\tword"])
 def test_trigger_word_must_be_one_line(caption_settings: Settings, make_dataset, trigger_word: str) -> None:
     make_dataset(count=1)
     with pytest.raises(InvalidInputError, match="trigger_word"):

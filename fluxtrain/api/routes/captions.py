@@ -8,35 +8,12 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, Field
 
 from fluxtrain.api.deps import SettingsDep
-from fluxtrain.captioning.prompts import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_NUM_BEAMS,
-    DEFAULT_PROMPT,
-    CaptionTask,
-)
+from fluxtrain.captioning.request import CaptionRequest
 from fluxtrain.captioning.service import caption_dataset, set_caption
-from fluxtrain.names import SafeName
 
 router = APIRouter(tags=["captions"])
 
 MAX_CAPTION_CHARS = 10_000
-
-
-class CaptionRequest(BaseModel):
-    output_name: SafeName = Field(description="Dataset folder whose images are captioned.")
-    trigger_word: str = Field(
-        min_length=1, max_length=200, pattern=r"^[^\r\n]*$", description="Written first in every caption."
-    )
-    prompt: str = Field(
-        DEFAULT_PROMPT,
-        max_length=1000,
-        description="The default maps to <MORE_DETAILED_CAPTION>; a caption task token is used as given; "
-        "other text is the model's prompt.",
-    )
-    overwrite: bool = Field(False, description="Re-caption images that already have a .txt caption.")
-    task: CaptionTask | None = Field(None, description="Florence-2 caption task; overrides `prompt`.")
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=1024)
-    num_beams: int = Field(DEFAULT_NUM_BEAMS, ge=1, le=8)
 
 
 class CaptionResponse(BaseModel):
