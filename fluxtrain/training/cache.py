@@ -9,20 +9,26 @@ data (or a crashed first one) reuses every finished entry and loads no encoder a
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils.memory import clear_device_cache
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save
 
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.fsutil import atomic_write_bytes
+from fluxtrain.training import model_files
 from fluxtrain.training.buckets import Size, fit_to_bucket
-from fluxtrain.training.data import IMAGE_ERRORS
+from fluxtrain.training.data import IMAGE_ERRORS, TrainingData
+from fluxtrain.training.model_files import ModelFiles
 
+log = logging.getLogger("fluxtrain.training")
 ENCODE_BATCH = 4
 
 
@@ -103,6 +109,7 @@ class FeatureCache:
     def __init__(self, root: Path, *, vae_id: str, text_id: str, max_length: int) -> None:
         self.root = root
         self.vae_id = vae_id
+        self.max_length = max_length
         self.text_id = f"{text_id}:{max_length}"
 
     def latent_path(self, key: LatentKey) -> Path:
@@ -154,3 +161,103 @@ class FeatureCache:
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def open_cache(root: Path, files: ModelFiles, *, max_length: int) -> FeatureCache:
+    """The cache entries of this run's autoencoder and text encoders, T5 padded to `max_length`."""
+    return FeatureCache(
+        root,
+        vae_id=file_identity(files.ae),
+        text_id=f"{file_identity(files.clip_l)}:{file_identity(files.t5xxl)}",
+        max_length=max_length,
+    )
+
+
+def training_captions(
+    data: TrainingData, *, caption_dropout_rate: float, sample_prompts: list[str]
+) -> list[str]:
+    """Every text a run encodes: its captions, the empty caption when captions drop, its sample prompts."""
+    captions = [caption for image in data.images for caption in image.captions]
+    if caption_dropout_rate > 0:
+        captions.append("")
+    return captions + list(sample_prompts)
+
+
+def cache_latents(
+    cache: FeatureCache,
+    data: TrainingData,
+    *,
+    files: ModelFiles,
+    accelerator: Accelerator,
+    dtype: torch.dtype,
+) -> tuple[int, int]:
+    """Encode the latents the cache lacks, each flip included (main process first, so other ranks
+    only read); returns (encoded, from cache)."""
+    wanted: dict[LatentKey, Path] = {}
+    for image in data.images:
+        for flip in (False, True) if image.flip_aug else (False,):
+            wanted[LatentKey(image.sha256, image.bucket, flip)] = image.path
+
+    def load_vae() -> object:
+        log.info("loading autoencoder")
+        return model_files.load_autoencoder(files.ae, dtype=dtype, device=accelerator.device)
+
+    with accelerator.main_process_first():
+        counts = cache.fill_latents(wanted, load_vae)
+        clear_device_cache(garbage_collection=True)
+    return counts
+
+
+def cache_texts(
+    cache: FeatureCache,
+    captions: list[str],
+    *,
+    files: ModelFiles,
+    accelerator: Accelerator,
+    dtype: torch.dtype,
+) -> tuple[int, int]:
+    """Encode the captions and prompts the cache lacks (main process first); returns (encoded, from cache)."""
+
+    def load_encoders() -> TextEncoders:
+        log.info("loading text encoders")
+        device = accelerator.device
+        clip, clip_tokenizer = model_files.load_clip(
+            files.clip_l, tokenizer_dir=files.clip_tokenizer, dtype=dtype, device=device
+        )
+        t5, t5_tokenizer = model_files.load_t5(
+            files.t5xxl, tokenizer_dir=files.t5_tokenizer, dtype=dtype, device=device
+        )
+        return TextEncoders(
+            clip=clip,
+            clip_tokenizer=clip_tokenizer,
+            t5=t5,
+            t5_tokenizer=t5_tokenizer,
+            max_length=cache.max_length,
+        )
+
+    with accelerator.main_process_first():
+        counts = cache.fill_texts(captions, load_encoders)
+        clear_device_cache(garbage_collection=True)
+    return counts
+
+
+def load_batch(
+    cache: FeatureCache,
+    data: TrainingData,
+    indices: list[int],
+    *,
+    caption_dropout_rate: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, T5 states, CLIP pooled) of one batch, with flips and captions drawn from `generator`."""
+    latents, hidden, pooled = [], [], []
+    for index in indices:
+        image = data.images[index]
+        flip = image.flip_aug and bool(torch.rand(1, generator=generator) < 0.5)
+        latents.append(cache.load_latent(LatentKey(image.sha256, image.bucket, flip)))
+        drop = caption_dropout_rate > 0 and float(torch.rand(1, generator=generator)) < caption_dropout_rate
+        choice = int(torch.randint(len(image.captions), (1,), generator=generator))
+        t5, clip = cache.load_text("" if drop else image.captions[choice])
+        hidden.append(t5)
+        pooled.append(clip)
+    return torch.stack(latents), torch.stack(hidden), torch.stack(pooled)

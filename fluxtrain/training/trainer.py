@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training import model_files
-from fluxtrain.training.cache import FeatureCache, LatentKey, TextEncoders, file_identity
+from fluxtrain.training.cache import cache_latents, cache_texts, load_batch, open_cache, training_captions
 from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig
 from fluxtrain.training.data import epoch_batches, load_training_data
 from fluxtrain.training.distributed import (
@@ -128,61 +128,25 @@ class Trainer:
 
     # --- set-up -----------------------------------------------------------------------------------
 
-    def _load_text_encoders(self) -> TextEncoders:
-        log.info("loading text encoders")
-        clip, clip_tok = model_files.load_clip(
-            self.files.clip_l,
-            tokenizer_dir=self.files.clip_tokenizer,
-            dtype=self.precision.encoder,
-            device=self.device,
-        )
-        t5, t5_tok = model_files.load_t5(
-            self.files.t5xxl,
-            tokenizer_dir=self.files.t5_tokenizer,
-            dtype=self.precision.encoder,
-            device=self.device,
-        )
-        return TextEncoders(
-            clip=clip, clip_tokenizer=clip_tok, t5=t5, t5_tokenizer=t5_tok, max_length=self.t5_length
-        )
-
-    def _load_vae(self):
-        log.info("loading autoencoder")
-        return model_files.load_autoencoder(
-            self.files.ae, dtype=self.precision.autoencoder, device=self.device
-        )
-
-    def _all_captions(self) -> list[str]:
-        captions = [c for image in self.data.images for c in image.captions]
-        if self.config.caption_dropout_rate > 0:
-            captions.append("")
-        return captions + list(self.config.sample_prompts)
-
-    def open_cache(self) -> None:
-        self.cache = FeatureCache(
-            self.cache_root,
-            vae_id=file_identity(self.files.ae),
-            text_id=f"{file_identity(self.files.clip_l)}:{file_identity(self.files.t5xxl)}",
-            max_length=self.t5_length,
-        )
-
     def cache_latents(self) -> None:
-        """Encode the latents the cache lacks (main process first, so other ranks only read)."""
-        wanted: dict[LatentKey, Path] = {}
-        for image in self.data.images:
-            for flip in (False, True) if image.flip_aug else (False,):
-                wanted[LatentKey(image.sha256, image.bucket, flip)] = image.path
-        with self.accelerator.main_process_first():
-            self.latent_counts = self.cache.fill_latents(wanted, self._load_vae)
-            _free_device_memory()
+        self.latent_counts = cache_latents(
+            self.cache,
+            self.data,
+            files=self.files,
+            accelerator=self.accelerator,
+            dtype=self.precision.autoencoder,
+        )
 
     def cache_texts(self) -> None:
         """Encode the captions and prompts the cache lacks, then report what caching did."""
-        with self.accelerator.main_process_first():
-            texts_encoded, texts_cached = self.cache.fill_texts(
-                self._all_captions(), self._load_text_encoders
-            )
-            _free_device_memory()
+        captions = training_captions(
+            self.data,
+            caption_dropout_rate=self.config.caption_dropout_rate,
+            sample_prompts=self.config.sample_prompts,
+        )
+        texts_encoded, texts_cached = cache_texts(
+            self.cache, captions, files=self.files, accelerator=self.accelerator, dtype=self.precision.encoder
+        )
         latents_encoded, latents_cached = self.latent_counts
         self.events.emit(
             "caching",
@@ -203,7 +167,9 @@ class Trainer:
     def load_sample_vae(self) -> None:
         """The autoencoder for samples, kept in host memory between renders."""
         if self.config.sample_prompts:
-            self.sample_vae = self._load_vae().to("cpu")
+            self.sample_vae = model_files.load_autoencoder(
+                self.files.ae, dtype=self.precision.autoencoder, device=self.device
+            ).to("cpu")
 
     def prepare_model(self) -> None:
         """Load the frozen transformer, attach the LoRA, build optimizer and schedule."""
@@ -345,25 +311,15 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------
 
-    def load_batch(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """Cached latents and text outputs of one batch, with this step's flips and captions."""
-        latents, hidden, pooled = [], [], []
-        for index in indices:
-            image = self.data.images[index]
-            flip = image.flip_aug and bool(torch.rand(1, generator=generator) < 0.5)
-            latents.append(self.cache.load_latent(LatentKey(image.sha256, image.bucket, flip)))
-            drop = self.config.caption_dropout_rate > 0 and float(torch.rand(1, generator=generator)) < (
-                self.config.caption_dropout_rate
-            )
-            choice = int(torch.randint(len(image.captions), (1,), generator=generator))
-            t5, clip = self.cache.load_text("" if drop else image.captions[choice])
-            hidden.append(t5)
-            pooled.append(clip)
-        return torch.stack(latents), torch.stack(hidden), torch.stack(pooled)
-
     def train_step(self, indices: list[int]) -> float:
         generator = step_generator(self.config.seed, self.progress.step, self.accelerator.process_index)
-        x0, hidden, pooled = self.load_batch(indices, generator)
+        x0, hidden, pooled = load_batch(
+            self.cache,
+            self.data,
+            indices,
+            caption_dropout_rate=self.config.caption_dropout_rate,
+            generator=generator,
+        )
         noise = torch.randn(x0.shape, generator=generator)
         t = sample_timesteps(
             x0.shape[0],
@@ -436,9 +392,8 @@ class Trainer:
             self.precision.mixed_precision,
         )
         guided = transformer_has_guidance(self.files.transformer, config.pretrained_model)
-        self.t5_length = 512 if guided else 256
         self.cache_started = time.monotonic()
-        self.open_cache()
+        self.cache = open_cache(self.cache_root, self.files, max_length=512 if guided else 256)
         phases = (self.cache_latents, self.cache_texts, self.load_sample_vae, self.prepare_model, self.resume)
         self.state_step = saved_step(self.paths.state)
         if self.state_step is not None:
