@@ -8,15 +8,23 @@ outputs come from the feature cache.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils.memory import clear_device_cache
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
+from fluxtrain.training import model_files
+from fluxtrain.training.buckets import Size
+from fluxtrain.training.cache import FeatureCache
+from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.flow import image_ids, pack_latents, text_ids, unpack_latents
+from fluxtrain.training.model_files import ModelFiles
 
 
 def flux_scheduler(*, guidance_distilled: bool) -> FlowMatchEulerDiscreteScheduler:
@@ -87,3 +95,52 @@ def generate(
 
 def sample_path(samples_dir: Path, *, output_name: str, step: int, index: int) -> Path:
     return samples_dir / f"{output_name}_{step:06d}_{index:02d}.png"
+
+
+def load_sample_autoencoder(files: ModelFiles, *, dtype: torch.dtype) -> torch.nn.Module:
+    """The autoencoder that decodes samples, kept in host memory between renders."""
+    return model_files.load_autoencoder(files.ae, dtype=dtype, device="cpu")
+
+
+def render_samples(
+    transformer: torch.nn.Module,
+    vae: torch.nn.Module,
+    *,
+    config: TrainConfig,
+    cache: FeatureCache,
+    resolution: Size,
+    step: int,
+    samples_dir: Path,
+    accelerator: Accelerator,
+    dtype: torch.dtype,
+) -> Iterator[tuple[Path, str]]:
+    """Render every sample prompt with the current weights, yielding (file, prompt) as each is saved.
+
+    The autoencoder visits the device only for the renders; the transformer is left in training mode.
+    """
+    device = accelerator.device
+    vae.to(device)
+    width, height = resolution
+    for index, prompt in enumerate(config.sample_prompts):
+        t5, pooled = cache.load_text(prompt)
+        with accelerator.autocast():
+            image = generate(
+                transformer,
+                vae,
+                t5=t5,
+                pooled=pooled,
+                width=width,
+                height=height,
+                steps=config.sample_steps,
+                guidance_scale=config.sample_guidance_scale,
+                seed=config.seed + index,
+                device=device,
+                dtype=dtype,
+            )
+        path = sample_path(samples_dir, output_name=config.output_name, step=step, index=index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        yield path, prompt
+    vae.to("cpu")
+    transformer.train()
+    clear_device_cache(garbage_collection=True)

@@ -12,7 +12,6 @@ events.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import math
@@ -24,7 +23,6 @@ import torch
 from accelerate.utils import set_seed
 
 from fluxtrain.errors import InvalidInputError
-from fluxtrain.training import model_files
 from fluxtrain.training.cache import cache_latents, cache_texts, load_batch, open_cache, training_captions
 from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig
 from fluxtrain.training.data import epoch_batches, load_training_data
@@ -50,7 +48,7 @@ from fluxtrain.training.model_checks import transformer_has_guidance
 from fluxtrain.training.model_files import resolve_model_files
 from fluxtrain.training.optim import build_optimizer, build_scheduler
 from fluxtrain.training.precision import run_precision
-from fluxtrain.training.sampling import generate, sample_path
+from fluxtrain.training.sampling import load_sample_autoencoder, render_samples
 from fluxtrain.training.state import (
     StepCounter,
     check_state_matches,
@@ -89,12 +87,6 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The CPU generator of one step on one process."""
     digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def _free_device_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class Trainer:
@@ -167,9 +159,7 @@ class Trainer:
     def load_sample_vae(self) -> None:
         """The autoencoder for samples, kept in host memory between renders."""
         if self.config.sample_prompts:
-            self.sample_vae = model_files.load_autoencoder(
-                self.files.ae, dtype=self.precision.autoencoder, device=self.device
-            ).to("cpu")
+            self.sample_vae = load_sample_autoencoder(self.files, dtype=self.precision.autoencoder)
 
     def prepare_model(self) -> None:
         """Load the frozen transformer, attach the LoRA, build optimizer and schedule."""
@@ -278,36 +268,21 @@ class Trainer:
     def render_samples(self) -> None:
         if not self.config.sample_prompts or not self.accelerator.is_main_process:
             return
-        model = self.unwrapped
-        vae = self.sample_vae.to(self.device)
-        width, height = self.data.resolution
-        for index, prompt in enumerate(self.config.sample_prompts):
-            t5, pooled = self.cache.load_text(prompt)
-            with self.accelerator.autocast():
-                image = generate(
-                    model,
-                    vae,
-                    t5=t5,
-                    pooled=pooled,
-                    width=width,
-                    height=height,
-                    steps=self.config.sample_steps,
-                    guidance_scale=self.config.sample_guidance_scale,
-                    seed=self.config.seed + index,
-                    device=self.device,
-                    dtype=self.precision.compute,
-                )
-            path = sample_path(
-                self.paths.samples, output_name=self.config.output_name, step=self.progress.step, index=index
-            )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
-            self.events.emit("sample", path=path, prompt=prompt, step=self.progress.step)
-            log.info("sample %s (step %d): %s", path.name, self.progress.step, prompt)
-        self.sample_vae = vae.to("cpu")
-        self.last_sample_step = self.progress.step
-        model.train()
-        _free_device_memory()
+        step = self.progress.step
+        for path, prompt in render_samples(
+            self.unwrapped,
+            self.sample_vae,
+            config=self.config,
+            cache=self.cache,
+            resolution=self.data.resolution,
+            step=step,
+            samples_dir=self.paths.samples,
+            accelerator=self.accelerator,
+            dtype=self.precision.compute,
+        ):
+            self.events.emit("sample", path=path, prompt=prompt, step=step)
+            log.info("sample %s (step %d): %s", path.name, step, prompt)
+        self.last_sample_step = step
 
     # --- the loop ---------------------------------------------------------------------------------
 
