@@ -21,7 +21,10 @@ import torch
 from safetensors.torch import save
 
 from fluxtrain.fsutil import atomic_write_bytes
+from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.convert import diffusers_module_to_bfl, kohya_lora_name
+from fluxtrain.training.data import TrainingData
+from fluxtrain.training.lora import lora_state_dict
 
 _LORA_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
 
@@ -129,3 +132,44 @@ def save_lora(
     else:
         tensors = diffusers_state_dict(lora, rank=rank, alpha=alpha, dtype=dtype)
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def write_lora_file(
+    path: Path,
+    transformer: torch.nn.Module,
+    *,
+    config: TrainConfig,
+    data: TrainingData,
+    base_model: Path,
+    step: int,
+    epoch: int,
+    dtype: torch.dtype,
+) -> None:
+    """The trained LoRA in run.json's `save_format`, with the metadata of this run at `step`."""
+    metadata = lora_metadata(
+        base_model=str(base_model),
+        output_name=config.output_name,
+        rank=config.network_dim,
+        alpha=config.network_alpha,
+        steps=step,
+        epoch=epoch,
+        resolution=data.resolution,
+        trigger_words=data.trigger_words,
+        dataset_hash=data.dataset_hash,
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        seed=config.seed,
+        num_images=len(data.images),
+        save_format=config.save_format,
+        guidance=bool(transformer.config.guidance_embeds),
+    )
+    save_lora(
+        path,
+        lora_state_dict(transformer),
+        save_format=config.save_format,
+        rank=config.network_dim,
+        alpha=config.network_alpha,
+        dtype=dtype,
+        metadata=metadata,
+        config=transformer.config,
+    )

@@ -34,7 +34,7 @@ from fluxtrain.training.distributed import (
     peak_memory_mb,
 )
 from fluxtrain.training.events import EventLog
-from fluxtrain.training.export import lora_metadata, save_lora
+from fluxtrain.training.export import write_lora_file
 from fluxtrain.training.flow import (
     flow_loss,
     image_ids,
@@ -43,7 +43,7 @@ from fluxtrain.training.flow import (
     sample_timesteps,
     text_ids,
 )
-from fluxtrain.training.lora import load_lora_transformer, lora_state_dict
+from fluxtrain.training.lora import load_lora_transformer
 from fluxtrain.training.model_checks import transformer_has_guidance
 from fluxtrain.training.model_files import resolve_model_files
 from fluxtrain.training.optim import build_optimizer, build_scheduler
@@ -225,36 +225,17 @@ class Trainer:
         log.info("resumed from %s at step %d", self.paths.state, self.progress.step)
 
     def save_lora_file(self, path: Path, *, epoch: int) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        config = self.config
-        metadata = lora_metadata(
-            base_model=str(self.files.transformer),
-            output_name=config.output_name,
-            rank=config.network_dim,
-            alpha=config.network_alpha,
-            steps=self.progress.step,
-            epoch=epoch,
-            resolution=self.data.resolution,
-            trigger_words=self.data.trigger_words,
-            dataset_hash=self.data.dataset_hash,
-            learning_rate=config.learning_rate,
-            optimizer=config.optimizer,
-            seed=config.seed,
-            num_images=len(self.data.images),
-            save_format=config.save_format,
-            guidance=bool(self.unwrapped.config.guidance_embeds),
-        )
-        save_lora(
-            path,
-            lora_state_dict(self.unwrapped),
-            save_format=config.save_format,
-            rank=config.network_dim,
-            alpha=config.network_alpha,
-            dtype=self.precision.export,
-            metadata=metadata,
-            config=self.unwrapped.config,
-        )
+        if self.accelerator.is_main_process:
+            write_lora_file(
+                path,
+                self.unwrapped,
+                config=self.config,
+                data=self.data,
+                base_model=self.files.transformer,
+                step=self.progress.step,
+                epoch=epoch,
+                dtype=self.precision.export,
+            )
 
     def checkpoint(self, epoch: int) -> None:
         path = self.paths.output / f"{self.config.output_name}-{epoch:06d}.safetensors"
