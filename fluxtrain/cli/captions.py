@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -17,28 +17,22 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from fluxtrain.captioning.prompts import (
-    CAPTION_TASKS,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_NUM_BEAMS,
-    DEFAULT_PROMPT,
-    CaptionTask,
-)
+from fluxtrain.captioning.request import CaptionRequest
+from fluxtrain.cli.options import EXIT_FAILED, build_request, documented, fail, with_model_options
 from fluxtrain.errors import FluxtrainError
 
+OPTION_NAMES = {"trigger_word": ("--trigger-word", "-t")}
 
+
+@documented
+@with_model_options(CaptionRequest, skip=frozenset({"output_name"}), names=OPTION_NAMES)
 def caption(
     name: str = typer.Argument(..., help="Dataset folder under $DATA_ROOT/datasets."),
-    trigger_word: str = typer.Option(..., "--trigger-word", "-t", help="Written first in every caption."),
-    prompt: str = typer.Option(DEFAULT_PROMPT, help="Free text, or a task token such as <CAPTION>."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Re-caption images that already have a caption."
-    ),
-    task: str | None = typer.Option(None, help=f"Florence-2 caption task: {', '.join(CAPTION_TASKS)}."),
-    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, min=1, max=1024, help="Longest caption."),
-    num_beams: int = typer.Option(DEFAULT_NUM_BEAMS, min=1, max=8, help="Beam search width."),
+    *,
+    fields: dict[str, Any],
 ) -> None:
     """Caption every image of a dataset with Florence-2; exits 1 when any image failed."""
+    request = build_request(CaptionRequest, {"output_name": name, **fields}, labels={"output_name": "NAME"})
     from transformers.utils import logging as transformers_logging
 
     from fluxtrain.captioning.service import caption_dataset
@@ -47,9 +41,6 @@ def caption(
     transformers_logging.disable_progress_bar()
 
     console = Console(stderr=True)
-    if task is not None and task not in CAPTION_TASKS:
-        console.print(f"[red]invalid --task:[/red] use one of {', '.join(CAPTION_TASKS)}", highlight=False)
-        raise typer.Exit(2)
     progress = Progress(
         TextColumn("captioning"),
         BarColumn(),
@@ -74,18 +65,17 @@ def caption(
         with progress:
             result = caption_dataset(
                 settings=get_settings(),
-                name=name,
-                trigger_word=trigger_word,
-                prompt=prompt,
-                overwrite=overwrite,
-                task=cast(CaptionTask | None, task),
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
+                name=request.output_name,
+                trigger_word=request.trigger_word,
+                prompt=request.prompt,
+                overwrite=request.overwrite,
+                task=request.task,
+                max_new_tokens=request.max_new_tokens,
+                num_beams=request.num_beams,
                 on_progress=on_progress,
             )
     except FluxtrainError as exc:
-        console.print(f"[red]error:[/red] {exc.message}", highlight=False)
-        raise typer.Exit(1) from exc
+        fail(exc)
     out = Console()
     out.print(f"{len(result.captions)} captioned, {len(result.failed)} failed", highlight=False)
     if result.failed:
@@ -93,7 +83,7 @@ def caption(
         for image, reason in sorted(result.failed.items()):
             table.add_row(image, reason)
         out.print(table)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:

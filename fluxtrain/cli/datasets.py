@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fluxtrain.cli.options import EXIT_BAD_INPUT, EXIT_FAILED, documented, fail
 from fluxtrain.datasets.catalog import summarize_datasets
 from fluxtrain.datasets.ingest import DownloadResult, download_images
 from fluxtrain.errors import FluxtrainError
@@ -31,6 +32,7 @@ def _failure_table(result: DownloadResult) -> Table:
     return table
 
 
+@documented
 def download(
     name: str = typer.Argument(..., metavar="NAME", help="Dataset folder under $DATA_ROOT/datasets/."),
     urls: list[str] | None = typer.Argument(None, metavar="URL...", help="Image URLs (http or https)."),
@@ -44,11 +46,11 @@ def download(
         check_name(name, what="dataset name")
     except ValueError as exc:
         console.print(f"[red]invalid NAME:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from exc
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
     all_urls = list(urls or []) + (_read_url_file(file) if file else [])
     if not all_urls:
         console.print("[red]error:[/red] give at least one URL or --file", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_BAD_INPUT)
     settings = get_settings()
     distinct = len(dict.fromkeys(all_urls))
     with Progress(
@@ -72,14 +74,14 @@ def download(
                 download_images(settings=settings, name=name, urls=all_urls, on_result=advance)
             )
         except FluxtrainError as exc:
-            console.print(f"[red]error:[/red] {exc.message}", highlight=False)
-            raise typer.Exit(2) from exc
+            fail(exc)
     console.print(f"saved {len(result.files)} of {distinct} image(s) into dataset '{name}'", highlight=False)
     if result.failed:
         console.print(_failure_table(result))
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
+@documented
 def datasets() -> None:
     """List datasets with their image and caption counts."""
     table = Table(title="datasets")

@@ -19,11 +19,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column, Table
 
+from fluxtrain.cli.options import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    build_request,
+    documented,
+    with_model_options,
+)
+from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.settings import get_settings
 
 console = Console()
 notes = Console(stderr=True)
 TERMINAL = {"succeeded", "failed", "canceled"}
+BAD_INPUT_STATUSES = frozenset({400, 413, 422})
+TRAIN_OPTION_NAMES = {
+    "max_train_epochs": ("--epochs", "--max-train-epochs"),
+    "max_train_steps": ("--steps", "--max-train-steps"),
+    "learning_rate": ("--learning-rate", "--lr"),
+}
 UrlOption = typer.Option(
     None, "--url", help="Service URL (default FLUXTRAIN_URL, else http://127.0.0.1:$PORT)."
 )
@@ -39,14 +53,17 @@ def _client(url: str | None) -> httpx.Client:
 
 
 def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
-    """One request; a refused connection or an error answer ends the command with its message."""
+    """One request; a refused connection or an error answer ends the command with its message.
+
+    An answer that refuses the input (400, 413, 422) exits 2; anything else that failed exits 1.
+    """
     try:
         response = client.request(method, path, **kwargs)
     except httpx.TransportError as exc:
         notes.print(
             f"[red]cannot reach the service at {client.base_url}: {exc}[/] (is `fluxtrain serve` running?)"
         )
-        raise typer.Exit(2) from exc
+        raise typer.Exit(EXIT_FAILED) from exc
     if response.is_error:
         try:
             detail = response.json().get("detail", response.text)
@@ -55,7 +72,7 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
         notes.print(
             f"[red]{response.status_code}: {detail if isinstance(detail, str) else json.dumps(detail)}[/]"
         )
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_BAD_INPUT if response.status_code in BAD_INPUT_STATUSES else EXIT_FAILED)
     return response.json()
 
 
@@ -152,48 +169,24 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to the `fluxtrain` app."""
 
     @app.command()
+    @documented
+    @with_model_options(TrainRequest, skip=frozenset({"output_name"}), names=TRAIN_OPTION_NAMES)
     def train(
-        name: str = typer.Argument(..., help="output_name: the LoRA's name and, by default, the dataset's."),
-        dataset: str | None = typer.Option(None, help="Dataset whose TOML is used (default: NAME)."),
-        max_train_epochs: int | None = typer.Option(None, "--epochs", "--max-train-epochs"),
-        max_train_steps: int | None = typer.Option(None, "--steps", "--max-train-steps"),
-        learning_rate: float | None = typer.Option(None, "--learning-rate", "--lr"),
-        network_dim: int | None = typer.Option(None),
-        network_alpha: float | None = typer.Option(None),
-        save_every_n_epochs: int | None = typer.Option(None),
-        pretrained_model: str | None = typer.Option(None, help="Relative to the models folder."),
-        clip_l: str | None = typer.Option(None),
-        t5xxl: str | None = typer.Option(None),
-        ae: str | None = typer.Option(None),
-        gpus: int | None = typer.Option(None, help="GPUs the run needs (default 1)."),
-        webhook: str | None = typer.Option(None, help="URL that gets the run's status at start and end."),
-        set_: list[str] = typer.Option([], "--set", help="Any other /train field as KEY=VALUE (JSON value)."),
+        name: str = typer.Argument(
+            ..., metavar="NAME", help="output_name: the LoRA's name and, by default, the dataset's."
+        ),
+        set_: list[str] = typer.Option([], "--set", help="Any /train field as KEY=VALUE (JSON value)."),
         idempotency_key: str | None = typer.Option(None, help="Send twice, start once."),
         no_follow: bool = typer.Option(False, "--no-follow", help="Print only the run id and return."),
         cancel_on_exit: bool = typer.Option(False, help="Cancel the run when you press Ctrl-C."),
         url: str | None = UrlOption,
+        *,
+        fields: dict[str, Any],
     ) -> None:
         """Start a training run on the service and follow it (Ctrl-C detaches)."""
-        options = {
-            "dataset": dataset,
-            "max_train_epochs": max_train_epochs,
-            "max_train_steps": max_train_steps,
-            "learning_rate": learning_rate,
-            "network_dim": network_dim,
-            "network_alpha": network_alpha,
-            "save_every_n_epochs": save_every_n_epochs,
-            "pretrained_model": pretrained_model,
-            "clip_l": clip_l,
-            "t5xxl": t5xxl,
-            "ae": ae,
-            "gpus": gpus,
-            "webhook": webhook,
-        }
-        body = {
-            "output_name": name,
-            **{k: v for k, v in options.items() if v is not None},
-            **_parse_set(set_),
-        }
+        values = {"output_name": name, **fields, **_parse_set(set_)}
+        request = build_request(TrainRequest, values, labels={"output_name": "NAME"})
+        body = request.model_dump(mode="json", exclude_unset=True)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with _client(url) as client:
             run_id = _call(client, "POST", "/train", json=body, headers=headers)["run_id"]
@@ -211,9 +204,10 @@ def register(app: typer.Typer) -> None:
                     notes.print(f"detached; the run goes on (fluxtrain status {run_id})")
                 raise typer.Exit(130) from None
         _print_status(final)
-        raise typer.Exit(0 if final["status"] == "succeeded" else 1)
+        raise typer.Exit(0 if final["status"] == "succeeded" else EXIT_FAILED)
 
     @app.command()
+    @documented
     def status(
         run_id: str,
         as_json: bool = typer.Option(False, "--json", help="Print the raw status object."),
@@ -228,6 +222,7 @@ def register(app: typer.Typer) -> None:
             _print_status(body)
 
     @app.command("runs")
+    @documented
     def list_runs(
         status: str | None = typer.Option(None, help="queued, running, succeeded, failed or canceled."),
         limit: int = typer.Option(20, min=1, max=1000),
@@ -249,6 +244,7 @@ def register(app: typer.Typer) -> None:
         console.print(table)
 
     @app.command()
+    @documented
     def cancel(run_id: str, url: str | None = UrlOption) -> None:
         """Cancel a run: a queued one is dropped, a running one saves its state and stops."""
         with _client(url) as client:
@@ -258,6 +254,7 @@ def register(app: typer.Typer) -> None:
         )
 
     @app.command()
+    @documented
     def logs(
         run_id: str,
         tail: int = typer.Option(100, min=1, max=10_000),

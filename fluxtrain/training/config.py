@@ -29,15 +29,20 @@ class TrainConfig(BaseModel):
 
     output_name: SafeName
     dataset_config: Path | None = Field(None, description="Absolute path of the dataset TOML.")
-    pretrained_model: str = "flux1-dev.sft"
-    clip_l: str = "clip_l.safetensors"
-    t5xxl: str = "t5xxl_fp16.safetensors"
-    ae: str = "ae.sft"
+    pretrained_model: str = Field("flux1-dev.sft", description="FLUX.1 transformer, under the models folder.")
+    clip_l: str = Field("clip_l.safetensors", description="CLIP-L text encoder, under the models folder.")
+    t5xxl: str = Field("t5xxl_fp16.safetensors", description="T5-XXL text encoder, under the models folder.")
+    ae: str = Field("ae.sft", description="Autoencoder, under the models folder.")
     models_root: Path | None = Field(None, description="Folder that relative model paths are taken under.")
     cache_dir: Path | None = Field(None, description="Latent and text-encoder cache folder.")
 
-    max_train_epochs: int | None = Field(None, ge=1, le=100_000)
-    max_train_steps: int | None = Field(None, ge=1, le=10_000_000)
+    max_train_epochs: int | None = Field(None, ge=1, le=100_000, description="Epochs to train.")
+    max_train_steps: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description=f"Steps to train; {DEFAULT_MAX_TRAIN_STEPS} when neither steps nor epochs are given.",
+    )
     learning_rate: float = Field(1e-4, gt=0, le=10)
     network_dim: int = Field(4, ge=1, le=1024)
     network_alpha: float = Field(1.0, gt=0)
