@@ -20,6 +20,7 @@ from fluxtrain.captioning.prompts import (
     model_prompt,
     training_caption,
 )
+from fluxtrain.captioning.request import CaptionRequest
 from fluxtrain.datasets.store import dataset_dir, list_images, read_caption, write_caption
 from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.names import check_trigger_word, safe_join
@@ -89,6 +90,23 @@ def caption_dataset(
         if image in kept or image in written:
             result.captions[image.name] = kept.get(image) or written[image]
     return result
+
+
+def caption_request(
+    *, settings: Settings, request: CaptionRequest, on_progress: ProgressCallback | None = None
+) -> CaptionResult:
+    """`caption_dataset` for a `/caption-images` body, the same call for the API and the CLI."""
+    return caption_dataset(
+        settings=settings,
+        name=request.output_name,
+        trigger_word=request.trigger_word,
+        prompt=request.prompt,
+        overwrite=request.overwrite,
+        task=request.task,
+        max_new_tokens=request.max_new_tokens,
+        num_beams=request.num_beams,
+        on_progress=on_progress,
+    )
 
 
 def set_caption(*, settings: Settings, name: str, image: str, caption: str) -> Path:

@@ -35,7 +35,7 @@ def caption(
     request = build_request(CaptionRequest, {"output_name": name, **fields}, labels={"output_name": "NAME"})
     from transformers.utils import logging as transformers_logging
 
-    from fluxtrain.captioning.service import caption_dataset
+    from fluxtrain.captioning.service import caption_request
     from fluxtrain.settings import get_settings
 
     transformers_logging.disable_progress_bar()
@@ -63,17 +63,7 @@ def caption(
 
     try:
         with progress:
-            result = caption_dataset(
-                settings=get_settings(),
-                name=request.output_name,
-                trigger_word=request.trigger_word,
-                prompt=request.prompt,
-                overwrite=request.overwrite,
-                task=request.task,
-                max_new_tokens=request.max_new_tokens,
-                num_beams=request.num_beams,
-                on_progress=on_progress,
-            )
+            result = caption_request(settings=get_settings(), request=request, on_progress=on_progress)
     except FluxtrainError as exc:
         fail(exc)
     out = Console()

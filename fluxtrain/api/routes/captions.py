@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from fluxtrain.api.deps import SettingsDep
 from fluxtrain.captioning.request import CaptionRequest
-from fluxtrain.captioning.service import caption_dataset, set_caption
+from fluxtrain.captioning.service import caption_request, set_caption
 
 router = APIRouter(tags=["captions"])
 
@@ -35,16 +35,7 @@ class CaptionUpdated(BaseModel):
 @router.post("/caption-images", response_model=CaptionResponse)
 def caption_images(request: CaptionRequest, settings: SettingsDep) -> CaptionResponse:
     """Caption every image of a dataset with Florence-2 (runs in the threadpool, off the event loop)."""
-    result = caption_dataset(
-        settings=settings,
-        name=request.output_name,
-        trigger_word=request.trigger_word,
-        prompt=request.prompt,
-        overwrite=request.overwrite,
-        task=request.task,
-        max_new_tokens=request.max_new_tokens,
-        num_beams=request.num_beams,
-    )
+    result = caption_request(settings=settings, request=request)
     return CaptionResponse(captions=result.captions, failed=result.failed)
 
 
