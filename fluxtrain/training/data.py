@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fluxtrain.dataset_config.toml_file import load_dataset_config
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training.buckets import BucketSpec, Size, choose_bucket
-from fluxtrain.training.config import check_dataset_options
+from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig, check_dataset_options
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 KOHYA_CAPTION_EXTENSION = ".caption"
@@ -193,3 +194,32 @@ def epoch_batches(data: TrainingData, *, epoch: int, seed: int) -> list[list[int
         batches.extend(members[i : i + size] for i in range(0, len(members), size))
     rng.shuffle(batches)
     return batches
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long a run is: steps per epoch (an epoch's batches shared out over processes) and in all."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    def epochs_at(self, step: int) -> int:
+        """Epochs begun by `step` completed steps (a partly trained epoch counts)."""
+        return math.ceil(step / self.steps_per_epoch)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs_at(self.total_steps)
+
+
+def plan_steps(data: TrainingData, config: TrainConfig, *, num_processes: int) -> StepPlan:
+    """run.json's length in steps: max_train_steps, else max_train_epochs, else the default."""
+    batches = len(epoch_batches(data, epoch=0, seed=config.seed))
+    steps_per_epoch = max(1, math.ceil(batches / num_processes))
+    if config.max_train_steps is not None:
+        total = config.max_train_steps
+    elif config.max_train_epochs is not None:
+        total = config.max_train_epochs * steps_per_epoch
+    else:
+        total = DEFAULT_MAX_TRAIN_STEPS
+    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=total)

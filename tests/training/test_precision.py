@@ -95,13 +95,14 @@ def test_precision_modes_train_on_the_cpu(
     if mode.startswith("fp8_base"):
         config = config.model_copy(update={"fp8_base": True})
     trainer = Trainer(run, config, stop=StopFlag())
-    assert trainer.run() == "finished"
+    setup = trainer.set_up()
+    assert trainer.train(setup) == "finished"
 
     samples = [e for e in read_events(run / "events.jsonl") if e["event"] == "sample"]
     assert len(samples) == 1 and Path(samples[0]["path"]).is_file()
     losses = [event["loss"] for event in helpers.step_events(run)]
     assert len(losses) == 3 and all(loss is not None and math.isfinite(loss) for loss in losses)
-    model = trainer.unwrapped
+    model = setup.transformer
     assert model.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == base
     assert model.transformer_blocks[0].norm1.linear.weight.dtype == (
         torch.bfloat16 if mode.startswith("fp8_base") else base
@@ -111,7 +112,7 @@ def test_precision_modes_train_on_the_cpu(
     assert all(p.requires_grad and torch.isfinite(p).all() for p in params.values())
     # lora_B starts at zero; three steps of AdamW move it.
     assert any(p.abs().max() > 0 for name, p in params.items() if "lora_B" in name)
-    states = [trainer.optimizer.state[p] for p in trainer.params]
+    states = [setup.optimizer.state[p] for p in setup.params]
     assert {s["exp_avg"].dtype for s in states} == {s["exp_avg_sq"].dtype for s in states} == {lora}
     saved = load_file(run / "output" / "tiny.safetensors")
     assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}

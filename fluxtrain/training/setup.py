@@ -1,0 +1,158 @@
+"""A run's set-up: everything it trains with, built once, in order, before the first step.
+
+Read the dataset and plan the steps, fill the latent and text caches (encoders loaded only for
+what is missing, then dropped), load the transformer with its LoRA, the optimizer and schedule,
+and resume from `state/` when a previous process left one. A stop request is honoured between
+these phases: with real FLUX weights caching and loading take minutes, longer than the runs layer
+waits after SIGTERM before it kills the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import FluxTransformer2DModel
+from torch.optim.lr_scheduler import LRScheduler
+
+from fluxtrain.training import cache as feature_cache
+from fluxtrain.training import state
+from fluxtrain.training.config import TrainConfig
+from fluxtrain.training.data import StepPlan, TrainingData, load_training_data, plan_steps
+from fluxtrain.training.distributed import exclude_frozen_from_ddp
+from fluxtrain.training.lora import load_lora_transformer
+from fluxtrain.training.model_checks import transformer_has_guidance
+from fluxtrain.training.model_files import ModelFiles, resolve_model_files
+from fluxtrain.training.optim import build_optimizer, build_scheduler
+from fluxtrain.training.precision import Precision
+from fluxtrain.training.report import RunReport
+from fluxtrain.training.sampling import load_sample_autoencoder
+
+log = logging.getLogger("fluxtrain.training")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a run trains with."""
+
+    data: TrainingData
+    files: ModelFiles
+    plan: StepPlan
+    cache: feature_cache.FeatureCache
+    transformer: FluxTransformer2DModel  # the model itself: its LoRA, its config, samples
+    model: torch.nn.Module  # the same as accelerate prepared it, for training steps
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    sample_vae: torch.nn.Module | None
+    state_step: int | None  # the step `state/` held when the run started; None without one
+
+
+class StoppedInSetUp(Exception):
+    """A stop request honoured between set-up phases, before the first step."""
+
+    def __init__(self, plan: StepPlan, state_step: int | None) -> None:
+        super().__init__("stop requested during set-up")
+        self.plan, self.state_step = plan, state_step
+
+
+def set_up(
+    config: TrainConfig,
+    *,
+    models_root: Path,
+    cache_root: Path,
+    state_dir: Path,
+    accelerator: Accelerator,
+    precision: Precision,
+    counter: state.StepCounter,
+    report: RunReport,
+    stop_requested: Callable[[], bool],
+) -> Setup:
+    """Build the run's Setup; `counter` is resumed in place. Raises StoppedInSetUp on a stop request."""
+    set_seed(config.seed)
+    data = load_training_data(config.dataset_config, enable_bucket=config.enable_bucket)
+    files = resolve_model_files(config, models_root)
+    plan = plan_steps(data, config, num_processes=accelerator.num_processes)
+    report.started(
+        output_name=config.output_name,
+        data=data,
+        plan=plan,
+        num_processes=accelerator.num_processes,
+        device=accelerator.device,
+        mixed_precision=precision.mixed_precision,
+    )
+    guided = transformer_has_guidance(files.transformer, config.pretrained_model)
+    cache_started = time.monotonic()
+    cache = feature_cache.open_cache(cache_root, files, max_length=512 if guided else 256)
+    state_step = state.saved_step(state_dir)
+    if state_step is not None:
+        state.check_state_matches(state_dir, config)
+
+    def honour_stop() -> None:
+        if stop_requested():
+            raise StoppedInSetUp(plan, state_step)
+
+    honour_stop()
+    latents = feature_cache.cache_latents(
+        cache, data, files=files, accelerator=accelerator, dtype=precision.autoencoder
+    )
+    honour_stop()
+    captions = feature_cache.training_captions(
+        data, caption_dropout_rate=config.caption_dropout_rate, sample_prompts=config.sample_prompts
+    )
+    texts = feature_cache.cache_texts(
+        cache, captions, files=files, accelerator=accelerator, dtype=precision.encoder
+    )
+    report.caching(latents, texts, seconds=time.monotonic() - cache_started)
+    honour_stop()
+    sample_vae = (
+        load_sample_autoencoder(files, dtype=precision.autoencoder) if config.sample_prompts else None
+    )
+    honour_stop()
+    transformer, params = load_lora_transformer(
+        files.transformer,
+        rank=config.network_dim,
+        alpha=config.network_alpha,
+        base_dtype=precision.base,
+        lora_dtype=precision.lora,
+        fp8_base=config.fp8_base,
+        gradient_checkpointing=config.gradient_checkpointing,
+        device=accelerator.device,
+    )
+    optimizer = build_optimizer(params, name=config.optimizer, learning_rate=config.learning_rate)
+    scheduler = build_scheduler(
+        optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=plan.total_steps
+    )
+    if accelerator.num_processes > 1:
+        left_out = exclude_frozen_from_ddp(transformer)
+        log.info("data parallel over the LoRA only: %d frozen tensors not broadcast", len(left_out))
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer = accelerator.unwrap_model(model)
+    state.make_resumable(
+        accelerator, transformer=transformer, scheduler=scheduler, counter=counter, config=config
+    )
+    honour_stop()
+    if state.has_state(state_dir):
+        accelerator.load_state(str(state_dir))
+        state_step = counter.step
+        log.info("resumed from %s at step %d", state_dir, counter.step)
+    honour_stop()
+    return Setup(
+        data=data,
+        files=files,
+        plan=plan,
+        cache=cache,
+        transformer=transformer,
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sample_vae=sample_vae,
+        state_step=state_step,
+    )
