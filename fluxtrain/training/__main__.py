@@ -2,7 +2,7 @@
 
 Exit status: 0 when the run finished or was stopped by SIGTERM / SIGINT (at any point, set-up
 included; what was trained is kept in `state/`), 2 when run.json or the dataset is invalid, 1 on
-any other failure; every failure is also an `error` event in events.jsonl with its message.
+any other failure; every failure is also an `error` event with its message.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from fluxtrain.errors import FluxtrainError  # noqa: E402
+from fluxtrain.rundir import EventWriter, RunDir  # noqa: E402
 from fluxtrain.training.config import load_config  # noqa: E402
-from fluxtrain.training.events import EventLog  # noqa: E402
 
 USAGE = "usage: python -m fluxtrain.training RUN_DIR"
 
@@ -38,9 +38,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(USAGE, file=sys.stderr)
         return 2
-    run_dir = Path(argv[0]).resolve()
-    if not run_dir.is_dir():
-        print(f"run directory {run_dir} does not exist", file=sys.stderr)
+    run_dir = RunDir(Path(argv[0]).resolve())
+    if not run_dir.root.is_dir():
+        print(f"run directory {run_dir.root} does not exist", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.INFO if _is_main_process() else logging.WARNING,
@@ -48,9 +48,9 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         force=True,
     )
-    errors = EventLog(run_dir / "events.jsonl", enabled=_is_main_process())
+    errors = EventWriter(run_dir.events, enabled=_is_main_process())
     try:
-        config = load_config(run_dir / "run.json")
+        config = load_config(run_dir.config)
     except FluxtrainError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         errors.emit("error", message=exc.message, kind="config")
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     from fluxtrain.training.trainer import Trainer
 
     try:
-        outcome = Trainer(run_dir, config, stop=STOP).run()
+        outcome = Trainer(run_dir.root, config, stop=STOP).run()
     except FluxtrainError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         errors.emit("error", message=exc.message, kind="input")

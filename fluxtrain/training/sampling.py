@@ -19,6 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
+from fluxtrain.rundir import RunDir
 from fluxtrain.training import model_files
 from fluxtrain.training.buckets import Size
 from fluxtrain.training.cache import FeatureCache
@@ -93,10 +94,6 @@ def generate(
     return Image.fromarray(array)
 
 
-def sample_path(samples_dir: Path, *, output_name: str, step: int, index: int) -> Path:
-    return samples_dir / f"{output_name}_{step:06d}_{index:02d}.png"
-
-
 def load_sample_autoencoder(files: ModelFiles, *, dtype: torch.dtype) -> torch.nn.Module:
     """The autoencoder that decodes samples, kept in host memory between renders."""
     return model_files.load_autoencoder(files.ae, dtype=dtype, device="cpu")
@@ -110,7 +107,7 @@ def render_samples(
     cache: FeatureCache,
     resolution: Size,
     step: int,
-    samples_dir: Path,
+    run: RunDir,
     accelerator: Accelerator,
     dtype: torch.dtype,
 ) -> Iterator[tuple[Path, str]]:
@@ -137,7 +134,7 @@ def render_samples(
                 device=device,
                 dtype=dtype,
             )
-        path = sample_path(samples_dir, output_name=config.output_name, step=step, index=index)
+        path = run.sample(config.output_name, step=step, index=index)
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         yield path, prompt

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fluxtrain.errors import InvalidInputError
+from fluxtrain.rundir import RunDir
 from fluxtrain.training import distributed, flow, state
 from fluxtrain.training.cache import load_batch
 from fluxtrain.training.config import TrainConfig
@@ -27,26 +27,8 @@ from fluxtrain.training.sampling import render_samples
 from fluxtrain.training.setup import Setup, StoppedInSetUp, set_up
 from fluxtrain.training.stop import StopFlag
 
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events.jsonl"
-
-    @property
-    def output(self) -> Path:
-        return self.root / "output"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
+# The paths run.json must carry: the trainer reads no service settings.
+RUN_JSON_PATHS = ("dataset_config", "models_root", "cache_dir")
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -59,18 +41,12 @@ class Trainer:
     """One run: `run()` trains it to the end or to a stop request."""
 
     def __init__(self, run_dir: Path, config: TrainConfig, *, stop: StopFlag) -> None:
-        from fluxtrain.settings import get_settings
-
-        if config.dataset_config is None:
-            raise InvalidInputError("dataset_config: run.json must name the dataset TOML")
-        self.paths = RunPaths(run_dir)
+        for field in RUN_JSON_PATHS:
+            if getattr(config, field) is None:
+                raise InvalidInputError(f"{field}: run.json must name it (the runs layer writes it)")
+        self.run_dir = RunDir(run_dir)
         self.config = config
         self.stop = stop
-        settings = None
-        if config.models_root is None or config.cache_dir is None:
-            settings = get_settings()
-        self.models_root = config.models_root or settings.models_root
-        self.cache_root = config.cache_dir or settings.cache_dir
         self.accelerator = distributed.make_accelerator(config.resolved_mixed_precision)
         self.device = self.accelerator.device
         self.precision = run_precision(
@@ -79,7 +55,7 @@ class Trainer:
             fp8_base=config.fp8_base,
             device=self.device,
         )
-        self.report = RunReport(self.paths.events, enabled=self.accelerator.is_main_process)
+        self.report = RunReport(self.run_dir.events, enabled=self.accelerator.is_main_process)
         self.counter = state.StepCounter()
         self.state_step: int | None = None  # the step `state/` holds
         self.last_sample_step = -1
@@ -99,9 +75,9 @@ class Trainer:
     def set_up(self) -> Setup:
         return set_up(
             self.config,
-            models_root=self.models_root,
-            cache_root=self.cache_root,
-            state_dir=self.paths.state,
+            models_root=self.config.models_root,
+            cache_root=self.config.cache_dir,
+            state_dir=self.run_dir.state,
             accelerator=self.accelerator,
             precision=self.precision,
             counter=self.counter,
@@ -204,7 +180,7 @@ class Trainer:
             self.sample(setup)
 
     def checkpoint(self, setup: Setup, epoch: int) -> None:
-        path = self.paths.output / f"{self.config.output_name}-{epoch:06d}.safetensors"
+        path = self.run_dir.checkpoint(self.config.output_name, epoch)
         self.save_lora(setup, path, epoch=epoch)
         self.save_state()
         self.report.checkpoint(path, epoch=epoch, step=self.counter.step)
@@ -220,7 +196,7 @@ class Trainer:
             cache=setup.cache,
             resolution=setup.data.resolution,
             step=step,
-            samples_dir=self.paths.samples,
+            run=self.run_dir,
             accelerator=self.accelerator,
             dtype=self.precision.compute,
         ):
@@ -241,7 +217,7 @@ class Trainer:
             )
 
     def save_state(self) -> None:
-        state.save_state(self.accelerator, self.paths.state)
+        state.save_state(self.accelerator, self.run_dir.state)
         self.state_step = self.counter.step
 
     def interrupted(self, plan: StepPlan, *, step: int | None) -> str:
@@ -251,8 +227,8 @@ class Trainer:
         """
         if step is not None and self.state_step != step:
             self.save_state()
-        state = self.paths.state if step is not None else None
-        self.report.interrupted(step=step or 0, epoch=plan.epochs_at(step or 0), state=state)
+        state_dir = self.run_dir.state if step is not None else None
+        self.report.interrupted(step=step or 0, epoch=plan.epochs_at(step or 0), state=state_dir)
         return "interrupted"
 
     def finish(self, setup: Setup) -> str:
@@ -262,7 +238,7 @@ class Trainer:
         if sampling and self.last_sample_step != step:
             self.sample(setup)
         distributed.check_replicas_agree(self.accelerator, setup.params)
-        final = self.paths.output / f"{config.output_name}.safetensors"
+        final = self.run_dir.checkpoint(config.output_name, None)
         self.save_lora(setup, final, epoch=setup.plan.epochs_at(step))
         self.accelerator.wait_for_everyone()
         self.report.finished(final, step=step, epoch=setup.plan.epochs_at(step))

@@ -140,6 +140,6 @@ def write_wide_models(source: Path, dest: Path) -> Path:
 
 
 def step_events(run_dir: Path) -> list[dict[str, Any]]:
-    from fluxtrain.training.events import read_events
+    from fluxtrain.rundir import read_events
 
     return [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"]

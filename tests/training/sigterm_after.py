@@ -10,19 +10,19 @@ import signal
 import sys
 from typing import Any
 
+from fluxtrain.rundir import EventWriter
 from fluxtrain.training import __main__ as entry
-from fluxtrain.training.events import EventLog
 
 
 def _arm(event: str, step: int | None) -> None:
-    emit = EventLog.emit
+    emit = EventWriter.emit
 
-    def emit_then_signal(self: EventLog, name: str, **fields: Any) -> None:
+    def emit_then_signal(self: EventWriter, name: str, **fields: Any) -> None:
         emit(self, name, **fields)
         if name == event and (step is None or fields.get("step") == step):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    EventLog.emit = emit_then_signal  # type: ignore[method-assign]
+    EventWriter.emit = emit_then_signal  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from fluxtrain.errors import InvalidInputError
+from fluxtrain.rundir import read_events
 from fluxtrain.training.config import check_dataset_for_training
 from fluxtrain.training.data import load_training_data
-from fluxtrain.training.events import read_events
 from tests.training import helpers_runs as helpers
 
 SUBSET = '[[datasets]]\nresolution = 64\n\n  [[datasets.subsets]]\n  image_dir = "/nowhere"\n'

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from fluxtrain.errors import InvalidInputError
+from fluxtrain.rundir import read_events
 from fluxtrain.training.config import load_config
 from fluxtrain.training.data import load_training_data
-from fluxtrain.training.events import read_events
 from fluxtrain.training.trainer import StopFlag, Trainer
 from tests.training import helpers_runs as helpers
 

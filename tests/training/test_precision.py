@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fluxtrain.rundir import read_events
 from fluxtrain.training.config import TrainConfig, load_config
-from fluxtrain.training.events import read_events
 from fluxtrain.training.fp8 import store_float8
 from fluxtrain.training.lora import add_lora, load_lora_transformer
 from fluxtrain.training.model_files import load_transformer

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from fluxtrain.rundir import read_events
 from fluxtrain.training.config import load_config
-from fluxtrain.training.events import read_events
 from fluxtrain.training.trainer import StopFlag, Trainer
 from tests.training import helpers_runs as helpers
 

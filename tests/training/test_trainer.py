@@ -13,9 +13,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fluxtrain.rundir import read_events
 from fluxtrain.training import model_files
 from fluxtrain.training.config import load_config
-from fluxtrain.training.events import read_events
 from fluxtrain.training.trainer import StopFlag, Trainer
 from tests.training import helpers_runs as helpers
 
