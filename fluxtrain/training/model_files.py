@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from fluxtrain.errors import InvalidInputError, NotFoundError
+from fluxtrain.model_paths import MODEL_FIELDS, resolve_model_path
 from fluxtrain.training.convert import (
     bfl_to_diffusers_transformer,
     bfl_to_diffusers_vae,
@@ -65,24 +66,6 @@ def make_scheduler(*, schnell: bool = False) -> FlowMatchEulerDiscreteScheduler:
 def tokenizer_dir(models_root: Path, kind: str) -> Path:
     """Where the tokenizer of a text encoder lives under the models root: tokenizers/{clip_l,t5xxl}."""
     return models_root / "tokenizers" / kind
-
-
-def resolve_model_path(models_root: Path, value: str) -> Path:
-    """Turn a run.json model path into an existing file or folder; relative ones stay under models_root."""
-    if not value or "\x00" in value:
-        raise InvalidInputError("model path must be a non-empty path")
-    raw = Path(value)
-    if raw.is_absolute():
-        path = raw
-    else:
-        # Lexical check: '..' may not climb out, while links an operator placed in the root still work.
-        root = Path(os.path.normpath(models_root.absolute()))
-        path = Path(os.path.normpath(root / raw))
-        if not path.is_relative_to(root) or path == root:
-            raise InvalidInputError(f"model path {value!r} escapes the models folder {models_root}")
-    if not path.exists():
-        raise NotFoundError(f"model file {path.name!r} not found in {path.parent}")
-    return path
 
 
 def _read_single_file(path: Path) -> dict[str, Tensor]:
@@ -344,11 +327,12 @@ class ModelFiles:
 
 
 def resolve_model_files(config: TrainConfig, models_root: Path) -> ModelFiles:
-    """The four model files, each checked to exist and to hold its model, and where their tokenizers are."""
+    """The four model files (resolved as `/train` resolves them), each checked to hold its model, and
+    where their tokenizers are."""
     paths = {}
-    for field in ("pretrained_model", "ae", "clip_l", "t5xxl"):
+    for field in MODEL_FIELDS:
         value = getattr(config, field)
-        paths[field] = resolve_model_path(models_root, value)
+        paths[field] = resolve_model_path(models_root, field, value)
         check_model(field, paths[field], value)
     return ModelFiles(
         transformer=paths["pretrained_model"],

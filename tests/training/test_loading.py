@@ -11,14 +11,16 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from fluxtrain.errors import InvalidInputError, NotFoundError
+from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.convert import bfl_to_diffusers_transformer, infer_transformer_config
 from fluxtrain.training.model_files import (
+    ModelFiles,
     load_autoencoder,
     load_clip,
     load_t5,
     load_transformer,
     make_scheduler,
-    resolve_model_path,
+    resolve_model_files,
     tokenizer_dir,
 )
 
@@ -43,18 +45,32 @@ def _transformer_inputs(config: dict, *, seed: int = 0) -> dict[str, torch.Tenso
     return inputs
 
 
-def test_resolve_model_path(tiny_models: Path, tmp_path: Path) -> None:
-    assert resolve_model_path(tiny_models, "ae.sft") == tiny_models / "ae.sft"
-    assert resolve_model_path(tiny_models, "tokenizers/../ae.sft") == tiny_models / "ae.sft"
-    absolute = tiny_models / "clip_l.safetensors"
-    assert resolve_model_path(tmp_path, str(absolute)) == absolute
-    with pytest.raises(InvalidInputError, match="escapes"):
-        resolve_model_path(tiny_models / "tokenizers", "../ae.sft")
+def test_model_files_resolve_as_train_resolves_them(tiny_models: Path, tmp_path: Path) -> None:
+    """The trainer's side of `model_paths`: relative values only, never climbing out, links followed."""
+
+    def files(**fields: str) -> ModelFiles:
+        return resolve_model_files(TrainConfig(output_name="x", **fields), tiny_models)
+
+    found = files(ae="tokenizers/../ae.sft")
+    assert found.ae == tiny_models / "ae.sft" and found.transformer == tiny_models / "flux1-dev.sft"
+    assert found.t5_tokenizer == tokenizer_dir(tiny_models, "t5xxl") == tiny_models / "tokenizers" / "t5xxl"
+    with pytest.raises(InvalidInputError, match="clip_l: .* must be a path relative to the models folder"):
+        files(clip_l=str(tiny_models / "clip_l.safetensors"))
+    with pytest.raises(InvalidInputError, match="ae: '../ae.sft' leaves the models folder"):
+        files(ae="../ae.sft")
     with pytest.raises(NotFoundError) as err:
-        resolve_model_path(tiny_models, "flux1-schnell.sft")
+        files(pretrained_model="flux1-schnell.sft")
     assert "flux1-schnell.sft" in err.value.message and str(tiny_models) in err.value.message
     with pytest.raises(InvalidInputError):
-        resolve_model_path(tiny_models, "")
+        files(ae="")
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models / "tokenizers", root / "tokenizers")
+    for name in ("flux1-dev.sft", "ae.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors"):
+        (root / name).symlink_to(tiny_models / name)
+    linked = resolve_model_files(TrainConfig(output_name="x"), root)
+    assert linked.transformer == root / "flux1-dev.sft" and linked.transformer.resolve() == (
+        tiny_models / "flux1-dev.sft"
+    )
 
 
 def test_single_file_transformer_matches_a_diffusers_folder(tiny_models: Path, tmp_path: Path) -> None:
