@@ -66,11 +66,12 @@ class Trainer:
     def run(self) -> str:
         """Train to the end ('finished') or until a stop request ('interrupted'), set-up included."""
         try:
-            setup = self.set_up()
+            return self.train(self.set_up())
         except StoppedInSetUp as stopped:
             self.state_step = stopped.state_step
             return self.interrupted(stopped.plan, step=stopped.state_step)
-        return self.train(setup)
+        finally:
+            self.report.close()
 
     def set_up(self) -> Setup:
         return set_up(
