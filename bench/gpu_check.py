@@ -16,7 +16,8 @@ own time budget (stopped when it overruns, recorded as `timed_out`; the rest sti
                diffusers FluxPipeline on the GPU; then a SIGTERM mid-run and a resume with the
                same losses as the uninterrupted bf16 run
   train_step   bench/train_step.py at FLUX.1-dev size with random weights (1024 and 512, batch 1,
-               rank 16, fp8_base and gradient checkpointing on and off)
+               rank 16, fp8_base and gradient checkpointing on and off), and a torch.profiler
+               table of one step of its first row in train_step_profile.txt
   caption      bench/caption.py at Florence-2-large size with random weights (batch 1 against the
                service's CUDA batch)
 
@@ -43,7 +44,8 @@ none of this, only the packages of pyproject.toml):
   version of each wheel, as the device README prescribes (--target would otherwise reinstall
   torch's whole dependency tree, which is not carried).
 - what comes back is $OUT only: at most 8 files, 16 MiB each, two folders deep: so only
-  gpu_check.json, gpu_check.md and gpu_check.log go there; run dirs and models stay in --work.
+  gpu_check.json, gpu_check.md, gpu_check.log and train_step_profile.txt go there; run dirs and
+  models stay in --work.
 - a run command may take 10 minutes at most and a session has 15 minutes of device time, the
   machine's start (a minute or more) included: the default budgets add up to under 8 minutes,
   leaving time for one rerun of the parts that failed (--parts).
@@ -86,6 +88,8 @@ PARTS = ("install", "env", "correctness", "train_step", "caption")
 # Seconds each part may run at --budget-scale 1: 460 s, with the CUDA probe (at most 20 s) under 8 min.
 BUDGETS = {"install": 45.0, "env": 25.0, "correctness": 140.0, "train_step": 160.0, "caption": 90.0}
 PROBE_BUDGET = 20.0
+# torch.profiler's table of one step of train_step's first row (1024, bf16, no checkpointing).
+PROFILE_FILE = "train_step_profile.txt"
 CASES = ("bf16", "full_bf16", "fp8_base", "adamw8bit", "resume")
 CUDA_ONLY_CASES = ("fp8_base", "adamw8bit")
 # Tiny-model runs: a rank-16 LoRA at a high learning rate falls well within 40 steps (measured
@@ -112,7 +116,6 @@ TARGET_MFU = 0.5
 TARGET_PEAK_GB = 24.0
 AIM_PEAK_GB = 16.0
 TARGET_CAPTION_SPEEDUP = 5.0
-OUT_FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log")
 
 
 @dataclass(frozen=True)
@@ -293,24 +296,28 @@ def run_part(part: Part, report: Report, log: Any) -> None:
     tail: collections.deque[str] = collections.deque(maxlen=40)
     deadline = started + part.budget_s
     timed_out = False
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            timed_out = True
-            _stop_group(process)
-            break
-        try:
-            line = lines.get(timeout=min(remaining, 1.0))
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        log.write(line)
-        log.flush()
-        tail.append(line)
-        if (row := _json_object(line)) is not None:
-            entry["results"].append(row)
-            report.save()
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                _stop_group(process)
+                break
+            try:
+                line = lines.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            log.write(line)
+            log.flush()
+            tail.append(line)
+            if (row := _json_object(line)) is not None:
+                entry["results"].append(row)
+                report.save()
+    except BaseException:  # interrupted itself (Ctrl-C, a test's timeout): the part goes with it
+        _stop_group(process)
+        raise
     code = process.wait()
     entry["seconds"] = round(time.monotonic() - started, 1)
     if timed_out:
@@ -591,7 +598,7 @@ def worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- orchestration and the summary
 
 
-def part_commands(args: argparse.Namespace, *, cuda: bool, work: Path) -> dict[str, list[str]]:
+def part_commands(args: argparse.Namespace, *, cuda: bool, work: Path, out: Path) -> dict[str, list[str]]:
     here = [sys.executable, str(Path(__file__).resolve())]
     train_step = [
         sys.executable,
@@ -605,6 +612,8 @@ def part_commands(args: argparse.Namespace, *, cuda: bool, work: Path) -> dict[s
         str(args.train_warmup),
         "--resolutions",
         *(str(r) for r in args.train_resolutions),
+        "--profile-out",
+        str(out / PROFILE_FILE),
     ]
     if args.peak_tflops:
         train_step += ["--peak-tflops", str(args.peak_tflops)]
@@ -788,6 +797,7 @@ def summary_markdown(data: dict[str, Any]) -> str:
                 for r in rows
             ],
         )
+        lines += ["", f"Operator profile of one step of the first row: `{PROFILE_FILE}` beside this file."]
     rows = parts.get("caption", {}).get("results", [])
     if rows:
         lines += ["", "## Captioning", ""]
@@ -887,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
             if "install" in selected:
                 install(report, wheels=wheels, site=site, cuda=cuda, budget_s=limits["install"])
                 print(f"install: {report.data['install']['status']}", flush=True)
-            commands = part_commands(args, cuda=cuda, work=work)
+            commands = part_commands(args, cuda=cuda, work=work, out=out)
             for name in selected:
                 if name == "install":
                     continue

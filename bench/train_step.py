@@ -18,6 +18,7 @@ object a line, as each row is measured).
     python bench/train_step.py                     # 512 and 1024, fp8_base and checkpointing on/off
     python bench/train_step.py --resolutions 1024 --steps 10 --peak-tflops 989
     python bench/train_step.py --fp8-base on --checkpointing on --json
+    python bench/train_step.py --resolutions 1024 --profile-out profile.txt   # + the first row's profile
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import resource
 import statistics
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,18 +155,42 @@ def measure(model, params, optimizer, batch: dict, *, steps: int, warmup: int, d
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            prediction = model(**batch)[0]
-        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, params, optimizer, batch, target, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if index >= warmup:
             timed.append(time.perf_counter() - started)
     return statistics.median(timed)
+
+
+def train_step(model, params, optimizer, batch: dict, target: torch.Tensor, *, device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        prediction = model(**batch)[0]
+    loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def write_profile(path: Path, model, params, optimizer, batch: dict, *, device: torch.device) -> None:
+    """One more step of the first configuration under torch.profiler: its costliest operators, as text.
+
+    Written once, after that row is timed, so that a figure that misses its target can be read
+    against where the step's time went (host syncs, fp32 copies, the attention kernel, float8
+    dequantisation) without another GPU session.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    target = torch.randn_like(batch["hidden_states"])
+    with profile(activities=activities) as prof:
+        train_step(model, params, optimizer, batch, target, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
 
 
 def switch(value: str) -> tuple[bool, ...]:
@@ -182,6 +208,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
+    parser.add_argument(
+        "--profile-out", type=Path, help="write a torch.profiler table of the first row's step"
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -194,6 +223,7 @@ def main() -> None:
             f"{'res':>5} {'fp8':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'reserved':>9} "
             f"{'TFLOP/s':>8} {'MFU':>6} {'HFU':>6}"
         )
+    profiled = False
     for fp8 in switch(args.fp8_base):
         model = build_transformer(device)
         params = add_lora(model, rank=args.rank, alpha=1.0, dtype=torch.float32, fp8_base=fp8)
@@ -255,6 +285,9 @@ def main() -> None:
                     + ("  (out of memory)" if not measured else ""),
                     flush=True,
                 )
+            if args.profile_out and measured and not profiled:
+                write_profile(args.profile_out, model, params, optimizer, batch, device=device)
+                profiled = True
         del model, params, optimizer
         gc.collect()
         if cuda:
