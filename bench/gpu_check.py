@@ -39,10 +39,10 @@ none of this, only the packages of pyproject.toml):
   tomli-w and pillow-heif. bench/gpu_wheels.sh downloads exactly REQUIREMENTS' pins for
   cp312 manylinux x86_64 (about 56 MB, bitsandbytes 43 MB of it) on a machine with PyPI.
 - each `run` call sends the repository (tracked + untracked-not-ignored files) plus the
-  ignored paths named in `carry`, 64 MiB in all: the wheels go in `.whl/` (listed in
-  .git/info/exclude) and `carry: [".whl"]`. pip there: `--no-index --no-deps --target DIR`, one
-  version of each wheel, as the device README prescribes (--target would otherwise reinstall
-  torch's whole dependency tree, which is not carried).
+  ignored paths named in `carry`, 64 MiB in all: the wheels go in `.whl/` (git-ignored) with
+  `carry: [".whl"]`. pip there: `--no-index --no-deps --target DIR`, one version of each wheel,
+  as the device README prescribes (without --no-deps, --target would reinstall torch's whole
+  dependency tree, which is not carried).
 - what comes back is $OUT only: at most 8 files, 16 MiB each, two folders deep: so only
   gpu_check.json, gpu_check.md, gpu_check.log and train_step_profile.txt go there; run dirs and
   models stay in --work.

@@ -7,7 +7,7 @@
 #
 #   bash bench/gpu_wheels.sh [DIR=.whl] [PYTHON_VERSION=3.12]
 #
-# then, for the device tool: `echo /.whl/ >> .git/info/exclude` and `carry: [".whl"]`.
+# then, for the device tool, `carry: [".whl"]` (.gitignore already ignores /.whl/).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 dest="${1:-.whl}"
