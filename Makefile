@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # a multi-GB CUDA build. The package itself only asks for torch>=2.5.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install install-test run test lint clean
+.PHONY: install install-test run test lint gpu-check gpu-check-cpu clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -35,6 +35,14 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check .
+
+# The GPU check (bench/gpu_check.py): `make gpu-check GPU_CHECK_ARGS="--out results"` on a CUDA host;
+# gpu-check-cpu runs its slow CPU test, the correctness part on the tiny models.
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-cpu: install-test
+	FLUXTRAIN_GPU_CHECK_CPU=1 $(BIN)/pytest -q tests/bench/test_gpu_check.py
 
 clean:
 	rm -rf $(VENV)

@@ -8,7 +8,10 @@ end-of-sequence (the special tokens' output rows are zeroed), so every image cos
 photo-like JPEGs through `Florence2Captioner` (decode/preprocess prefetch, generate, decode).
 
     .venv/bin/python bench/caption.py [--images 16] [--max-new-tokens 32] [--num-beams 3] \\
-        [--batch-sizes 1 2 8] [--no-cuda]
+        [--batch-sizes 1 2 8] [--no-cuda] [--no-tiny] [--json]
+
+`--json` prints one object a line as each measurement ends (with `x_batch_1`, its speed over
+batch 1 of the same model) and no table, for bench/gpu_check.py to read as it goes.
 """
 
 from __future__ import annotations
@@ -150,9 +153,19 @@ def run(
     loaded = get_caption_model(settings)
     sizes = args.batch_sizes or sorted({1, default_batch_size(settings, loaded.device)})
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-    results = [measure(loaded, label, photos, size, options) for size in sizes]
+    results: list[Measurement] = []
+    for size in sizes:
+        results.append(measure(loaded, label, photos, size, options))
+        if args.json:
+            print(json.dumps({**asdict(results[-1]), "x_batch_1": speedup(results, results[-1])}), flush=True)
     release_caption_models()
     return results
+
+
+def speedup(results: list[Measurement], result: Measurement) -> float | None:
+    """Images/s over batch 1's of the same model, when batch 1 was measured."""
+    baseline = next((r for r in results if r.model == result.model and r.batch_size == 1), None)
+    return round(result.images_per_s / baseline.images_per_s, 3) if baseline else None
 
 
 def cpu_name() -> str:
@@ -170,11 +183,11 @@ def report(results: list[Measurement]) -> None:
     header = ("model", "device", "batch", "images", "seconds", "images/s", "x batch 1")
     print("\n{:<28}{:<8}{:>6}{:>8}{:>10}{:>10}{:>11}".format(*header))
     for result in results:
-        baseline = next(r for r in results if r.model == result.model and r.batch_size == 1)
-        speedup = result.images_per_s / baseline.images_per_s
+        ratio = speedup(results, result)
         print(
             f"{result.model:<28}{result.device:<8}{result.batch_size:>6}{result.images:>8}"
-            f"{result.seconds:>10.2f}{result.images_per_s:>10.2f}{speedup:>10.2f}x"
+            f"{result.seconds:>10.2f}{result.images_per_s:>10.2f}"
+            + (f"{ratio:>10.2f}x" if ratio is not None else f"{'n/a':>11}")
         )
 
 
@@ -188,21 +201,27 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="*", help="default: 1 and the device's default")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     parser.add_argument("--no-cuda", action="store_true", help="skip the real-size CUDA run")
+    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny model on the CPU")
+    parser.add_argument("--json", action="store_true", help="one JSON object a line as each ends, no table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    print(
-        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, GPU: {gpu}"
-    )
+    if not args.json:
+        print(
+            f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, GPU: {gpu}"
+        )
+    results: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-caption-") as tmp:
         root = Path(tmp)
         photos = write_photos(root, args.images)
-        results = run(write_tiny_florence2(root), "tiny-florence2", "cpu", photos, args)
+        if not args.no_tiny:
+            results += run(write_tiny_florence2(root), "tiny-florence2", "cpu", photos, args)
         if torch.cuda.is_available() and not args.no_cuda:
             results += run(write_large_florence2(root), "florence2-large-random", "cuda", photos, args)
-    report(results)
+    if not args.json:
+        report(results)
 
 
 if __name__ == "__main__":

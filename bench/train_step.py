@@ -8,10 +8,17 @@ tokens, 512x512 is 1024.
 MFU = 2 x forward FLOPs (forward plus the input-gradient backward; recomputation not counted) over
 step time x the GPU's dense bf16 peak. Forward FLOPs are counted from the architecture (every
 linear layer and both attention matmuls, `flux_forward_flops`), so the figure does not depend on
-which attention kernel runs; the LoRA's own FLOPs (under 1% at rank 16) are left out.
+which attention kernel runs; the LoRA's own FLOPs (under 1% at rank 16) are left out. With
+gradient checkpointing every block's forward runs a second time in the backward pass: `hfu`
+(hardware FLOPs utilisation) counts that recomputation, `mfu` does not. s/step is the median of
+the timed steps after the warm-up. The model is built once per precision and reused for every
+resolution and checkpointing setting; an out-of-memory step is reported as such (`--json`: one
+object a line, as each row is measured).
 
     python bench/train_step.py                     # 512 and 1024, fp8_base and checkpointing on/off
     python bench/train_step.py --resolutions 1024 --steps 10 --peak-tflops 989
+    python bench/train_step.py --fp8-base on --checkpointing on --json
+    python bench/train_step.py --resolutions 1024 --profile-out profile.txt   # + the first row's profile
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import gc
 import itertools
 import json
 import resource
+import statistics
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +81,19 @@ def build_transformer(device: torch.device) -> FluxTransformer2DModel:
 
 def flux_forward_flops(config: Mapping[str, Any], *, image_tokens: int, text_tokens: int) -> int:
     """Multiply-add FLOPs (2 per MAC) of one batch-1 forward pass of FluxTransformer2DModel."""
+    outside, blocks = _forward_flops_parts(config, image_tokens=image_tokens, text_tokens=text_tokens)
+    return outside + blocks
+
+
+def recomputed_forward_flops(config: Mapping[str, Any], *, image_tokens: int, text_tokens: int) -> int:
+    """FLOPs that gradient checkpointing runs again in the backward pass: every block's forward."""
+    return _forward_flops_parts(config, image_tokens=image_tokens, text_tokens=text_tokens)[1]
+
+
+def _forward_flops_parts(
+    config: Mapping[str, Any], *, image_tokens: int, text_tokens: int
+) -> tuple[int, int]:
+    """(embeddings and final layer, the double and single blocks) FLOPs of one batch-1 forward."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
     mlp = 4 * d
     n, t = image_tokens, text_tokens
@@ -92,7 +114,7 @@ def flux_forward_flops(config: Mapping[str, Any], *, image_tokens: int, text_tok
     single = linear(1, d, 3 * d) + 3 * linear(joint, d, d) + linear(joint, d, mlp)
     single += linear(joint, d + mlp, d) + attention
     final = linear(1, d, 2 * d) + linear(n, d, config["patch_size"] ** 2 * config["in_channels"])
-    return embed + config["num_layers"] * double + config["num_single_layers"] * single + final
+    return embed + final, config["num_layers"] * double + config["num_single_layers"] * single
 
 
 def inputs(model: FluxTransformer2DModel, resolution: int, device: torch.device) -> dict:
@@ -122,33 +144,73 @@ def peak_memory_gib(device: torch.device) -> tuple[float, float | None]:
 
 
 def measure(model, params, optimizer, batch: dict, *, steps: int, warmup: int, device: torch.device) -> float:
-    """Mean seconds of a full step (forward, backward, optimizer) after `warmup` steps."""
+    """Median seconds of a full step (forward, backward, optimizer) over `steps` after `warmup` steps.
+
+    The device is synchronised around each step, which costs one host sync a step (well under 1%
+    of a full-size step) and times each step on its own.
+    """
     target = torch.randn_like(batch["hidden_states"])
+    timed = []
     for index in range(warmup + steps):
-        if index == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            prediction = model(**batch)[0]
-        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / steps
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        train_step(model, params, optimizer, batch, target, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if index >= warmup:
+            timed.append(time.perf_counter() - started)
+    return statistics.median(timed)
+
+
+def train_step(model, params, optimizer, batch: dict, target: torch.Tensor, *, device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        prediction = model(**batch)[0]
+    loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def write_profile(path: Path, model, params, optimizer, batch: dict, *, device: torch.device) -> None:
+    """One more step of the first configuration under torch.profiler: its costliest operators, as text.
+
+    Written once, after that row is timed, so that a figure that misses its target can be read
+    against where the step's time went (host syncs, fp32 copies, the attention kernel, float8
+    dequantisation) without another GPU session.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    target = torch.randn_like(batch["hidden_states"])
+    with profile(activities=activities) as prof:
+        train_step(model, params, optimizer, batch, target, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+
+
+def switch(value: str) -> tuple[bool, ...]:
+    """`--fp8-base` / `--checkpointing` values: off, on or both (off first)."""
+    return {"off": (False,), "on": (True,), "both": (False, True)}[value]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (their median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--fp8-base", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
+    parser.add_argument(
+        "--profile-out", type=Path, help="write a torch.profiler table of the first row's step"
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -159,22 +221,24 @@ def main() -> None:
         print(f"# {machine}, {'FLUX.1-dev size' if cuda else 'tiny model'}, rank {args.rank}, batch 1, bf16")
         print(
             f"{'res':>5} {'fp8':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'reserved':>9} "
-            f"{'TFLOP/s':>8} {'MFU':>6}"
+            f"{'TFLOP/s':>8} {'MFU':>6} {'HFU':>6}"
         )
-    for fp8 in (False, True):
+    profiled = False
+    for fp8 in switch(args.fp8_base):
         model = build_transformer(device)
         params = add_lora(model, rank=args.rank, alpha=1.0, dtype=torch.float32, fp8_base=fp8)
         model.train()
         optimizer = build_optimizer(params, name="adamw", learning_rate=1e-4)
-        for resolution, checkpointing in itertools.product(args.resolutions, (False, True)):
+        for resolution, checkpointing in itertools.product(args.resolutions, switch(args.checkpointing)):
             if checkpointing:
                 model.enable_gradient_checkpointing()
             else:
                 model.disable_gradient_checkpointing()
             batch = inputs(model, resolution, device)
-            flops = flux_forward_flops(
-                model.config, image_tokens=batch["hidden_states"].shape[1], text_tokens=TEXT_TOKENS
-            )
+            tokens = {"image_tokens": batch["hidden_states"].shape[1], "text_tokens": TEXT_TOKENS}
+            flops = flux_forward_flops(model.config, **tokens)
+            recomputed = recomputed_forward_flops(model.config, **tokens) if checkpointing else 0
+            hardware_flops = 2 * flops + recomputed
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -187,6 +251,7 @@ def main() -> None:
                 seconds = float("nan")
                 optimizer.zero_grad(set_to_none=True)
             achieved = 2 * flops / seconds / 1e12
+            hardware = hardware_flops / seconds / 1e12
             allocated, reserved = peak_memory_gib(device)
             measured = seconds == seconds  # NaN after an out-of-memory error
             row = {
@@ -199,20 +264,30 @@ def main() -> None:
                 "peak_reserved_gib": round(reserved, 2) if reserved is not None else None,
                 "forward_tflop": round(flops / 1e12, 4),
                 "achieved_tflops": round(achieved, 3) if measured else None,
+                "hardware_tflops": round(hardware, 3) if measured else None,
+                "peak_tflops": peak,
                 "mfu": round(achieved / peak, 4) if peak and measured else None,
+                "hfu": round(hardware / peak, 4) if peak and measured else None,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "rank": args.rank,
                 "out_of_memory": not measured,
             }
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
                 mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+                hfu = f"{row['hfu']:.1%}" if row["hfu"] is not None else "n/a"
                 held = f"{reserved:>9.2f}" if reserved is not None else f"{'n/a':>9}"
                 print(
                     f"{resolution:>5} {str(fp8):>5} {str(checkpointing):>5} {seconds:>8.4f} "
-                    f"{allocated:>9.2f} {held} {achieved:>8.3f} {mfu:>6}"
+                    f"{allocated:>9.2f} {held} {achieved:>8.3f} {mfu:>6} {hfu:>6}"
                     + ("  (out of memory)" if not measured else ""),
                     flush=True,
                 )
+            if args.profile_out and measured and not profiled:
+                write_profile(args.profile_out, model, params, optimizer, batch, device=device)
+                profiled = True
         del model, params, optimizer
         gc.collect()
         if cuda:

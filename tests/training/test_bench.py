@@ -40,6 +40,9 @@ def test_flux_dev_sizes(bench: ModuleType) -> None:
         d, joint = 3072, image_tokens + 512
         blocks = 57 * (2 * 12 * d * d * joint + 4 * joint * joint * d)
         assert blocks < flops < 1.01 * blocks
+        # Gradient checkpointing recomputes exactly the blocks' forward, the bulk of it.
+        recomputed = bench.recomputed_forward_flops(config, image_tokens=image_tokens, text_tokens=512)
+        assert blocks < recomputed < flops
     assert bench.flux_forward_flops(config, image_tokens=4096, text_tokens=512) == pytest.approx(
         74.38e12, rel=1e-3
     )
