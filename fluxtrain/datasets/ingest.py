@@ -59,6 +59,7 @@ def store_image(
         "bytes": len(data),
         "width": image.width,
         "height": image.height,
+        "stored": image.stored,
     }
     return book.commit(source=source, stem=stem, jpeg=image.jpeg, entry=entry)
 
