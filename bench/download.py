@@ -1,12 +1,16 @@
 """Download benchmark: fluxtrain's downloader against the latency bound and against img2dataset.
 
 A loopback server (127.0.0.1 only, in its own process) answers every request after `--latency`
-seconds with a distinct 512x512 PNG (a handful of photo-like bodies made distinct per URL by a
-text chunk). fluxtrain downloads `--n` distinct URLs from it at `--concurrency`; then img2dataset
+seconds (0: at once, no latency bound) with a distinct 512x512 PNG (a handful of photo-like bodies
+made distinct per URL by a text chunk), or with `--jpeg` a clean baseline JPEG q90 (made distinct
+by a COM segment), which fluxtrain keeps without re-encoding. The server is one host, standing for
+many: `--per-host` (default: the concurrency) is fluxtrain's per-host cap for the run, since the
+service default (16) would hold a single-host run at concurrency 32 to half its connections.
+fluxtrain downloads `--n` distinct URLs from it at `--concurrency`; then img2dataset
 (never a fluxtrain dependency: install it in its own venv and pass `--img2dataset-python`) fetches
 the same URLs at the same total concurrency, re-encoding to JPEG quality 95 like fluxtrain does.
 
-    .venv/bin/python bench/download.py [--n 1000] [--concurrency 32] \\
+    .venv/bin/python bench/download.py [--n 1000] [--concurrency 32] [--latency 0] [--jpeg] \\
         [--img2dataset-python /tmp/i2d-venv/bin/python]
 """
 
@@ -51,8 +55,8 @@ DISTINCT_BODIES = 8
 PNG_SIGNATURE_AND_IHDR = 8 + 25
 
 
-def make_png_bodies(count: int, side: int) -> list[bytes]:
-    """Photo-like PNGs (smooth colour fields plus sensor-like noise), about 0.5 MB each."""
+def make_bodies(count: int, side: int, *, jpeg: bool) -> list[bytes]:
+    """Photo-like PNGs (smooth colour fields plus sensor-like noise, about 0.5 MB) or JPEGs q90."""
     rng = np.random.default_rng(2024)
     y, x = np.mgrid[0:side, 0:side].astype(np.float32)
     bodies = []
@@ -63,7 +67,11 @@ def make_png_bodies(count: int, side: int) -> list[bytes]:
         blue = 128 + 110 * np.cos(y / 53 - phase) * np.sin(x / 131)
         pixels = np.stack([red, green, blue], axis=-1) + rng.normal(0, 5, (side, side, 3))
         buffer = io.BytesIO()
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(buffer, "PNG")
+        picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+        if jpeg:
+            picture.save(buffer, "JPEG", quality=90)
+        else:
+            picture.save(buffer, "PNG")
         bodies.append(buffer.getvalue())
     return bodies
 
@@ -75,16 +83,27 @@ def with_text_chunk(png: bytes, text: str) -> bytes:
     return png[:PNG_SIGNATURE_AND_IHDR] + chunk + png[PNG_SIGNATURE_AND_IHDR:]
 
 
-def _serve(sock: socket.socket, bodies: list[bytes], latency: float, served: Synchronized) -> None:
+def with_comment(jpeg: bytes, text: str) -> bytes:
+    """The same picture with a COM segment after SOI, so every URL's bytes differ."""
+    data = text.encode("ascii")
+    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(data) + 2) + data + jpeg[2:]
+
+
+def _serve(
+    sock: socket.socket, bodies: list[bytes], latency: float, served: Synchronized, jpeg: bool
+) -> None:
     import uvicorn
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        await asyncio.sleep(latency)
+        if latency > 0:
+            await asyncio.sleep(latency)
         path = scope["path"]
-        body = with_text_chunk(bodies[zlib.crc32(path.encode()) % len(bodies)], path)
-        headers = [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]
+        base = bodies[zlib.crc32(path.encode()) % len(bodies)]
+        body = with_comment(base, path) if jpeg else with_text_chunk(base, path)
+        kind = b"image/jpeg" if jpeg else b"image/png"
+        headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         with served.get_lock():
@@ -108,11 +127,11 @@ class ImageServer:
 
 
 @contextmanager
-def image_server(latency: float) -> Iterator[ImageServer]:
+def image_server(latency: float, *, jpeg: bool) -> Iterator[ImageServer]:
     """Listen before forking, so no request can arrive before the server is ready to queue it."""
-    bodies = make_png_bodies(DISTINCT_BODIES, IMAGE_SIDE)
+    bodies = make_bodies(DISTINCT_BODIES, IMAGE_SIDE, jpeg=jpeg)
     print(
-        f"server: {len(bodies)} {IMAGE_SIDE}x{IMAGE_SIDE} PNG bodies, "
+        f"server: {len(bodies)} {IMAGE_SIDE}x{IMAGE_SIDE} {'JPEG' if jpeg else 'PNG'} bodies, "
         f"{sum(map(len, bodies)) / len(bodies) / 1e6:.2f} MB on average, made distinct per URL"
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -121,7 +140,7 @@ def image_server(latency: float) -> Iterator[ImageServer]:
     sock.listen(4096)
     context = multiprocessing.get_context("fork")
     served = context.Value("l", 0)
-    process = context.Process(target=_serve, args=(sock, bodies, latency, served), daemon=True)
+    process = context.Process(target=_serve, args=(sock, bodies, latency, served, jpeg), daemon=True)
     process.start()
     try:
         yield ImageServer(port=sock.getsockname()[1], process=process, served=served)
@@ -144,6 +163,7 @@ class Outcome:
     requests: int = 0
     note: str = ""
     total_s: float | None = None
+    kept: int | None = None
 
 
 class StageProbe:
@@ -236,13 +256,27 @@ class StageProbe:
     t0: float = 0.0
 
 
+def _kept_count(folder: Path) -> int:
+    """How many images the manifest records as kept rather than re-encoded."""
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    return sum(1 for entry in manifest.values() if entry.get("stored") == "kept")
+
+
 def run_fluxtrain(
-    *, server: ImageServer, urls: list[str], concurrency: int, workdir: Path, profile: bool, cprofile: bool
+    *,
+    server: ImageServer,
+    urls: list[str],
+    concurrency: int,
+    per_host: int,
+    workdir: Path,
+    profile: bool,
+    cprofile: bool,
 ) -> Outcome:
     settings = Settings(
         mount_path=workdir / "data",
         allow_networks=[ipaddress.ip_network("127.0.0.0/8")],
         download_concurrency=concurrency,
+        download_per_host=per_host,
         max_urls=max(len(urls), 1),
         _env_file=None,
     )
@@ -279,6 +313,7 @@ def run_fluxtrain(
         cpu_s=_own_cpu_seconds() - cpu_before,
         server_cpu_s=server.cpu_seconds() - server_cpu_before,
         requests=server.served.value - requests_before,
+        kept=_kept_count(workdir / "data" / "datasets" / "bench"),
     )
     if probe:
         probe.report(concurrency=concurrency, wall=wall)
@@ -288,7 +323,9 @@ def run_fluxtrain(
     return outcome
 
 
-def run_fluxtrain_cli(*, server: ImageServer, urls: list[str], concurrency: int, workdir: Path) -> Outcome:
+def run_fluxtrain_cli(
+    *, server: ImageServer, urls: list[str], concurrency: int, per_host: int, workdir: Path
+) -> Outcome:
     """`fluxtrain download NAME --file urls.txt` in a fresh process: start-up and imports included."""
     url_list = workdir / "urls.txt"
     url_list.write_text("\n".join(urls) + "\n", encoding="utf-8")
@@ -297,6 +334,7 @@ def run_fluxtrain_cli(*, server: ImageServer, urls: list[str], concurrency: int,
         "MOUNT_PATH": str(workdir / "data"),
         "FLUXTRAIN_ALLOW_NETWORKS": "127.0.0.0/8",
         "FLUXTRAIN_DOWNLOAD_CONCURRENCY": str(concurrency),
+        "FLUXTRAIN_DOWNLOAD_PER_HOST": str(per_host),
         "FLUXTRAIN_MAX_URLS": str(max(len(urls), 1)),
         "COLUMNS": "100",
     }
@@ -425,10 +463,16 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
-def _report(outcome: Outcome, *, n: int, bound: float) -> None:
+def _versus_bound(wall: float, bound: float | None) -> str:
+    """`wall` as a multiple of the latency bound; there is none without latency."""
+    return f"{wall / bound:5.2f}x the bound" if bound else "(no latency bound)"
+
+
+def _report(outcome: Outcome, *, n: int, bound: float | None) -> None:
+    kept = f"  kept {outcome.kept}" if outcome.kept is not None else ""
     print(
         f"{outcome.tool:<12} {outcome.wall_s:7.2f} s  {n / outcome.wall_s:7.1f} img/s  "
-        f"{outcome.wall_s / bound:5.2f}x bound  ok {outcome.ok}/{n}  "
+        f"{_versus_bound(outcome.wall_s, bound)}  ok {outcome.ok}/{n}{kept}  "
         f"cpu {outcome.cpu_s:5.1f} s (server {outcome.server_cpu_s:4.1f} s)  requests {outcome.requests}"
     )
     if outcome.note:
@@ -445,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help=f"default {DEFAULT_CONCURRENCY}"
     )
-    parser.add_argument("--latency", type=float, default=0.25, help="server delay per request, s")
+    parser.add_argument("--latency", type=float, default=0.25, help="server delay per request, s (>= 0)")
+    parser.add_argument("--jpeg", action="store_true", help="serve clean JPEGs instead of PNGs")
+    parser.add_argument("--per-host", type=int, help="fluxtrain's per-host cap (default: the concurrency)")
     parser.add_argument("--runs", type=int, default=1, help="repeat each tool, report the median")
     parser.add_argument("--img2dataset-python", help="interpreter of a venv that has img2dataset")
     parser.add_argument("--skip-img2dataset", action="store_true")
@@ -455,25 +501,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="time fluxtrain's stages per URL")
     parser.add_argument("--cprofile", action="store_true", help="cProfile fluxtrain's event-loop thread")
     args = parser.parse_args(argv)
-
-    bound = args.n * args.latency / args.concurrency
+    if args.latency < 0:
+        parser.error("--latency must be >= 0")
+    per_host = args.per_host or args.concurrency
+    bound = args.n * args.latency / args.concurrency if args.latency > 0 else None
     python = None if args.skip_img2dataset else find_img2dataset_python(args.img2dataset_python)
     print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; python {sys.version.split()[0]}")
     print(
-        f"n={args.n} concurrency={args.concurrency} latency={args.latency * 1000:.0f} ms "
-        f"-> latency bound {bound:.2f} s ({args.n / bound:.1f} img/s)"
+        f"n={args.n} concurrency={args.concurrency} per-host={per_host} "
+        f"latency={args.latency * 1000:.0f} ms inputs={'JPEG' if args.jpeg else 'PNG'} -> "
+        + (f"latency bound {bound:.2f} s ({args.n / bound:.1f} img/s)" if bound else "no latency bound")
     )
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results: dict[str, list[Outcome]] = {"fluxtrain": [], "fluxtrain CLI": [], "img2dataset": []}
-    with image_server(args.latency) as server:
+    with image_server(args.latency, jpeg=args.jpeg) as server:
         print(f"server: http://127.0.0.1:{server.port}/")
         for run in range(args.runs):
-            urls = [f"http://127.0.0.1:{server.port}/r{run}/img/{i:06d}.png" for i in range(args.n)]
+            suffix = "jpg" if args.jpeg else "png"
+            urls = [f"http://127.0.0.1:{server.port}/r{run}/img/{i:06d}.{suffix}" for i in range(args.n)]
             with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
                 results["fluxtrain"].append(
                     run_fluxtrain(
                         server=server,
                         urls=urls,
                         concurrency=args.concurrency,
+                        per_host=per_host,
                         workdir=Path(tmp),
                         profile=args.profile and run == 0,
                         cprofile=args.cprofile and run == 0,
@@ -484,7 +536,11 @@ def main(argv: list[str] | None = None) -> int:
                 with tempfile.TemporaryDirectory(prefix="fluxtrain-cli-bench-") as tmp:
                     results["fluxtrain CLI"].append(
                         run_fluxtrain_cli(
-                            server=server, urls=urls, concurrency=args.concurrency, workdir=Path(tmp)
+                            server=server,
+                            urls=urls,
+                            concurrency=args.concurrency,
+                            per_host=per_host,
+                            workdir=Path(tmp),
                         )
                     )
                     _report(results["fluxtrain CLI"][-1], n=args.n, bound=bound)
@@ -507,22 +563,25 @@ def main(argv: list[str] | None = None) -> int:
             "--img2dataset-python /tmp/i2d-venv/bin/python"
         )
     ours = statistics.median(o.wall_s for o in results["fluxtrain"])
-    print(f"\nsummary (median of {args.runs} run(s); latency bound {bound:.2f} s)")
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    bound_text = f"latency bound {bound:.2f} s" if bound else "no latency bound"
+    print(f"\nsummary (median of {args.runs} run(s); {bound_text})")
     print(
         f"  download phase  fluxtrain    {ours:6.2f} s  {args.n / ours:6.1f} img/s  "
-        f"{ours / bound:.2f}x the bound (target <= 1.25)"
+        f"{_versus_bound(ours, bound)}" + (" (target <= 1.25)" if bound else "")
     )
     if results["img2dataset"]:
         theirs = statistics.median(o.wall_s for o in results["img2dataset"])
         print(
             f"  download phase  img2dataset  {theirs:6.2f} s  {args.n / theirs:6.1f} img/s  "
-            f"{theirs / bound:.2f}x the bound"
+            f"{_versus_bound(theirs, bound)}"
         )
         print(f"  download phase  fluxtrain {theirs / ours:.2f}x as fast as img2dataset (target >= 1.5)")
-        print(
-            f"  (no downloader beats the bound, so at equal concurrency this ratio can be at most "
-            f"img2dataset's own {theirs / bound:.2f}x)"
-        )
+        if bound:
+            print(
+                f"  (no downloader beats the bound, so at equal concurrency this ratio can be at most "
+                f"img2dataset's own {theirs / bound:.2f}x)"
+            )
     if results["fluxtrain CLI"] and results["img2dataset"]:
         cli = statistics.median(o.wall_s for o in results["fluxtrain CLI"])
         theirs_total = statistics.median(o.total_s or o.wall_s for o in results["img2dataset"])

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     max_download_bytes: int = Field(52_428_800, gt=0)
     max_image_pixels: int = Field(100_000_000, gt=0)
     download_concurrency: int = Field(32, ge=1, le=1024)
+    download_per_host: int = Field(16, ge=1, le=1024, description="Requests open to one host at once.")
     max_urls: int = Field(1000, ge=1)
     max_upload_bytes: int = Field(1_073_741_824, gt=0)
     ca_bundle: Path | None = Field(None, description="Extra CA certificates (PEM) trusted for HTTPS fetches.")

@@ -3,16 +3,21 @@
 The client's network backend resolves every host itself and connects to the address it checked,
 so a second DNS answer can never steer a connection elsewhere; TLS still verifies and sends SNI
 for the URL's host name. Redirects are followed by hand so every hop is checked again.
+
+Politeness: `HostSlots` caps the requests (hence, with HTTP/1.1 keep-alive reuse, the connections)
+open to one host at once, for every hop, redirects included; a connection that is refused or reset
+before any response arrives is tried once more after RETRY_BACKOFF seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from fluxtrain.datasets.addresses import IPNetwork, parse_ip, refusal_reason
 from fluxtrain.errors import UnavailableError
 
 MAX_REDIRECTS = 5
+RETRY_BACKOFF = 0.25
 USER_AGENT = "fluxtrain/0.1 (+dataset downloader)"
 
 
@@ -100,6 +106,43 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+_HELD_HOSTS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "fluxtrain_held_hosts", default=frozenset()
+)
+
+
+class HostSlots:
+    """At most `per_host` requests open to one host at once, shared by every task of a batch.
+
+    A task that already holds a host's slot (`hold`, taken before its URL's timer starts) is not
+    made to wait for a second one when the transport sends to that host.
+    """
+
+    def __init__(self, per_host: int) -> None:
+        self._per_host = per_host
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+
+    async def claim(self, host: str) -> Callable[[], None] | None:
+        """Wait for a slot on `host`; the release to call, or None when this task holds one already."""
+        if host in _HELD_HOSTS.get():
+            return None
+        semaphore = self._semaphores.setdefault(host, asyncio.Semaphore(self._per_host))
+        await semaphore.acquire()
+        return semaphore.release
+
+    @contextlib.asynccontextmanager
+    async def hold(self, host: str) -> AsyncIterator[None]:
+        """Hold a slot on `host` for this task, so its requests there take no second one."""
+        release = await self.claim(host)
+        token = _HELD_HOSTS.set(_HELD_HOSTS.get() | {host})
+        try:
+            yield
+        finally:
+            _HELD_HOSTS.reset(token)
+            if release is not None:
+                release()
+
+
 # httpcore's errors and the httpx errors callers catch, most specific first.
 _ERROR_MAP: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
     (httpcore.ConnectTimeout, httpx.ConnectTimeout),
@@ -135,8 +178,9 @@ def _httpx_errors() -> Iterator[None]:
 class _BodyStream(httpx.AsyncByteStream):
     """A response body read from httpcore, its errors turned into httpx errors."""
 
-    def __init__(self, stream: AsyncIterable[bytes]) -> None:
+    def __init__(self, stream: AsyncIterable[bytes], on_close: Callable[[], None] | None = None) -> None:
         self._stream = stream
+        self._on_close = on_close
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with _httpx_errors():
@@ -144,10 +188,15 @@ class _BodyStream(httpx.AsyncByteStream):
                 yield chunk
 
     async def aclose(self) -> None:
-        close = getattr(self._stream, "aclose", None)
-        if close is not None:
-            with _httpx_errors():
-                await close()
+        try:
+            close = getattr(self._stream, "aclose", None)
+            if close is not None:
+                with _httpx_errors():
+                    await close()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
 
 
 class _CheckedTransport(httpx.AsyncBaseTransport):
@@ -158,8 +207,14 @@ class _CheckedTransport(httpx.AsyncBaseTransport):
     """
 
     def __init__(
-        self, *, allow: Sequence[IPNetwork], limits: httpx.Limits, ssl_context: ssl.SSLContext
+        self,
+        *,
+        allow: Sequence[IPNetwork],
+        limits: httpx.Limits,
+        ssl_context: ssl.SSLContext,
+        host_slots: HostSlots | None = None,
     ) -> None:
+        self._host_slots = host_slots
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context,
             max_connections=limits.max_connections,
@@ -182,13 +237,21 @@ class _CheckedTransport(httpx.AsyncBaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
-        with _httpx_errors():
-            core_response = await self._pool.handle_async_request(core_request)
+        release = None
+        if self._host_slots is not None:
+            release = await self._host_slots.claim(request.url.host)
+        try:
+            with _httpx_errors():
+                core_response = await self._pool.handle_async_request(core_request)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
         assert isinstance(core_response.stream, AsyncIterable)
         return httpx.Response(
             status_code=core_response.status,
             headers=core_response.headers,
-            stream=_BodyStream(core_response.stream),
+            stream=_BodyStream(core_response.stream, on_close=release),
             extensions=core_response.extensions,
         )
 
@@ -209,11 +272,18 @@ def make_ssl_context(ca_bundle: Path | None = None) -> ssl.SSLContext:
 
 
 def make_client(
-    *, allow: Sequence[IPNetwork], concurrency: int, timeout: float, ca_bundle: Path | None = None
+    *,
+    allow: Sequence[IPNetwork],
+    concurrency: int,
+    timeout: float,
+    ca_bundle: Path | None = None,
+    host_slots: HostSlots | None = None,
 ) -> httpx.AsyncClient:
-    """One client and connection pool for a whole batch, never using proxies from the environment."""
+    """One client and keep-alive pool for a whole batch, never using proxies from the environment."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    transport = _CheckedTransport(allow=allow, limits=limits, ssl_context=make_ssl_context(ca_bundle))
+    transport = _CheckedTransport(
+        allow=allow, limits=limits, ssl_context=make_ssl_context(ca_bundle), host_slots=host_slots
+    )
     return httpx.AsyncClient(
         transport=transport,
         trust_env=False,
@@ -278,12 +348,26 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+_RETRIED_ERRORS = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """Send, once more after RETRY_BACKOFF when the connection was refused or reset before a response."""
+    try:
+        return await client.send(request, stream=True)
+    except _RETRIED_ERRORS as exc:
+        if _certificate_error(exc) is not None:
+            raise
+    await asyncio.sleep(RETRY_BACKOFF)
+    return await client.send(request, stream=True)
+
+
 async def _fetch_hops(
     client: httpx.AsyncClient, url: str, *, allow: Sequence[IPNetwork], max_bytes: int
 ) -> Fetched:
     request = client.build_request("GET", check_url(url, allow))
     for _ in range(MAX_REDIRECTS + 1):
-        response = await client.send(request, stream=True)
+        response = await _send(client, request)
         try:
             if response.is_redirect:
                 if response.next_request is None:

@@ -1,4 +1,10 @@
-"""Turning any accepted image bytes into the one form a dataset holds: baseline JPEG, RGB, 8 bit.
+"""Turning any accepted image bytes into the one form a dataset holds: an 8-bit sRGB JPEG.
+
+A JPEG that needs no change (baseline or progressive, RGB or grey, 8 bit, no colour profile or an
+sRGB one, no orientation to apply) is kept: its own compressed data with the metadata segments
+removed (`jpeg_markers`), no second lossy pass. Everything else is decoded and re-encoded as
+baseline RGB JPEG q95. Kept progressive files stay progressive; Pillow, hence the trainer,
+the captioner and kohya, read them.
 
 Whether bytes are an image is decided by decoding them with a fixed list of Pillow formats;
 the pixel count is read from the header and checked before any pixel is decoded. Colours tagged
@@ -15,11 +21,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from fluxtrain.datasets.jpeg_markers import strip_metadata
 
 pillow_heif.register_heif_opener()
 Image.MAX_IMAGE_PIXELS = None
@@ -32,6 +41,13 @@ _WHITE = (255, 255, 255)
 # Modes whose colours an embedded ICC profile describes (alpha is split off first).
 _PROFILE_MODES = frozenset({"RGB", "CMYK", "L"})
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_KEPT_MODES = frozenset({"RGB", "L"})
+_KEPT_FORMATS = ("JPEG",)
+# A profile counts as sRGB when converting through it moves no probe colour by more than this.
+_SRGB_TOLERANCE = 2
+_ORIENTATION = 0x0112
+
+Stored = Literal["kept", "reencoded"]
 
 
 class ImageRejectedError(Exception):
@@ -43,6 +59,7 @@ class NormalizedImage:
     jpeg: bytes
     width: int
     height: int
+    stored: Stored = "reencoded"
 
 
 def _looks_like_markup(data: bytes) -> bool:
@@ -126,7 +143,65 @@ def _to_rgb(image: Image.Image, icc: bytes | None) -> Image.Image:
     return background
 
 
+@lru_cache(maxsize=32)
+def _is_srgb(icc: bytes) -> bool:
+    """Whether converting through this profile to sRGB leaves colours where they are."""
+    levels = (0, 51, 102, 153, 204, 255)
+    probe = Image.new("RGB", (len(levels) ** 3, 1))
+    probe.putdata([(r, g, b) for r in levels for g in levels for b in levels])
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if source.profile.xcolor_space.strip() != "RGB":
+            return False
+        converted = ImageCms.profileToProfile(probe, source, _SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return False
+    return all(
+        abs(a - b) <= _SRGB_TOLERANCE
+        for before, after in zip(probe.getdata(), converted.getdata(), strict=True)
+        for a, b in zip(before, after, strict=True)
+    )
+
+
+def _needs_no_change(image: Image.Image) -> bool:
+    """What today's decode path would leave as it is: RGB or grey, upright, sRGB or untagged."""
+    if image.format not in ("JPEG", "MPO") or image.mode not in _KEPT_MODES:
+        return False
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        return False
+    icc = image.info.get("icc_profile")
+    return not icc or (image.mode == "RGB" and _is_srgb(icc))
+
+
+def _kept_jpeg(data: bytes, max_pixels: int) -> NormalizedImage | None:
+    """`data` stripped of metadata when it needs no change and decodes whole; None otherwise.
+
+    Any trouble at all (a hostile header, a bad segment length, a truncated scan) is answered
+    with None, so the decode path decides about those bytes exactly as it always has.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        with open_image(io.BytesIO(data), max_pixels=max_pixels, formats=_KEPT_FORMATS) as image:
+            if not _needs_no_change(image):
+                return None
+            mode = image.mode
+        stripped = strip_metadata(data)
+        with Image.open(io.BytesIO(stripped), formats=_KEPT_FORMATS) as clean:
+            clean.load()
+            if clean.mode != mode or clean.width * clean.height > max_pixels:
+                return None
+            return NormalizedImage(jpeg=stripped, width=clean.width, height=clean.height, stored="kept")
+    except Exception:
+        return None
+
+
 def normalize_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
+    """The kept JPEG when `data` needs no change, otherwise `reencode_image`'s output."""
+    return _kept_jpeg(data, max_pixels) or reencode_image(data, max_pixels=max_pixels)
+
+
+def reencode_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
     """Decode `data` and re-encode it as sRGB baseline JPEG q95, orientation applied, metadata dropped."""
     with _open(data, max_pixels) as image:
         frame = _load_first_frame(image)

@@ -1,12 +1,15 @@
 """Bringing images into a dataset: from URLs (concurrent, safe fetching) or from uploaded files.
 
 Fetching runs on the event loop; decoding, encoding and writing run in a shared thread pool, so
-the service keeps answering while a large batch is processed.
+the service keeps answering while a large batch is processed. A URL first waits for a slot on its
+host (FLUXTRAIN_DOWNLOAD_PER_HOST, released once its body is read), then for one of the batch's
+FLUXTRAIN_DOWNLOAD_CONCURRENCY slots (held until its image is stored); its timeout starts after both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,7 +23,8 @@ from typing import BinaryIO
 import httpx
 
 from fluxtrain.datasets import archive, ledger
-from fluxtrain.datasets.fetch import FetchError, fetch_bytes, make_client
+from fluxtrain.datasets.addresses import IPNetwork
+from fluxtrain.datasets.fetch import FetchError, HostSlots, check_url, fetch_bytes, make_client
 from fluxtrain.datasets.images import ImageRejectedError, normalize_image
 from fluxtrain.datasets.store import dataset_dir
 from fluxtrain.errors import InvalidInputError
@@ -59,8 +63,17 @@ def store_image(
         "bytes": len(data),
         "width": image.width,
         "height": image.height,
+        "stored": image.stored,
     }
     return book.commit(source=source, stem=stem, jpeg=image.jpeg, entry=entry)
+
+
+def _host_of(url: str, allow: Sequence[IPNetwork]) -> str | None:
+    """The host whose slot a URL waits for before its timer starts; None when fetching will refuse it."""
+    try:
+        return check_url(url, allow).host
+    except FetchError:
+        return None
 
 
 def _reason_for(exc: Exception) -> str:
@@ -112,31 +125,41 @@ async def download_images(
     executor = image_executor()
     semaphore = asyncio.Semaphore(settings.download_concurrency)
     allow = settings.allow_networks
+    host_slots = HostSlots(settings.download_per_host)
 
     async def one(client: httpx.AsyncClient, url: str, book: ledger.Ledger) -> None:
         path: str | None = None
         reason: str | None = None
-        async with semaphore:
+        host = _host_of(url, allow)
+        try:
+            async with host_slots.hold(host) if host is not None else contextlib.nullcontext():
+                await semaphore.acquire()
+                try:
+                    fetched = await fetch_bytes(
+                        client,
+                        url,
+                        allow=allow,
+                        max_bytes=settings.max_download_bytes,
+                        timeout=settings.download_timeout,
+                    )
+                except BaseException:
+                    semaphore.release()
+                    raise
+            store = partial(
+                store_image,
+                book,
+                source=ledger.Source(url=url),
+                stem=ledger.stem_for_url(url),
+                data=fetched.content,
+                max_pixels=settings.max_image_pixels,
+            )
             try:
-                fetched = await fetch_bytes(
-                    client,
-                    url,
-                    allow=allow,
-                    max_bytes=settings.max_download_bytes,
-                    timeout=settings.download_timeout,
-                )
-                store = partial(
-                    store_image,
-                    book,
-                    source=ledger.Source(url=url),
-                    stem=ledger.stem_for_url(url),
-                    data=fetched.content,
-                    max_pixels=settings.max_image_pixels,
-                )
                 saved = await loop.run_in_executor(executor, store)
-                path = str(saved)
-            except Exception as exc:
-                reason = _reason_for(exc)
+            finally:
+                semaphore.release()
+            path = str(saved)
+        except Exception as exc:
+            reason = _reason_for(exc)
         if path is not None:
             result.files[url] = path
         else:
@@ -149,6 +172,7 @@ async def download_images(
         concurrency=settings.download_concurrency,
         timeout=settings.download_timeout,
         ca_bundle=settings.ca_bundle,
+        host_slots=host_slots,
     )
     async with client:
         book = await loop.run_in_executor(executor, ledger.acquire, folder)

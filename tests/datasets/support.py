@@ -7,7 +7,9 @@ Tests import it as `from tests.datasets import support` (pytest's importlib mode
 from __future__ import annotations
 
 import io
+import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,10 +41,15 @@ class _Handler(BaseHTTPRequestHandler):
         reply = self.server.routes.get(self.path) or self.server.routes.get(self.path.split("?", 1)[0])
         if reply is None:
             reply = Reply(status=404, body=b"no such path")
+        with self.server.count_lock:
+            self.server.requests_open += 1
+            self.server.peak_requests = max(self.server.peak_requests, self.server.requests_open)
         if reply.gate is not None:
             reply.gate.wait(10)
         if reply.delay:
             time.sleep(reply.delay)
+        with self.server.count_lock:
+            self.server.requests_open -= 1
         try:
             self.send_response(reply.status)
             for key, value in reply.headers.items():
@@ -62,15 +69,38 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
 
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"
+
+
 class LoopbackServer(ThreadingHTTPServer):
-    """Plain HTTP on `host`; HTTPS when given a server TLS context, its URLs then naming `url_host`."""
+    """Plain HTTP on `host`; HTTPS when given a server TLS context, its URLs then naming `url_host`.
+
+    It counts connections (opened in all, open at once at the peak) and requests being answered at
+    once (counted until the reply starts, so a client can never see one end before the count
+    drops); `keep_alive` answers HTTP/1.1 and keeps connections open; `reset_first` connections are
+    reset (TCP RST) as soon as they are accepted.
+    """
 
     daemon_threads = True
 
     def __init__(
-        self, host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None, url_host: str | None = None
+        self,
+        host: str = "127.0.0.1",
+        *,
+        tls: ssl.SSLContext | None = None,
+        url_host: str | None = None,
+        keep_alive: bool = False,
+        reset_first: int = 0,
     ) -> None:
-        super().__init__((host, 0), _Handler)
+        super().__init__((host, 0), _KeepAliveHandler if keep_alive else _Handler)
+        self.count_lock = threading.Lock()
+        self.connections = 0
+        self.connections_open = 0
+        self.peak_connections = 0
+        self.requests_open = 0
+        self.peak_requests = 0
+        self.resets_left = reset_first
         if tls is not None:
             self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         self.scheme = "https" if tls is not None else "http"
@@ -91,6 +121,27 @@ class LoopbackServer(ThreadingHTTPServer):
     def add(self, path: str, reply: Reply) -> str:
         self.routes[path] = reply
         return self.url(path)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        with self.count_lock:
+            reset = self.resets_left > 0
+            self.resets_left -= reset
+        if reset:
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.close()
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        with self.count_lock:
+            self.connections += 1
+            self.connections_open += 1
+            self.peak_connections = max(self.peak_connections, self.connections_open)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.count_lock:
+                self.connections_open -= 1
 
     def handle_error(self, request: object, client_address: object) -> None:
         """A client that gives up (a refused certificate, a timeout) is expected here, not an error."""

@@ -57,6 +57,7 @@ def test_formats_land_as_jpegs_with_a_manifest(server: LoopbackServer, open_sett
             "bytes": len(source),
             "width": 48,
             "height": 32,
+            "stored": "reencoded",
         }
 
 

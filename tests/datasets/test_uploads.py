@@ -44,6 +44,7 @@ def test_different_bytes_under_a_used_name_get_their_own_file(settings: Settings
         "bytes": len(blue),
         "width": 20,
         "height": 10,
+        "stored": "reencoded",
     }
 
 

@@ -1,0 +1,108 @@
+"""Removing metadata from a JPEG at the marker level, the compressed image data copied verbatim.
+
+No well-kept Python library does exactly this: piexif removes only the EXIF segment, the strippers
+on PyPI decode and re-save through Pillow (a second lossy pass), and jpegtran re-codes the entropy
+data. The JPEG syntax needed is small, so it is walked here with an allow-list:
+
+- kept: SOI, SOF0 (baseline) and SOF2 (progressive) at 8-bit precision, DQT, DHT, DRI, every SOS
+  with its entropy-coded data (restart markers included), EOI; APP0 "JFIF" (its optional thumbnail
+  cut off) and APP14 "Adobe", whose transform flag tells a decoder whether three channels are
+  YCbCr or RGB, so removing it could change the colours;
+- removed: every other APPn (APP1 EXIF and XMP with GPS, APP2 ICC and MPF, APP13 IPTC, ...) and
+  COM, and whatever follows the first EOI (MPF's appended pictures, trailing junk);
+- anything else (arithmetic coding, lossless or hierarchical frames, 12-bit, DNL, a length that
+  runs past the end, a missing EOI) raises MalformedJpegError, and the caller decodes instead.
+"""
+
+from __future__ import annotations
+
+SOI = 0xD8
+EOI = 0xD9
+SOS = 0xDA
+_FRAMES = frozenset({0xC0, 0xC2})
+_TABLES = frozenset({0xC4, 0xDB, 0xDD})
+_APP0 = 0xE0
+_APP14 = 0xEE
+_COM = 0xFE
+_RESTARTS = frozenset(range(0xD0, 0xD8))
+_JFIF_HEADER_LENGTH = 14  # "JFIF\0", version, units, densities, thumbnail width and height
+
+
+class MalformedJpegError(ValueError):
+    """The bytes are not a JPEG this module can rewrite safely."""
+
+
+def _jfif_without_thumbnail(payload: bytes) -> bytes:
+    if len(payload) < _JFIF_HEADER_LENGTH:
+        raise MalformedJpegError("JFIF segment too short")
+    header = payload[: _JFIF_HEADER_LENGTH - 2] + b"\0\0"
+    return b"\xff\xe0" + (len(header) + 2).to_bytes(2, "big") + header
+
+
+def _entropy_end(data: bytes, start: int) -> int:
+    """Where the entropy-coded data that starts at `start` ends: at the next real marker."""
+    position = start
+    while True:
+        found = data.find(b"\xff", position)
+        if found < 0 or found + 1 >= len(data):
+            raise MalformedJpegError("scan data runs past the end")
+        following = data[found + 1]
+        if following == 0 or following in _RESTARTS:
+            position = found + 2
+            continue
+        return found
+
+
+def strip_metadata(data: bytes) -> bytes:
+    """`data` with only the segments a decoder needs, its scan data byte for byte; see the module."""
+    if data[:2] != b"\xff\xd8":
+        raise MalformedJpegError("no SOI marker")
+    out = [b"\xff\xd8"]
+    position = 2
+    frame_seen = False
+    scans = 0
+    size = len(data)
+    while True:
+        if position + 2 > size or data[position] != 0xFF:
+            raise MalformedJpegError(f"no marker at offset {position}")
+        while position + 1 < size and data[position + 1] == 0xFF:
+            position += 1
+        if position + 2 > size:
+            raise MalformedJpegError("ends inside a marker")
+        marker = data[position + 1]
+        if marker == EOI:
+            if not frame_seen or scans == 0:
+                raise MalformedJpegError("EOI before any frame or scan")
+            out.append(b"\xff\xd9")
+            return b"".join(out)
+        if position + 4 > size:
+            raise MalformedJpegError("ends inside a segment length")
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        end = position + 2 + length
+        if length < 2 or end > size:
+            raise MalformedJpegError(f"segment length {length} at offset {position} does not fit")
+        segment = data[position:end]
+        payload = segment[4:]
+        if marker in _FRAMES:
+            if frame_seen or not payload or payload[0] != 8:
+                raise MalformedJpegError("a second frame or a precision other than 8 bits")
+            frame_seen = True
+            out.append(segment)
+        elif marker in _TABLES:
+            out.append(segment)
+        elif marker == SOS:
+            if not frame_seen:
+                raise MalformedJpegError("scan before the frame header")
+            scan_end = _entropy_end(data, end)
+            out.append(data[position:scan_end])
+            scans += 1
+            end = scan_end
+        elif marker == _APP0 and payload.startswith(b"JFIF\0"):
+            out.append(_jfif_without_thumbnail(payload))
+        elif marker == _APP14 and payload.startswith(b"Adobe"):
+            out.append(segment)
+        elif 0xE0 <= marker <= 0xEF or marker == _COM:
+            pass
+        else:
+            raise MalformedJpegError(f"unsupported marker 0xFF{marker:02X}")
+        position = end
