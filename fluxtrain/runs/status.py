@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtrain.runs.launcher import LOG_NAME, tail_lines
+from fluxtrain.runs.log_filter import trainer_lines
 from fluxtrain.runs.models import Run
 from fluxtrain.runs.schemas import OutputFile, Progress, RunStatusOut
 from fluxtrain.settings import Settings
@@ -17,6 +18,8 @@ from fluxtrain.settings import Settings
 EVENTS_NAME = "events.jsonl"
 UPLOADS_NAME = "uploads.json"
 STATUS_LOG_LINES = 10
+# Library noise is dropped from the status log, so more lines are read than are shown.
+_LOG_SCAN_LINES = 400
 _EVENT_SCAN_LINES = 400
 _NUMBERED = re.compile(r"-(\d{6})$")
 
@@ -132,7 +135,9 @@ def build_status(settings: Settings, run: Run, *, logs: list[str] | None = None)
     return RunStatusOut(
         run_id=run.id,
         status=run.status,  # type: ignore[arg-type]
-        logs=logs if logs is not None else tail_lines(folder / LOG_NAME, STATUS_LOG_LINES),
+        logs=trainer_lines(
+            logs if logs is not None else tail_lines(folder / LOG_NAME, _LOG_SCAN_LINES), STATUS_LOG_LINES
+        ),
         progress=progress,
         outputs=outputs_of(folder, run.output_name, final_epoch),
         error=run.error,

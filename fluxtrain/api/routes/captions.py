@@ -20,6 +20,7 @@ from fluxtrain.names import SafeName
 router = APIRouter(tags=["captions"])
 
 MAX_CAPTION_CHARS = 10_000
+MAX_CAPTION_IMAGES = 1000
 
 
 class CaptionRequest(BaseModel):
@@ -37,6 +38,12 @@ class CaptionRequest(BaseModel):
     task: CaptionTask | None = Field(None, description="Florence-2 caption task; overrides `prompt`.")
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=1024)
     num_beams: int = Field(DEFAULT_NUM_BEAMS, ge=1, le=8)
+    images: list[SafeName] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CAPTION_IMAGES,
+        description="Only these image file names (all images when left out); the answer covers them alone.",
+    )
 
 
 class CaptionResponse(BaseModel):
@@ -67,6 +74,7 @@ def caption_images(request: CaptionRequest, settings: SettingsDep) -> CaptionRes
         task=request.task,
         max_new_tokens=request.max_new_tokens,
         num_beams=request.num_beams,
+        images=request.images,
     )
     return CaptionResponse(captions=result.captions, failed=result.failed)
 
