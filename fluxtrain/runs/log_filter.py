@@ -18,7 +18,8 @@ _WARNING = re.compile(
 )
 _TQDM = re.compile(r"\d+%\|.*\||\|\s*\d+/\d+\s*\[[\d:?]+<[\d:?]+")
 _LIBRARY = re.compile(
-    r"^(`\w+` is deprecated|The following generation flags|Some weights of|You are using a model of type"
+    r"^\[(transformers|diffusers|huggingface_hub|accelerate|peft|torch)\] "  # transformers' own notices
+    r"|^(`\w+` is deprecated|The following generation flags|Some weights of|You are using a model of type"
     r"|Loading checkpoint shards|Fetching \d+ files|Keyword arguments \{.*\} are not expected)"
 )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fluxtrain.runs.log_filter import is_library_noise, trainer_lines
 
 NOISE = [
+    "[transformers] `CLIPImageProcessor` requires torchvision (not installed); falling back to "
+    "`CLIPImageProcessorPil` for backward compatibility.",
     "/venv/lib/python3.11/site-packages/transformers/utils/import_utils.py:2310: FutureWarning: "
     "torchvision is not available",
     "  warnings.warn(",
@@ -33,7 +35,7 @@ def test_library_lines_are_noise_and_trainer_lines_are_not() -> None:
 
 
 def test_trainer_lines_keeps_the_last_count_in_order() -> None:
-    mixed = [TRAINER[0], NOISE[0], NOISE[1], TRAINER[1], NOISE[5], TRAINER[2]]
+    mixed = [TRAINER[0], NOISE[0], NOISE[1], TRAINER[1], NOISE[6], TRAINER[2]]
     assert trainer_lines(mixed, 2) == [TRAINER[1], TRAINER[2]]
     assert trainer_lines(mixed, 10) == [TRAINER[0], TRAINER[1], TRAINER[2]]
     assert trainer_lines(NOISE, 5) == []
