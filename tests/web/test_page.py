@@ -7,6 +7,7 @@ and download. Screenshots for the README are written when FLUXTRAIN_SCREENSHOTS 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -39,10 +40,12 @@ class Tab:
         page.on("request", lambda request: self.requests.append(request.url))
         page.on("dialog", lambda dialog: dialog.accept())
 
-    def shot(self, name: str) -> None:
+    def shot(self, name: str, *, full_page: bool = False) -> None:
+        """Save a screenshot as a small palette PNG (for docs/), when FLUXTRAIN_SCREENSHOTS is set."""
         if SCREENSHOTS:
             Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-            self.page.screenshot(path=str(Path(SCREENSHOTS) / name), full_page=False)
+            with Image.open(io.BytesIO(self.page.screenshot(full_page=full_page))) as shot:
+                shot.convert("RGB").quantize(colors=128).save(Path(SCREENSHOTS) / name, optimize=True)
 
     def take_errors(self) -> list[str]:
         taken, self.errors[:] = list(self.errors), []
@@ -118,7 +121,10 @@ def test_dataset_from_urls_and_a_zip_captioned_and_edited(
     assert first.get_attribute("src").startswith("blob:")
     assert first.evaluate("img => Math.max(img.naturalWidth, img.naturalHeight)") <= 256
 
-    page.fill("#trigger-word", "zqx")
+    page.fill("#caption-trigger_word", "zqx")
+    page.locator("form", has=page.locator("#caption-trigger_word")).locator("summary").click()
+    page.fill("#caption-max_new_tokens", "6")
+    page.fill("#caption-num_beams", "1")
     page.get_by_role("button", name="Caption all").click()
     page.locator("#caption-status", has_text="4 of 4 images captioned").wait_for(timeout=120_000)
     captions = page.locator("#grid textarea")
@@ -199,7 +205,7 @@ def test_run_from_the_form_watched_reloaded_and_downloaded(
     tab: Tab, service: Service, tmp_path: Path
 ) -> None:
     page = tab.page
-    _fill_run(page, 24, samples=True)
+    _fill_run(page, 16, samples=True)
     page.get_by_role("button", name="Start training").click()
     page.wait_for_url(re.compile(r"#/runs/"))
     run_id = page.url.rsplit("/", 1)[-1]
@@ -207,7 +213,7 @@ def test_run_from_the_form_watched_reloaded_and_downloaded(
     page.wait_for_function("() => Number(document.querySelector('#loss-chart').dataset.points || 0) >= 2")
     assert float(page.locator("#run-progress").get_attribute("value") or 0) > 0
     page.wait_for_function("() => document.querySelector('#run-progress').value >= 3")
-    assert re.fullmatch(r"step \d+ / 24", page.locator("#step-text").inner_text())
+    assert re.fullmatch(r"step \d+ / 16", page.locator("#step-text").inner_text())
     assert page.locator("#run-status").inner_text() == "running"
 
     before = int(chart.get_attribute("data-points"))
@@ -218,11 +224,10 @@ def test_run_from_the_form_watched_reloaded_and_downloaded(
     steps_on_disk = [e["step"] for e in _events(service, run_id) if e["event"] == "step"]
     assert int(chart.get_attribute("data-points")) >= min(len(steps_on_disk), before)
     page.locator("#samples img").first.wait_for()
-    tab.shot("run.png")
 
     page.locator("#run-status", has_text="succeeded").wait_for(timeout=240_000)
-    assert chart.get_attribute("data-points") == "24"
-    assert page.locator("#step-text").inner_text() == "step 24 / 24"
+    assert chart.get_attribute("data-points") == "16"
+    assert page.locator("#step-text").inner_text() == "step 16 / 16"
     assert page.locator("#logs").inner_text().strip()
     assert "Warning" not in page.locator("#logs").inner_text()
     grid = page.locator("#samples table")
@@ -244,7 +249,7 @@ def test_run_from_the_form_watched_reloaded_and_downloaded(
 
     page.reload()
     page.locator("#run-status", has_text="succeeded").wait_for()
-    page.wait_for_function("() => document.querySelector('#loss-chart').dataset.points === '24'")
+    page.wait_for_function("() => document.querySelector('#loss-chart').dataset.points === '16'")
     page.set_viewport_size(PHONE)
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     tab.shot("run-phone.png")

@@ -213,31 +213,27 @@ function captionCard(name, image, signal) {
 }
 
 async function captionForm(name, images, cards, onCounts) {
-  const trigger = h("input", { id: "trigger-word", autocomplete: "off", required: true });
-  const overwrite = h("input", { id: "overwrite", type: "checkbox" });
+  const schema = await schemaForm("CaptionRequest", {
+    front: ["trigger_word", "overwrite"],
+    skip: ["output_name", "images"],
+    formId: "caption",
+  });
   const progress = h("progress", { id: "caption-progress", max: String(images.length), value: "0" });
   const line = h("p", { class: "muted", "aria-live": "polite", id: "caption-status" });
   const error = h("p", { class: "error", role: "alert" });
   const button = h("button", { type: "submit", class: "primary" }, "Caption all");
   const form = h("form", { class: "card", novalidate: true }, [
     h("h2", {}, "Captions"),
-    h("div", { class: "field" }, [
-      h("label", { for: "trigger-word" }, "Trigger word *"),
-      trigger,
-      h("p", { class: "field-help" }, "Written first in every caption."),
-    ]),
-    h("div", { class: "field field-check" }, [
-      h("label", { for: "overwrite" }, "Re-caption images that have a caption"),
-      overwrite,
-    ]),
+    ...schema.elements,
     h("div", { class: "actions" }, [button, progress]),
     line,
     error,
   ]);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    schema.clearErrors();
     error.textContent = "";
-    const names = images.map((image) => image.file).filter((file) => cards.has(file));
+    const names = images.map((image) => image.file).filter((file) => cards.has(file) && cards.get(file).card.isConnected);
     button.disabled = true;
     let done = 0;
     progress.max = names.length;
@@ -248,7 +244,7 @@ async function captionForm(name, images, cards, onCounts) {
         line.textContent = `captioning ${done + 1}–${done + chunk.length} of ${names.length}…`;
         const answer = await api("/caption-images", {
           method: "POST",
-          json: { output_name: name, trigger_word: trigger.value, overwrite: overwrite.checked, images: chunk },
+          json: { ...schema.values(), output_name: name, images: chunk },
         });
         for (const [file, caption] of Object.entries(answer.captions)) cards.get(file)?.setCaption(caption);
         for (const [file, reason] of Object.entries(answer.failed)) error.append(`${file}: ${reason}. `);
@@ -259,14 +255,13 @@ async function captionForm(name, images, cards, onCounts) {
       onCounts();
     } catch (err) {
       line.textContent = "";
-      error.textContent = Array.isArray(err.detail)
-        ? err.detail.map((d) => `${d.loc?.at(-1)}: ${d.msg}`).join("; ")
-        : err.message;
+      const rest = err instanceof ApiError ? schema.showErrors(err.detail) : [err.message];
+      error.textContent = rest.join("; ");
     } finally {
       button.disabled = false;
     }
   });
-  return { form, trigger };
+  return { form, trigger: schema.fields.get("trigger_word").input };
 }
 
 async function configForm(name, trigger) {

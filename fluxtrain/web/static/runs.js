@@ -96,7 +96,7 @@ export async function runPage(page, runId, signal) {
         ["it/s", state.itPerS === null ? "–" : state.itPerS.toFixed(2)],
         ["ETA", duration(state.eta)],
         ["peak memory", state.memory === null ? "–" : bytes(state.memory * 1024 * 1024)],
-      ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", { "data-stat": k }, String(v))]),
+      ].map(([k, v]) => h("div", {}, [h("dt", {}, k), h("dd", { "data-stat": k }, String(v))])),
     );
   };
   const addSample = (event) => {
