@@ -84,6 +84,13 @@ def test_the_key_is_asked_once_and_a_wrong_one_is_refused_plainly(tab: Tab, serv
     page.locator("h1", has_text="Datasets").wait_for()
     assert not dialog.is_visible()
     assert page.locator("table.list", has_text=TRAIN_DATASET).is_visible()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    for _ in range(3):
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Train"
+    page.keyboard.press("Enter")
+    page.locator("h1", has_text="Train a LoRA").wait_for()
 
 
 def test_dataset_from_urls_and_a_zip_captioned_and_edited(
@@ -95,6 +102,7 @@ def test_dataset_from_urls_and_a_zip_captioned_and_edited(
         for i, c in enumerate([(220, 40, 40), (40, 40, 220)])
     ]
     missing = images.url("/gone.png")
+    page.goto(service.url + "/#/datasets")
     page.fill("#new-name", "pets")
     page.fill("#new-urls", "\n".join([urls[0], missing, urls[1]]))
     page.get_by_role("button", name="Create dataset").click()
@@ -130,7 +138,7 @@ def test_dataset_from_urls_and_a_zip_captioned_and_edited(
     captions = page.locator("#grid textarea")
     assert all(captions.nth(i).input_value().startswith("zqx, ") for i in range(4))
     assert page.locator("#counts").inner_text() == "4 images, 4 captions"
-    tab.shot("datasets.png")
+    tab.shot("web-datasets.png")
 
     edited = page.locator("#grid textarea").nth(1)
     image = edited.get_attribute("data-image")
@@ -194,7 +202,8 @@ def test_the_form_comes_from_the_schema_and_shows_errors_beside_fields(tab: Tab,
     page.fill("#train-network_dim", "5000")
     page.get_by_role("button", name="Start training").click()
     page.locator("#train-learning_rate-error", has_text="greater than 0").wait_for()
-    tab.shot("train-form.png")
+    page.evaluate("window.scrollTo(0, 0)")
+    tab.shot("web-train.png")
     assert "less than or equal to 1024" in page.locator("#train-network_dim-error").inner_text()
     assert page.locator("#train-learning_rate").get_attribute("aria-invalid") == "true"
     assert "#/train" in page.url
@@ -240,19 +249,20 @@ def test_run_from_the_form_watched_reloaded_and_downloaded(
     lora = service.settings.runs_dir / run_id / "output" / f"{TRAIN_DATASET}.safetensors"
     row = page.locator(f'#files li[data-file="{lora.name}"]')
     row.wait_for()
+    tab.shot("web-run.png", full_page=True)
     with page.expect_download() as info:
         row.locator("button", has_text="Download").click()
     saved = tmp_path / "lora.safetensors"
     info.value.save_as(saved)
     assert saved.read_bytes() == lora.read_bytes()
-    assert str(lora.stat().st_size) in row.inner_text() or "KiB" in row.inner_text()
+    assert row.get_attribute("data-size") == str(lora.stat().st_size)
+    assert re.search(r"\d+(\.\d)? (B|KiB|MiB)", row.locator(".size").inner_text())
 
     page.reload()
     page.locator("#run-status", has_text="succeeded").wait_for()
     page.wait_for_function("() => document.querySelector('#loss-chart').dataset.points === '16'")
     page.set_viewport_size(PHONE)
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
-    tab.shot("run-phone.png")
     page.set_viewport_size(WIDE)
     assert tab.take_errors() == []
 

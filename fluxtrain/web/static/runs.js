@@ -123,7 +123,7 @@ export async function runPage(page, runId, signal) {
     const loras = answer.files.filter((f) => f.kind === "lora");
     files.replaceChildren(
       ...(loras.length
-        ? loras.map((f) => h("li", { "data-file": f.name }, [h("span", { class: "what" }, f.name), h("span", { class: "size" }, bytes(f.size)), download(runId, f)]))
+        ? loras.map((f) => h("li", { "data-file": f.name, "data-size": f.size }, [h("span", { class: "what" }, f.name), h("span", { class: "size" }, bytes(f.size)), download(runId, f)]))
         : [h("li", { class: "muted" }, "None yet.")]),
     );
   };
