@@ -138,6 +138,7 @@ def test_dataset_from_urls_and_a_zip_captioned_and_edited(
     captions = page.locator("#grid textarea")
     assert all(captions.nth(i).input_value().startswith("zqx, ") for i in range(4))
     assert page.locator("#counts").inner_text() == "4 images, 4 captions"
+    page.locator("form", has=page.locator("#caption-trigger_word")).locator("summary").click()
     tab.shot("web-datasets.png")
 
     edited = page.locator("#grid textarea").nth(1)
