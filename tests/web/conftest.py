@@ -84,6 +84,13 @@ class Service:
                 time.sleep(0.2)
         raise AssertionError((self.root / "service.log").read_text())
 
+    def restart(self) -> None:
+        """Kill the service (its trainers live on in their own sessions) and start it again."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.start()
+
     def stop(self) -> None:
         self.http.close()
         if self.process is not None and self.process.poll() is None:

@@ -35,10 +35,16 @@ class Tab:
         self.page = page
         self.errors: list[str] = []
         self.requests: list[str] = []
+        self.resumed_from: list[str] = []
         page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
         page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
-        page.on("request", lambda request: self.requests.append(request.url))
+        page.on("request", self._seen)
         page.on("dialog", lambda dialog: dialog.accept())
+
+    def _seen(self, request: object) -> None:
+        self.requests.append(request.url)
+        if "last-event-id" in request.headers:
+            self.resumed_from.append(request.headers["last-event-id"])
 
     def shot(self, name: str, *, full_page: bool = False) -> None:
         """Save a screenshot as a small palette PNG (for docs/), when FLUXTRAIN_SCREENSHOTS is set."""
@@ -268,7 +274,7 @@ def test_run_from_the_form_watched_reloaded_and_downloaded(
     assert tab.take_errors() == []
 
 
-def test_cancel_a_run_from_its_page(tab: Tab, service: Service) -> None:
+def test_a_lost_connection_resumes_and_a_run_is_canceled_from_its_page(tab: Tab, service: Service) -> None:
     page = tab.page
     _fill_run(page, 400, samples=False)
     page.fill("#train-output_name", "to-cancel")
@@ -277,6 +283,22 @@ def test_cancel_a_run_from_its_page(tab: Tab, service: Service) -> None:
     page.wait_for_url(re.compile(r"#/runs/"))
     run_id = page.url.rsplit("/", 1)[-1]
     page.wait_for_function("() => document.querySelector('#run-progress').value >= 1", timeout=120_000)
+
+    def streams() -> list[str]:
+        return [url for url in tab.requests if url.endswith(f"/runs/{run_id}/events")]
+
+    assert len(streams()) == 1
+    seen = int(page.locator("#loss-chart").get_attribute("data-points"))
+    service.restart()
+    page.wait_for_function(f"() => Number(document.querySelector('#loss-chart').dataset.points) > {seen + 1}")
+    assert len(streams()) >= 2 and tab.resumed_from and int(tab.resumed_from[0]) >= seen
+    points, step = page.evaluate(
+        "[Number(document.querySelector('#loss-chart').dataset.points), "
+        "document.querySelector('#run-progress').value]"
+    )
+    assert points == step
+    lost = tab.take_errors()
+    assert lost and all(error.startswith("Failed to load resource: net::ERR_") for error in lost), lost
     page.click("#cancel")
     page.locator("#run-status", has_text="canceled").wait_for(timeout=60_000)
     deadline = time.monotonic() + 60
