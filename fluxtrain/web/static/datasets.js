@@ -320,9 +320,14 @@ export async function datasetPage(page, name, signal) {
   const remove = h("button", { type: "button", class: "danger" }, "Delete dataset");
   remove.addEventListener("click", async () => {
     if (!confirm(`Delete the dataset ${name} with all its images and captions?`)) return;
-    await request(`/datasets/${quote(name)}`, { method: "DELETE" });
-    location.hash = "#/datasets";
+    try {
+      await request(`/datasets/${quote(name)}`, { method: "DELETE" });
+      location.hash = "#/datasets";
+    } catch (error) {
+      removeError.textContent = error.message;
+    }
   });
+  const removeError = h("p", { class: "error", role: "alert" });
   page.append(
     h("p", { class: "crumbs" }, [h("a", { href: "#/datasets" }, "Datasets"), " / ", name]),
     h("h1", {}, name),
@@ -332,5 +337,6 @@ export async function datasetPage(page, name, signal) {
     await configForm(name, trigger),
     addImagesForm({ fixedName: name, onDone: () => window.dispatchEvent(new HashChangeEvent("hashchange")) }),
     h("div", { class: "actions" }, [h("a", { class: "button", href: `#/train?dataset=${quote(name)}` }, "Train"), remove]),
+    removeError,
   );
 }
