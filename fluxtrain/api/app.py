@@ -12,7 +12,8 @@ from fluxtrain import __version__
 from fluxtrain.api.deps import require_api_key
 from fluxtrain.api.errors import install_error_handlers
 from fluxtrain.api.limits import BodySizeLimit
-from fluxtrain.api.routes import captions, dataset_config, datasets, health, runs
+from fluxtrain.api.routes import captions, dataset_config, datasets, health, images, models, runs
+from fluxtrain.api.routes.web import install_web_page
 from fluxtrain.settings import Settings, get_settings
 
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_upload_bytes=settings.max_upload_bytes)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
-    for module in (datasets, dataset_config, captions, runs):
+    for module in (datasets, images, dataset_config, captions, runs, models):
         app.include_router(module.router, dependencies=protected)
+    install_web_page(app)
     return app

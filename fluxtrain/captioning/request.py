@@ -12,6 +12,8 @@ from fluxtrain.captioning.prompts import (
 )
 from fluxtrain.names import SafeName, TriggerWord
 
+MAX_CAPTION_IMAGES = 1000
+
 
 class CaptionRequest(BaseModel):
     output_name: SafeName = Field(description="Dataset folder whose images are captioned.")
@@ -26,3 +28,9 @@ class CaptionRequest(BaseModel):
     task: CaptionTask | None = Field(None, description="Florence-2 caption task; overrides `prompt`.")
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=1024, description="Longest caption.")
     num_beams: int = Field(DEFAULT_NUM_BEAMS, ge=1, le=8, description="Beam search width.")
+    images: list[SafeName] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CAPTION_IMAGES,
+        description="Only these image file names (all images when left out); the answer covers them alone.",
+    )

@@ -47,13 +47,19 @@ def caption_dataset(
     task: CaptionTask | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     num_beams: int = DEFAULT_NUM_BEAMS,
+    images: list[str] | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> CaptionResult:
-    """Caption a dataset so it can train; `on_progress(done, total)` counts the images still to caption."""
+    """Caption a dataset so it can train; `on_progress(done, total)` counts the images still to caption.
+
+    `images` limits the call to those file names, so a client can caption a set a few images at a
+    time and show each caption as it is written.
+    """
     folder = dataset_dir(settings, name)
-    images = list_images(folder)
-    if not images:
+    images_found = list_images(folder)
+    if not images_found:
         raise InvalidInputError(f"dataset '{name}' has no images to caption")
+    images = _chosen(folder, images_found, images, name)
     try:
         trigger_word = check_trigger_word(trigger_word)
     except ValueError as exc:
@@ -105,8 +111,21 @@ def caption_request(
         task=request.task,
         max_new_tokens=request.max_new_tokens,
         num_beams=request.num_beams,
+        images=request.images,
         on_progress=on_progress,
     )
+
+
+def _chosen(folder: Path, found: list[Path], names: list[str] | None, dataset: str) -> list[Path]:
+    if names is None:
+        return found
+    chosen = []
+    for image in dict.fromkeys(names):
+        path = safe_join(folder, image, what="image name")
+        if path not in found:
+            raise NotFoundError(f"dataset '{dataset}' has no image named '{image}'")
+        chosen.append(path)
+    return chosen
 
 
 def set_caption(*, settings: Settings, name: str, image: str, caption: str) -> Path:

@@ -9,11 +9,14 @@ from typing import Any
 
 from fluxtrain.fsutil import tail_lines
 from fluxtrain.rundir import RunDir, first_event, parse_checkpoint_name, recent_events
+from fluxtrain.runs.log_filter import trainer_lines
 from fluxtrain.runs.schemas import OutputFile, Progress, RunStatusOut
 from fluxtrain.runs.table import Run
 from fluxtrain.settings import Settings
 
 STATUS_LOG_LINES = 10
+# Library noise is dropped from the status log, so more lines are read than are shown.
+_LOG_SCAN_LINES = 400
 
 
 def run_dir(settings: Settings, run_id: str) -> Path:
@@ -80,7 +83,9 @@ def build_status(settings: Settings, run: Run, *, logs: list[str] | None = None)
     return RunStatusOut(
         run_id=run.id,
         status=run.status,  # type: ignore[arg-type]
-        logs=logs if logs is not None else tail_lines(folder.log, STATUS_LOG_LINES),
+        logs=trainer_lines(
+            logs if logs is not None else tail_lines(folder.log, _LOG_SCAN_LINES), STATUS_LOG_LINES
+        ),
         progress=progress,
         outputs=outputs_of(folder, run.output_name, final_epoch),
         error=run.error,

@@ -209,3 +209,15 @@ def test_put_caption_traversal_names_never_write(
 def test_put_caption_bounds_its_size(api: TestClient, cats: Path) -> None:
     response = api.put("/datasets/cats/captions/image1.jpg", json={"caption": "x" * 10_001})
     assert response.status_code == 422
+
+
+def test_images_filter_captions_only_the_named_images(api: TestClient, cats: Path) -> None:
+    body = {"output_name": "cats", "trigger_word": "photo", "images": ["image2.jpg"], **FAST}
+    response = api.post("/caption-images", json=body)
+    assert response.status_code == 200, response.text
+    assert list(response.json()["captions"]) == ["image2.jpg"]
+    assert (cats / "image2.txt").is_file() and not (cats / "image1.txt").exists()
+    missing = api.post("/caption-images", json={**body, "images": ["nope.jpg"]})
+    assert missing.status_code == 404 and "nope.jpg" in missing.json()["detail"]
+    assert api.post("/caption-images", json={**body, "images": ["../x.jpg"]}).status_code == 422
+    assert api.post("/caption-images", json={**body, "images": []}).status_code == 422

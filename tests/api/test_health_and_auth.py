@@ -12,13 +12,13 @@ from fluxtrain.settings import Settings
 def test_health_is_open(client: TestClient) -> None:
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json() == {"status": "ok", "api_key": "none"}
 
 
 def test_openapi_and_docs_stay_open_with_a_key(settings: Settings) -> None:
     settings.api_key = SecretStr("s3cret")
     with TestClient(create_app(settings)) as client:
-        assert client.get("/health").status_code == 200
+        assert client.get("/health").json() == {"status": "ok", "api_key": "required"}
         assert client.get("/openapi.json").status_code == 200
         assert client.get("/docs").status_code == 200
 

@@ -19,6 +19,7 @@ from fluxtrain.api.schemas.datasets import (
 from fluxtrain.datasets.catalog import describe_dataset, summarize_datasets
 from fluxtrain.datasets.ingest import add_uploads, download_images
 from fluxtrain.datasets.store import delete_dataset
+from fluxtrain.datasets.thumbnails import drop_thumbnails
 from fluxtrain.errors import TooLargeError
 
 router = APIRouter(tags=["datasets"])
@@ -74,4 +75,5 @@ def get_dataset_route(name: str, settings: SettingsDep) -> DatasetDetail:
 def delete_dataset_route(name: str, settings: SettingsDep) -> DatasetDeleted:
     """Remove the dataset folder with its images, captions and manifest."""
     delete_dataset(settings, name)
+    drop_thumbnails(settings=settings, name=name)
     return DatasetDeleted(name=name)

@@ -1,0 +1,71 @@
+"""Small JPEG previews of dataset images, made once and cached under `$DATA_ROOT/thumbnails/`.
+
+The cache sits outside `datasets/` so a dataset folder keeps holding only images, captions and
+the manifest. A thumbnail's name carries the image's size and modification time, so a replaced
+image never shows its old preview.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from fluxtrain.datasets.store import dataset_dir, list_images
+from fluxtrain.errors import NotFoundError
+from fluxtrain.fsutil import atomic_write_bytes
+from fluxtrain.names import safe_join
+from fluxtrain.settings import Settings
+
+THUMBNAIL_SIDE = 256
+THUMBNAIL_QUALITY = 80
+THUMBNAILS_DIR = "thumbnails"
+
+
+def thumbnails_dir(settings: Settings, name: str) -> Path:
+    return safe_join(settings.data_root / THUMBNAILS_DIR, name, what="dataset name")
+
+
+def dataset_image(settings: Settings, name: str, image: str) -> Path:
+    """The path of one image of a dataset; 404 when the dataset has no such image."""
+    folder = dataset_dir(settings, name)
+    path = safe_join(folder, image, what="image name")
+    if path not in list_images(folder):
+        raise NotFoundError(f"dataset '{name}' has no image named '{image}'")
+    return path
+
+
+def _render(image: Path) -> bytes:
+    with Image.open(image) as source:
+        source.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        preview = source.convert("RGB")
+    preview.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    preview.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return buffer.getvalue()
+
+
+def thumbnail(*, settings: Settings, name: str, image: str) -> Path:
+    """The cached preview of one image (at most THUMBNAIL_SIDE px a side), made on first use."""
+    path = dataset_image(settings, name, image)
+    stat = path.stat()
+    cached = thumbnails_dir(settings, name) / f"{path.stem}.{stat.st_size}-{stat.st_mtime_ns}.jpg"
+    if not cached.is_file():
+        drop_thumbnails(settings=settings, name=name, image=image)
+        atomic_write_bytes(cached, _render(path))
+    return cached
+
+
+def drop_thumbnails(*, settings: Settings, name: str, image: str | None = None) -> None:
+    """Forget the cached previews of one image, or of the whole dataset when `image` is None."""
+    folder = thumbnails_dir(settings, name)
+    if image is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    stem = Path(image).stem
+    if folder.is_dir():
+        for old in folder.glob(f"{stem}.*.jpg"):
+            if old.name.removeprefix(f"{stem}.").count(".") == 1:
+                old.unlink(missing_ok=True)
