@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # a multi-GB CUDA build. The package itself only asks for torch>=2.5.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install install-test run test lint clean
+.PHONY: install install-test run demo test lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -29,6 +29,10 @@ install-test: $(VENV)/.installed-test
 
 run: install
 	$(BIN)/fluxtrain serve
+
+# URLs to a LoRA on tiny models, through the HTTP API, in under two minutes on a laptop CPU.
+demo: install
+	$(BIN)/fluxtrain demo
 
 test: install-test
 	$(BIN)/pytest -q

@@ -21,16 +21,23 @@ def serve(
     import uvicorn
 
     from fluxtrain.api.app import create_app
+    from fluxtrain.errors import UnavailableError
+    from fluxtrain.runs.db import get_database
     from fluxtrain.settings import get_settings
 
     settings = get_settings()
+    try:
+        get_database(settings)
+    except UnavailableError as exc:
+        typer.echo(f"fluxtrain serve: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port)
 
 
 def _register_commands() -> None:
-    from fluxtrain.cli import captions, dataset_config, datasets, dev, runs
+    from fluxtrain.cli import captions, dataset_config, datasets, demo, dev, runs
 
-    for module in (datasets, dataset_config, captions, runs, dev):
+    for module in (datasets, dataset_config, captions, runs, dev, demo):
         module.register(app)
 
 
