@@ -10,6 +10,8 @@ looked up with `find`. A launch that fails with `UnavailableError`, `ConnectionE
 `TimeoutError` is taken as transient and tried again later; any other error fails the run.
 `slots()` returning None means the backend queues by itself (Ray's scheduler): the executor then
 submits every queued run at once instead of waiting for local GPUs.
+A launched trainer the backend has not started yet (a Ray job waiting for a GPU) polls as
+WAITING with the backend's message: the run shows as queued with that message until it starts.
 Finished uploads: write `RUN_DIR/uploads.json` ({"output/<file>": "s3://...", ...}, atomically);
 the status object shows those URLs in `outputs[].url`.
 """
@@ -23,6 +25,8 @@ from typing import Protocol
 
 
 class ProcessState(enum.Enum):
+    WAITING = "waiting"
+    """Accepted but not started: the backend waits for resources (a Ray job PENDING)."""
     RUNNING = "running"
     EXITED = "exited"
 
@@ -32,6 +36,9 @@ class PollResult:
     state: ProcessState
     returncode: int | None = None
     """Exit status when the backend knows it (its own child, a Ray job); None when it does not."""
+    message: str | None = None
+    """WAITING: what it waits for, in the backend's own words. EXITED: set only when the backend
+    itself ended the trainer (it waited too long), and then the reason the run fails with."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class TrainerBackend(Protocol):
         ...
 
     def poll(self, ref: str, run_dir: Path) -> PollResult:
-        """Whether the trainer behind `ref` still runs."""
+        """Whether the trainer behind `ref` still waits to start, runs, or has ended."""
         ...
 
     def cancel(self, ref: str, run_dir: Path, *, force: bool) -> None:
