@@ -117,6 +117,7 @@ class ServiceProcess:
         return env
 
     def start(self) -> None:
+        """Spawn the service; `wait_ready` then waits for it, so its start-up overlaps other work."""
         command = [sys.executable, "-m", "uvicorn", "--factory", "fluxtrain.api.app:create_app"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -127,6 +128,9 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def wait_ready(self) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + SERVICE_START_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -199,11 +203,12 @@ class Demo:
     def run(self) -> DemoResult:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.step(f"Data folder: {self.data_dir}")
+        self.service.start()
         self.build_models()
         names = write_images(self.data_dir / "www")
         with image_server(self.data_dir / "www") as images:
             self.step(f"Image server on {images} with {len(names)} URLs (one of them is not an image)")
-            self.service.start()
+            self.service.wait_ready()
             self.step(f"Service up on {self.service.url} (log: {self.service.log_path})")
             with httpx.Client(base_url=self.service.url, timeout=httpx.Timeout(10, read=300)) as client:
                 return self.drive(client, [f"{images}/{name}" for name in names])
