@@ -162,7 +162,6 @@ class DemoResult:
     run_id: str
     lora: Path
     samples: list[Path]
-    wall_s: float
 
 
 class Demo:
@@ -279,7 +278,7 @@ class Demo:
         for sample in samples:
             self.note(f"sample image: {sample}")
         self.note(f"download: GET {self.service.url}/runs/{run_id}/artifacts/{final.name}")
-        return DemoResult(run_id, final, samples, time.monotonic() - self.started)
+        return DemoResult(run_id, final, samples)
 
     def cancel_unfinished(self) -> None:
         """Cancel the demo's run when the demo is interrupted, so no trainer outlives it."""

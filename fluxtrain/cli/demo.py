@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import typer
@@ -25,15 +26,12 @@ def demo(
     console = Console(soft_wrap=True)
     folder = data_dir or Path(tempfile.mkdtemp(prefix="fluxtrain-demo-"))
     session = Demo(data_dir=folder, console=console)
+    result = None
     try:
         result = session.run()
-        verdict = "[green]within[/]" if result.wall_s <= BUDGET_S else "[red]over[/]"
-        console.print(
-            f"[bold]Time budget: {result.wall_s:.1f} s of {BUDGET_S:.0f} s ({verdict} budget)[/]",
-            highlight=False,
-        )
         console.print(f"[bold]LoRA:[/] {result.lora}", highlight=False)
         if keep_serving:
+            _report_budget(console, BUDGET_S, "until the LoRA was written")
             console.print(
                 f"Serving on {session.service.url} (API page: {session.service.url}/docs, "
                 f"run: {session.service.url}/status/{result.run_id}); Ctrl-C stops it.",
@@ -49,6 +47,19 @@ def demo(
         session.cancel_unfinished()
         session.service.stop()
     console.print(f"Stopped the service; every file stays under {session.data_dir}", highlight=False)
+    if result is not None and not keep_serving:
+        _report_budget(console, BUDGET_S, "start-up and shutdown included")
+
+
+def _report_budget(console: Console, budget_s: float, scope: str) -> None:
+    """Wall time since this process started (so interpreter start-up and imports count too)."""
+    import psutil
+
+    wall = time.time() - psutil.Process().create_time()
+    verdict = "[green]within[/]" if wall <= budget_s else "[red]over[/]"
+    console.print(
+        f"[bold]Time budget: {wall:.1f} s of {budget_s:.0f} s ({verdict} budget; {scope})[/]", highlight=False
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -22,8 +22,10 @@ def test_demo_trains_a_lora_reports_its_time_budget_and_stops_everything(tmp_pat
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
 
-    budget = re.search(r"Time budget: (\d+\.\d) s of 120 s \((within|over) budget\)", output)
+    budget = re.search(r"Time budget: (\d+\.\d) s of 120 s \((within|over) budget; (.+)\)$", output, re.M)
     assert budget is not None, output
+    assert budget[3] == "start-up and shutdown included" and float(budget[1]) > 0
+    assert (float(budget[1]) <= 120) is (budget[2] == "within")
     lora = Path(re.search(r"^LoRA: (.+)$", output, re.MULTILINE)[1])  # type: ignore[index]
     assert lora.is_file() and lora.is_relative_to(data)
     assert lora.name == "demo.safetensors"
