@@ -95,7 +95,7 @@ def image() -> Iterator[dict]:
     wheel = torch_wheel()
     spec = "torch==" + wheel.name.split("-")[1]
     buildah(
-        "bud", "--isolation", "chroot", "--format", "docker", "--pull=never", "--force-rm",
+        "bud", "--isolation", "chroot", "--format", "docker", "--pull=never",
         "--volume", f"{wheel.parent}:/wheels:ro", "--volume", f"{HOST_CA}:/run/host-ca.crt:ro",
         "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", f"TORCH_SPEC={spec}",
         "--build-arg", "TORCH_FIND_LINKS=/wheels", "--build-arg", "EXTRAS=cloud",
