@@ -484,7 +484,8 @@ def test_running_job_log_is_mirrored_into_train_log(
         log_file = spec.run_dir / "train.log"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert backend.poll(ref, spec.run_dir).state is ProcessState.RUNNING
+            # WAITING for the first moments (Ray sets the job's runtime environment up), then RUNNING.
+            assert backend.poll(ref, spec.run_dir).state is not ProcessState.EXITED
             if log_file.is_file() and "trainer started in mode sleep" in log_file.read_text():
                 break
             time.sleep(0.5)
