@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # a multi-GB CUDA build. The package itself only asks for torch>=2.5.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install install-test run test lint gpu-check gpu-check-cpu clean
+.PHONY: install install-ray install-test run demo test test-container lint gpu-check gpu-check-cpu clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -16,7 +16,12 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[cloud]'
+	touch $@
+
+# Ray stays optional: FLUXTRAIN_EXECUTOR=ray needs it, nothing else does.
+$(VENV)/.installed-ray: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e '.[cloud,ray]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
@@ -25,13 +30,24 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 
 install: $(VENV)/.installed
 
+install-ray: $(VENV)/.installed-ray
+
 install-test: $(VENV)/.installed-test
 
 run: install
 	$(BIN)/fluxtrain serve
 
+# URLs to a LoRA on tiny models, through the HTTP API, in under two minutes on a laptop CPU.
+demo: install
+	$(BIN)/fluxtrain demo
+
 test: install-test
 	$(BIN)/pytest -q
+
+# Builds the Dockerfile with buildah over a debootstrapped Debian (cached in
+# /var/cache/fluxtrain-test) and smoke-tests the image; needs root, buildah and debootstrap.
+test-container: install-test
+	FLUXTRAIN_TEST_CONTAINER=1 $(BIN)/pytest -q tests/container
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     storage_url: str | None = None
     cancel_grace_seconds: float = Field(60.0, gt=0, description="SIGTERM to SIGKILL delay on cancel.")
+    ray_pending_timeout: float = Field(
+        1800.0, ge=0, description="Seconds a Ray job may stay PENDING before its run fails; 0 waits for ever."
+    )
 
     @field_validator("allow_networks", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from fluxtrain.errors import (
     ConflictError,
@@ -52,6 +53,16 @@ async def _handle_validation(_: Request, exc: Exception) -> JSONResponse:
     return AsciiJSONResponse(status_code=422, content={"detail": jsonable_encoder(exc.errors())})
 
 
+async def _handle_database_down(_: Request, exc: Exception) -> JSONResponse:
+    """The run database stopped answering (a PostgreSQL restart, a network cut): retry later, not a 500."""
+    from fluxtrain.runs.db import unreachable_reason
+
+    detail = f"the run database is unreachable right now, try again shortly: {unreachable_reason(exc)}"
+    return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": "5"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(FluxtrainError, _handle)
+    app.add_exception_handler(OperationalError, _handle_database_down)
+    app.add_exception_handler(InterfaceError, _handle_database_down)
     app.add_exception_handler(RequestValidationError, _handle_validation)

@@ -16,21 +16,37 @@ app = typer.Typer(
 def serve(
     host: str | None = typer.Option(None, help="Address to bind (default FLUXTRAIN_HOST, 127.0.0.1)."),
     port: int | None = typer.Option(None, help="Port to listen on (default PORT, 8000)."),
+    reload: bool = typer.Option(False, help="Restart when a file of the package changes (development)."),
 ) -> None:
     """Run the HTTP service on embedded defaults: SQLite, a local data folder."""
+    from pathlib import Path
+
     import uvicorn
 
+    import fluxtrain
     from fluxtrain.api.app import create_app
+    from fluxtrain.errors import UnavailableError
+    from fluxtrain.runs.db import get_database
     from fluxtrain.settings import get_settings
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port)
+    try:
+        get_database(settings)
+    except UnavailableError as exc:
+        typer.echo(f"fluxtrain serve: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    bind = {"host": host or settings.host, "port": port or settings.port}
+    if reload:
+        watched = [str(Path(fluxtrain.__file__).parent)]
+        uvicorn.run("fluxtrain.api.app:create_app", factory=True, reload=True, reload_dirs=watched, **bind)
+    else:
+        uvicorn.run(create_app(settings), **bind)
 
 
 def _register_commands() -> None:
-    from fluxtrain.cli import captions, dataset_config, datasets, dev, runs
+    from fluxtrain.cli import captions, dataset_config, datasets, demo, dev, runs
 
-    for module in (datasets, dataset_config, captions, runs, dev):
+    for module in (datasets, dataset_config, captions, runs, dev, demo):
         module.register(app)
 
 

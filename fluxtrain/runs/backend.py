@@ -7,6 +7,8 @@ service died between launching and storing it) is looked up with `find`. A launc
 with `UnavailableError`, `ConnectionError` or `TimeoutError` is taken as transient and tried
 again later; any other error fails the run. `slots()` returning None means the backend queues by
 itself (Ray's scheduler): the executor then submits every queued run at once.
+A launched trainer the backend has not started yet (a Ray job waiting for a GPU) polls as
+WAITING with the backend's message: the run shows as queued with that message until it starts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Protocol
 
 
 class ProcessState(enum.Enum):
+    WAITING = "waiting"
+    """Accepted but not started: the backend waits for resources (a Ray job PENDING)."""
     RUNNING = "running"
     EXITED = "exited"
 
@@ -27,6 +31,9 @@ class PollResult:
     state: ProcessState
     returncode: int | None = None
     """Exit status when the backend knows it (its own child, a Ray job); None when it does not."""
+    message: str | None = None
+    """WAITING: what it waits for, in the backend's own words. EXITED: set only when the backend
+    itself ended the trainer (it waited too long), and then the reason the run fails with."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class TrainerBackend(Protocol):
         ...
 
     def poll(self, ref: str, run_dir: Path) -> PollResult:
-        """Whether the trainer behind `ref` still runs."""
+        """Whether the trainer behind `ref` still waits to start, runs, or has ended."""
         ...
 
     def cancel(self, ref: str, run_dir: Path, *, force: bool) -> None:

@@ -12,8 +12,11 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from fluxtrain.errors import UnavailableError
 from fluxtrain.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -65,6 +68,13 @@ _databases: dict[str, Database] = {}
 _lock = threading.Lock()
 
 
+def unreachable_reason(exc: Exception) -> str:
+    """The driver's own first line of a connection failure (never the password, which is not in it)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
 def get_database(settings: Settings) -> Database:
     """The process-wide database for the settings' URL, migrated on first use."""
     url = settings.resolved_database_url
@@ -72,7 +82,14 @@ def get_database(settings: Settings) -> Database:
         database = _databases.get(url)
         if database is None:
             engine = make_engine(url)
-            upgrade(engine)
+            try:
+                upgrade(engine)
+            except (OperationalError, InterfaceError) as exc:
+                engine.dispose()
+                shown = make_url(url).render_as_string(hide_password=True)
+                reason = unreachable_reason(exc)
+                message = f"cannot reach the database at {shown} (FLUXTRAIN_DATABASE_URL): {reason}"
+                raise UnavailableError(message) from exc
             database = Database(engine, sessionmaker(engine, expire_on_commit=False))
             _databases[url] = database
         return database

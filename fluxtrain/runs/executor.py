@@ -2,6 +2,8 @@
 
 It runs in one thread of one process (whoever holds the database lease) and keeps nothing a
 restart could lose: every decision is read back from the run table and the run directory.
+A run the backend accepted but holds (WAITING: a Ray job with no free GPU) keeps the backend's
+message in the row, is shown queued, and counts as started only once the backend starts it.
 On taking the lease it looks at every run marked running: a live trainer is adopted; a dead
 one that ended while nobody watched is settled from what it left behind, and one killed with
 the service is resumed from its saved state (or failed when it saved none). A run whose trainer
@@ -157,8 +159,8 @@ class Executor:
                 self._recover_unsaved(run, folder)
                 continue
             result = self.backend.poll(run.backend_ref, folder)
-            if result.state is ProcessState.RUNNING:
-                log.info("adopted run %s (still running)", run.id)
+            if result.state is not ProcessState.EXITED:
+                log.info("adopted run %s (still %s)", run.id, result.state.value)
             else:
                 self._settle(run, result, lost=True)
 
@@ -183,7 +185,7 @@ class Executor:
             session.execute(
                 update(Run)
                 .where(Run.id == run.id, Run.status == "running")
-                .values(status="queued", backend_ref=None, gpu_ids=None, **values)
+                .values(status="queued", backend_ref=None, gpu_ids=None, backend_waiting=None, **values)
             )
 
     def _watch(self) -> None:
@@ -198,12 +200,26 @@ class Executor:
             if result.state is ProcessState.EXITED:
                 self._settle(run, result, lost=False)
                 continue
+            self._note_start(run, result)
             if run.cancel_requested_at is not None:
                 if run.id not in self._terminated:
                     self.backend.cancel(run.backend_ref, folder, force=False)
                     self._terminated.add(run.id)
                 elif time.time() - run.cancel_requested_at > self.cancel_grace:
                     self.backend.cancel(run.backend_ref, folder, force=True)
+
+    def _note_start(self, run: Run, result: PollResult) -> None:
+        """Keep the backend's waiting message in the row; stamp `started_at` once the trainer runs."""
+        waiting = None
+        if result.state is ProcessState.WAITING:
+            waiting = result.message or "waiting for the backend to start the trainer"
+        if waiting == run.backend_waiting and (waiting is not None or run.started_at is not None):
+            return
+        values: dict[str, object] = {"backend_waiting": waiting}
+        if waiting is None:
+            values["started_at"] = run.started_at or utcnow()
+        with self.db.session() as session:
+            session.execute(update(Run).where(Run.id == run.id, Run.status == "running").values(**values))
 
     def _log_tail(self, run: Run, folder: Path) -> list[str]:
         return self.backend.logs(run.backend_ref, folder, tail=ERROR_LOG_LINES)
@@ -219,6 +235,8 @@ class Executor:
         has_final = RunDir(folder).checkpoint(run.output_name, None).is_file()
         if run.cancel_requested_at is not None:
             self._complete(run, "canceled", None)
+        elif result.message is not None:
+            self._complete(run, "failed", self._error(run, folder, result.message, None))
         elif kind == "interrupted" and not has_final:
             self._resume(run, folder, "the trainer was interrupted")
         elif code not in (None, 0):
@@ -290,7 +308,7 @@ class Executor:
             session.execute(
                 update(Run)
                 .where(Run.id == run.id, Run.status == "running")
-                .values(status=status, error=error, finished_at=utcnow())
+                .values(status=status, error=error, finished_at=utcnow(), backend_waiting=None)
             )
         log.info("run %s %s", run.id, status)
 
@@ -328,7 +346,6 @@ class Executor:
                     .values(
                         status="running",
                         gpu_ids=",".join(slots) or None,
-                        started_at=run.started_at or utcnow(),
                         attempts=run.attempts + 1,
                         backend=self.backend.name,
                         backend_ref=None,
@@ -360,6 +377,11 @@ class Executor:
                 .where(Run.id == run.id)
                 .values(backend_ref=ref, launch_retry_at=None, launch_failing_since=None, launch_error=None)
             )
+        try:
+            first = self.backend.poll(ref, folder)
+        except TRANSIENT_LAUNCH_ERRORS:
+            first = PollResult(ProcessState.RUNNING)
+        self._note_start(run, first)
         log.info("started run %s (attempt %d)", run.id, run.attempts + 1)
 
     def _launch_later(self, run: Run, exc: BaseException) -> None:

@@ -9,8 +9,11 @@ sets `CUDA_VISIBLE_DEVICES`. Run directories must be on a mount every node sees 
 
 The reference handed to the executor is the submission id, so a restarted service finds the job
 again, and launching a run whose job is still alive re-attaches instead of submitting twice.
-Status maps onto the job's own: PENDING and RUNNING are running; SUCCEEDED exits 0 (the executor
-then checks the final LoRA); FAILED exits with the driver's code; STOPPED counts as SIGTERM.
+Status maps onto the job's own: PENDING is waiting (the run shows as queued, with Ray's message:
+no free GPU, a runtime environment being set up) and RUNNING is running; SUCCEEDED exits 0 (the
+executor then checks the final LoRA); FAILED exits with the driver's code; STOPPED counts as
+SIGTERM. A job PENDING longer than FLUXTRAIN_RAY_PENDING_TIMEOUT seconds (0: no limit) is stopped
+and its run fails with the reason.
 When a job ends its log is copied to the run directory's log file, so it outlives the cluster's history.
 `FLUXTRAIN_GPUS` set to an empty value runs every job on CPU workers (the tiny demo).
 """
@@ -65,6 +68,11 @@ def _stop_marker(run_dir: Path, ref: str) -> Path:
     return run_dir / f".ray-stop-{ref}"
 
 
+def _timeout_marker(run_dir: Path, ref: str) -> Path:
+    """Holds the reason a job was stopped for waiting too long, so every later poll reports it."""
+    return run_dir / f".ray-pending-timeout-{ref}"
+
+
 def _missing(exc: Exception) -> bool:
     return isinstance(exc, RuntimeError) and "status code 404" in str(exc)
 
@@ -100,6 +108,7 @@ class RayBackend:
         # Ray reads its SIGTERM -> SIGKILL wait as whole seconds.
         grace = settings.cancel_grace_seconds if stop_grace_s is None else stop_grace_s
         self.stop_grace_s = max(1, math.ceil(grace))
+        self.pending_timeout_s = settings.ray_pending_timeout
         self.entry = entry
         self._client: JobSubmissionClient | None = None
         self._lock = threading.Lock()
@@ -159,13 +168,16 @@ class RayBackend:
                     log.info("run %s: re-attached to live Ray job %s", spec.run_id, submission_id)
                     return submission_id
                 continue
+            gpus = 0 if self.cpu_only else spec.num_gpus
+            # Job details do not echo the entry point's resources: the metadata keeps the GPU count.
+            metadata = {"fluxtrain_run_id": spec.run_id, "run_dir": str(spec.run_dir), "num_gpus": str(gpus)}
             try:
                 self.client.submit_job(
                     entrypoint=self.command(spec),
                     submission_id=submission_id,
-                    entrypoint_num_gpus=0 if self.cpu_only else spec.num_gpus,
+                    entrypoint_num_gpus=gpus,
                     runtime_env=self.runtime_env(),
-                    metadata={"fluxtrain_run_id": spec.run_id, "run_dir": str(spec.run_dir)},
+                    metadata=metadata,
                 )
             except Exception as exc:
                 if "already exists" in str(exc):
@@ -192,8 +204,13 @@ class RayBackend:
         if info is None:
             return PollResult(ProcessState.EXITED)
         status = JobStatus(info.status)
+        timed_out = _timeout_marker(run_dir, ref)
+        if timed_out.is_file():
+            return PollResult(ProcessState.EXITED, message=timed_out.read_text(encoding="utf-8").strip())
         if status is JobStatus.PENDING and _stop_marker(run_dir, ref).exists():
             return PollResult(ProcessState.EXITED, -signal.SIGTERM)
+        if status is JobStatus.PENDING:
+            return self._pending(ref, run_dir, info)
         if not status.is_terminal():
             if time.monotonic() - self._mirrored_at.get(ref, 0.0) >= LOG_MIRROR_SECONDS:
                 self._mirrored_at[ref] = time.monotonic()
@@ -207,6 +224,28 @@ class RayBackend:
             return PollResult(ProcessState.EXITED, -signal.SIGTERM)
         code = info.driver_exit_code
         return PollResult(ProcessState.EXITED, code if code not in (None, 0) else 1)
+
+    def _pending(self, ref: str, run_dir: Path, info: JobDetails) -> PollResult:
+        """A job Ray has not started: waiting with Ray's own message, or stopped once it waited too long."""
+        gpus = (info.metadata or {}).get("num_gpus", "0")
+        asks = f"it asks for {gpus} GPU{'' if gpus == '1' else 's'}" if gpus != "0" else "it asks for no GPU"
+        reason = f"the Ray job {ref} is pending ({asks}): {info.message or 'Job has not started yet.'}"
+        waited = time.time() - (info.start_time or 0) / 1000 if info.start_time else 0.0
+        if not self.pending_timeout_s or waited <= self.pending_timeout_s:
+            return PollResult(ProcessState.WAITING, message=reason)
+        failure = (
+            f"{reason} It waited {waited:.0f} s, longer than FLUXTRAIN_RAY_PENDING_TIMEOUT "
+            f"({self.pending_timeout_s:g} s), and was stopped."
+        )
+        try:
+            self.client.stop_job(ref)
+        except Exception as exc:
+            if not _missing(exc):
+                raise UnavailableError(f"Ray could not stop job {ref}: {exc}") from exc
+        if run_dir.is_dir():
+            atomic_write_text(_timeout_marker(run_dir, ref), failure + "\n")
+        log.warning("run of Ray job %s: %s", ref, failure)
+        return PollResult(ProcessState.EXITED, message=failure)
 
     def _job_lines(self, ref: str, info: JobDetails) -> list[str]:
         lines = self.client.get_job_logs(ref).splitlines()

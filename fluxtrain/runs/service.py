@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fluxtrain.dataset_config.service import dataset_config_path
@@ -159,7 +159,13 @@ def list_runs(*, db: Database, status: str | None = None, limit: int = 100) -> l
         raise InvalidInputError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
     query = select(Run).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)
     if status is not None:
-        query = query.where(Run.status == status)
+        # As /status shows them: a run its backend holds unstarted (a Ray job PENDING) is queued.
+        held = and_(Run.status == "running", Run.backend_waiting.is_not(None))
+        shown = {
+            "queued": or_(Run.status == "queued", held),
+            "running": and_(Run.status == "running", Run.backend_waiting.is_(None)),
+        }
+        query = query.where(shown.get(status, Run.status == status))
     with db.session() as session:
         return list(session.scalars(query))
 

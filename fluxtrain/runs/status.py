@@ -63,8 +63,15 @@ def outputs_of(run: RunDir, output_name: str, final_epoch: int | None) -> list[O
     return files
 
 
+def shown_status(run: Run) -> str:
+    """The status the API gives: a run the backend holds unstarted (a Ray job PENDING) is queued."""
+    return "queued" if run.status == "running" and run.backend_waiting is not None else run.status
+
+
 def _waiting(run: Run) -> str | None:
-    """Why a queued run waits, while a retry of its failed launch is still ahead."""
+    """Why a queued run waits: the backend's own message, or a retry of its failed launch ahead."""
+    if run.backend_waiting is not None and run.status == "running":
+        return run.backend_waiting
     if run.status != "queued" or run.launch_error is None or run.launch_retry_at is None:
         return None
     if run.launch_retry_at <= time.time():
@@ -82,7 +89,7 @@ def build_status(settings: Settings, run: Run, *, logs: list[str] | None = None)
     final_epoch = _number(finished, "epoch") or progress.total_epochs or progress.epoch or None
     return RunStatusOut(
         run_id=run.id,
-        status=run.status,  # type: ignore[arg-type]
+        status=shown_status(run),  # type: ignore[arg-type]
         logs=trainer_lines(
             logs if logs is not None else tail_lines(folder.log, _LOG_SCAN_LINES), STATUS_LOG_LINES
         ),

@@ -67,6 +67,9 @@ class Run(Base):
     """Unix time of the first transient launch failure in a row; launches give up after a while."""
     launch_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     """The last transient launch failure in a row, shown by /status while the run waits."""
+    backend_waiting: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Why the backend holds a launched run before starting it (Ray's own words); None once it runs.
+    The API shows such a run as queued, with this as its `waiting`."""
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     webhook_started: Mapped[str | None] = mapped_column(String(16), nullable=True)

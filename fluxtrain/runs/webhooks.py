@@ -66,7 +66,12 @@ def post_status(url: str, body: str, settings: Settings, *, timeout: float = WEB
 
 
 def _owed() -> object:
-    started = and_(Run.webhook_started.is_(None), Run.status == "running", Run.backend_ref.is_not(None))
+    started = and_(
+        Run.webhook_started.is_(None),
+        Run.status == "running",
+        Run.backend_ref.is_not(None),
+        Run.backend_waiting.is_(None),
+    )
     ended = and_(Run.webhook_ended.is_(None), Run.status.in_(TERMINAL_STATUSES))
     return and_(Run.webhook.is_not(None), or_(started, ended))
 

@@ -27,6 +27,10 @@ TINY_TEXT_DIM = 32
 TINY_HEAD_DIM = 16
 TINY_HEADS = 2
 LATENT_CHANNELS = 16
+TINY_VAE_CHANNELS = (16, 32, 32, 32)
+"""Four levels like FLUX's autoencoder (three downsamplings: 8x), so a tiny model sees the real
+model's token counts: a 512 px image is 64x64 latents, 32x32 = 1,024 tokens after 2x2 packing."""
+TINY_VAE_GROUPS = 16
 
 CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 _CLIP_MERGES = ("t h", "th e</w>", "a n", "an d</w>", "o n", "i n", "e r", "o f</w>")
@@ -85,16 +89,17 @@ def tiny_transformer_config(*, guidance: bool = True) -> dict:
 
 
 def tiny_vae_config() -> dict:
-    """AutoencoderKL kwargs of the tiny FLUX-like autoencoder (16 latent channels, no quant convs)."""
+    """AutoencoderKL kwargs of the tiny FLUX-like autoencoder: 8x downsampling and 16 latent channels
+    like the real one, no quant convs, toy widths."""
     return {
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 2,
-        "up_block_types": ["UpDecoderBlock2D"] * 2,
-        "block_out_channels": [32, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * len(TINY_VAE_CHANNELS),
+        "up_block_types": ["UpDecoderBlock2D"] * len(TINY_VAE_CHANNELS),
+        "block_out_channels": list(TINY_VAE_CHANNELS),
         "layers_per_block": 1,
         "latent_channels": LATENT_CHANNELS,
-        "norm_num_groups": 32,
+        "norm_num_groups": TINY_VAE_GROUPS,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
         "scaling_factor": 0.3611,

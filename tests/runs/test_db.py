@@ -26,4 +26,4 @@ def test_upgrade_is_idempotent(tmp_path: Path) -> None:
     upgrade(engine)
     upgrade(engine)
     with engine.connect() as connection:
-        assert MigrationContext.configure(connection).get_current_revision() == "0004"
+        assert MigrationContext.configure(connection).get_current_revision() == "0005"

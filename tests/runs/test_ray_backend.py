@@ -28,6 +28,8 @@ from fluxtrain.runs.backend import LaunchSpec, ProcessState  # noqa: E402
 from fluxtrain.runs.db import Database  # noqa: E402
 from fluxtrain.runs.executor import Executor  # noqa: E402
 from fluxtrain.runs.ray_backend import RayBackend, submission_ids  # noqa: E402
+from fluxtrain.runs.service import cancel_run, get_run, list_runs  # noqa: E402
+from fluxtrain.runs.status import build_status  # noqa: E402
 from fluxtrain.runs.table import Run  # noqa: E402
 from fluxtrain.settings import Settings  # noqa: E402
 from tests.training import helpers_runs as helpers  # noqa: E402
@@ -229,7 +231,7 @@ def test_job_runs_to_success_with_logs_and_a_kept_log_copy(
     info = JobSubmissionClient(ray_address).get_job_info(ref)
     assert info.status == JobStatus.SUCCEEDED
     assert info.entrypoint == backend.command(spec)
-    assert info.metadata == {"fluxtrain_run_id": "run-ok", "run_dir": str(spec.run_dir)}
+    assert info.metadata == {"fluxtrain_run_id": "run-ok", "run_dir": str(spec.run_dir), "num_gpus": "0"}
     assert (spec.run_dir / "seen-env.txt").read_text() == f"cwd={spec.run_dir} unbuffered=1 grace=7"
     assert backend.logs(ref, spec.run_dir, tail=2)[-1] == "trainer done"
     assert "trainer started in mode ok" in (spec.run_dir / "train.log").read_text()
@@ -286,11 +288,76 @@ def test_gpu_run_waits_in_rays_queue_until_canceled(
     assert "--num_processes 2 --multi_gpu" in client.get_job_info(ref).entrypoint
     time.sleep(1.0)
     assert client.get_job_status(ref) == JobStatus.PENDING, "no node has 2 GPUs, so Ray holds the job"
-    assert backend.poll(ref, spec.run_dir).state is ProcessState.RUNNING
+    waiting = backend.poll(ref, spec.run_dir)
+    assert waiting.state is ProcessState.WAITING
+    assert waiting.message is not None and waiting.message.startswith(
+        f"the Ray job {ref} is pending (it asks for 2 GPUs): Job has not started yet."
+    )
+    assert "waiting for resources" in waiting.message
     backend.cancel(ref, spec.run_dir, force=False)
     result = backend.poll(ref, spec.run_dir)
     assert (result.state, result.returncode) == (ProcessState.EXITED, -signal.SIGTERM)
     assert not (spec.run_dir / "seen-env.txt").exists(), "the trainer never started"
+
+
+def _ray_executor(settings: Settings, db: Database, ray_address: str, trainer: Path, **update: object):
+    configured = settings.model_copy(
+        update={"executor": "ray", "ray_address": ray_address, "gpus": "auto", **update}
+    )
+    backend = RayBackend(configured, entry=(str(trainer),))
+    return configured, Executor(settings=configured, db=db, backend=backend, poll_interval=0.05)
+
+
+def test_run_asking_a_gpuless_head_for_a_gpu_is_queued_with_rays_message_until_canceled(
+    run_settings: Settings,
+    db: Database,
+    ray_address: str,
+    fake_trainer: Path,
+    submit: Callable[..., Run],
+    drive: Callable[..., Run],
+) -> None:
+    configured, executor = _ray_executor(run_settings, db, ray_address, fake_trainer)
+    run = submit("demo", max_train_steps=3)
+    held = drive(executor, run.id, lambda r: r.backend_ref is not None)
+    ref = held.backend_ref
+    assert ref == f"fluxtrain-{run.id}"
+    time.sleep(1.5)
+    for _ in range(5):
+        executor.tick()
+    held = get_run(db=db, run_id=run.id)
+    status = build_status(configured, held)
+    assert status.status == "queued" and status.started_at is None
+    assert status.waiting is not None
+    assert status.waiting.startswith(f"the Ray job {ref} is pending (it asks for 1 GPU): ")
+    assert "waiting for resources (CPUs, GPUs, memory, custom resources)" in status.waiting
+    assert [r.id for r in list_runs(db=db, status="queued")] == [run.id]
+    assert list_runs(db=db, status="running") == []
+    client = JobSubmissionClient(ray_address)
+    assert client.get_job_status(ref) == JobStatus.PENDING
+
+    cancel_run(db=db, run_id=run.id)
+    done = drive(executor, run.id, lambda r: r.status not in ("queued", "running"), timeout=30)
+    assert done.status == "canceled" and done.started_at is None and done.backend_waiting is None
+    assert client.get_job_status(ref) in (JobStatus.PENDING, JobStatus.STOPPED), "never started"
+    assert not (configured.runs_dir / run.id / "events.jsonl").exists(), "the trainer never ran"
+
+
+def test_run_pending_longer_than_the_timeout_is_stopped_and_failed_with_the_reason(
+    run_settings: Settings,
+    db: Database,
+    ray_address: str,
+    fake_trainer: Path,
+    submit: Callable[..., Run],
+    drive: Callable[..., Run],
+) -> None:
+    configured, executor = _ray_executor(run_settings, db, ray_address, fake_trainer, ray_pending_timeout=2.0)
+    run = submit("demo", max_train_steps=3)
+    drive(executor, run.id, lambda r: r.backend_waiting is not None)
+    done = drive(executor, run.id, lambda r: r.status not in ("queued", "running"), timeout=30)
+    assert done.status == "failed" and done.started_at is None
+    assert done.error.startswith(f"the Ray job fluxtrain-{run.id} is pending (it asks for 1 GPU): ")
+    assert "longer than FLUXTRAIN_RAY_PENDING_TIMEOUT (2 s), and was stopped." in done.error
+    assert build_status(configured, done).waiting is None
 
 
 def test_unknown_job_counts_as_lost_and_logs_fall_back_to_the_run_dir(
@@ -417,7 +484,8 @@ def test_running_job_log_is_mirrored_into_train_log(
         log_file = spec.run_dir / "train.log"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert backend.poll(ref, spec.run_dir).state is ProcessState.RUNNING
+            # WAITING for the first moments (Ray sets the job's runtime environment up), then RUNNING.
+            assert backend.poll(ref, spec.run_dir).state is not ProcessState.EXITED
             if log_file.is_file() and "trainer started in mode sleep" in log_file.read_text():
                 break
             time.sleep(0.5)

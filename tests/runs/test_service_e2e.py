@@ -113,10 +113,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     write_tiny_flux_files(svc.settings.models_root)
     images = svc.settings.datasets_dir / "demo"
     images.mkdir(parents=True)
+    # 1024 px: 128x128 latents through the 8x autoencoder, 4,096 tokens, so a step takes long enough
+    # for a killed and restarted service to find the trainer still running.
     for index, colour in enumerate([(200, 30, 30), (30, 200, 60)]):
-        Image.new("RGB", (256, 256), colour).save(images / f"img{index}.jpg")
+        Image.new("RGB", (1024, 1024), colour).save(images / f"img{index}.jpg")
         (images / f"img{index}.txt").write_text(f"zqx, a plain colour {index}")
-    request = DatasetConfig(output_name="demo", trigger_word="zqx", num_repeats=1, resolution=256)
+    request = DatasetConfig(output_name="demo", trigger_word="zqx", num_repeats=1, resolution=1024)
     create_dataset_config(settings=svc.settings, request=request)
     broken = svc.settings.datasets_dir / "broken.toml"
     broken.write_text(

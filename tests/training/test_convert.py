@@ -87,7 +87,7 @@ def test_vae_round_trips_are_exact_and_match_diffusers_ldm_conversion(tiny_model
     _assert_same(diffusers_to_bfl_vae(diffusers_sd), bfl)
     _assert_same(diffusers_sd, convert_ldm_vae_checkpoint(dict(bfl), tiny_vae_config()))
     torch.manual_seed(1)
-    model_sd = AutoencoderKL(**{**tiny_vae_config(), "block_out_channels": [32, 64, 64]}).state_dict()
+    model_sd = AutoencoderKL(**{**tiny_vae_config(), "block_out_channels": [32, 64, 64, 64]}).state_dict()
     _assert_same(bfl_to_diffusers_vae(diffusers_to_bfl_vae(model_sd)), model_sd)
 
 
@@ -135,6 +135,7 @@ def test_real_flux_dev_and_vae_configs_are_read_from_shapes() -> None:
 
 def test_vae_config_is_read_from_shapes() -> None:
     config = {**tiny_vae_config(), "block_out_channels": [32, 64, 64], "layers_per_block": 2}
+    config["norm_num_groups"] = 32
     config["down_block_types"] = ["DownEncoderBlock2D"] * 3
     config["up_block_types"] = ["UpDecoderBlock2D"] * 3
     bfl = diffusers_to_bfl_vae(AutoencoderKL(**config).state_dict())

@@ -106,9 +106,9 @@ def test_autoencoder_loads_with_flux_scaling(tiny_models: Path) -> None:
         0.1159
     )
     with torch.no_grad():
-        latents = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()
-        assert latents.shape == (1, 16, 16, 16)
-        assert vae.decode(latents).sample.shape == (1, 3, 32, 32)
+        latents = vae.encode(torch.zeros(1, 3, 64, 32)).latent_dist.mode()
+        assert latents.shape == (1, 16, 8, 4)  # FLUX's 8x downsampling
+        assert vae.decode(latents).sample.shape == (1, 3, 64, 32)
 
 
 def test_text_encoders_load_with_local_tokenizers(tiny_models: Path) -> None:

@@ -26,7 +26,8 @@ def _train(run_dir: Path) -> str:
 
 def test_overfits_two_images(tiny_models: Path, tmp_path: Path) -> None:
     models = helpers.write_wide_models(tiny_models, tmp_path / "models")
-    toml = helpers.make_dataset(tmp_path / "data")
+    # 128 px: 16x16 latents through the 8x autoencoder, 64 tokens per image after 2x2 packing.
+    toml = helpers.make_dataset(tmp_path / "data", size=128)
     run = helpers.make_run(
         tmp_path / "run",
         models=models,
