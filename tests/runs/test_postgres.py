@@ -33,6 +33,7 @@ from fluxtrain.runs.table import Base, Lease, Run
 from fluxtrain.settings import Settings
 from tests.runs.conftest import FAKE_TRAINER
 from tests.runs.postgres_server import PostgresServer, free_port, server_bin_dir
+from tests.service_process import wait_healthy
 
 pytestmark = pytest.mark.timeout(240)
 BIN_DIR = server_bin_dir()
@@ -103,14 +104,7 @@ class Service:
             self.process = subprocess.Popen(
                 command, cwd=self.root, env=env, stdout=log, stderr=log, start_new_session=True
             )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise AssertionError((self.root / f"{self.name}.log").read_text())
+        wait_healthy(self.url, self.root / f"{self.name}.log", timeout=90)
 
     def kill(self) -> None:
         """SIGKILL the replica's whole process group (its trainers run in sessions of their own)."""

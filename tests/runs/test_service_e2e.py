@@ -28,6 +28,7 @@ from fluxtrain.runs.db import get_database
 from fluxtrain.runs.service import get_run
 from fluxtrain.settings import Settings
 from fluxtrain.training.tiny import write_tiny_flux_files
+from tests.service_process import wait_healthy
 
 pytestmark = pytest.mark.timeout(240)
 TINY = {"gradient_checkpointing": False, "mixed_precision": "no", "learning_rate": 1e-3}
@@ -58,14 +59,7 @@ class Service:
             self.process = subprocess.Popen(
                 [*command, "--host", "127.0.0.1", "--port", str(self.port)], env=env, stdout=log, stderr=log
             )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise AssertionError((self.root / "service.log").read_text())
+        wait_healthy(self.url, self.root / "service.log", timeout=60)
 
     def kill(self) -> None:
         assert self.process is not None

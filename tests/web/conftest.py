@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fluxtrain.dataset_config.service import create_dataset_config
 from fluxtrain.settings import Settings
 from fluxtrain.training.tiny import write_tiny_flux_files
 from tests.datasets.support import LoopbackServer
+from tests.service_process import wait_healthy
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -75,14 +75,7 @@ class Service:
                 stderr=log,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise AssertionError((self.root / "service.log").read_text())
+        wait_healthy(self.url, self.root / "service.log", timeout=60)
 
     def restart(self) -> None:
         """Kill the service (its trainers live on in their own sessions) and start it again."""
