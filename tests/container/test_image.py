@@ -161,7 +161,7 @@ def test_image_config_agrees_with_the_settings(image: dict) -> None:
 
 def test_the_served_image_answers_as_the_service(served: tuple[str, str, int]) -> None:
     _, base, port = served
-    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{base}/health").json() == {"status": "ok", "api_key": "none"}
     docs = httpx.get(f"{base}/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     private = f"{base}/health.png"
