@@ -59,7 +59,7 @@ def caption_dataset(
     images_found = list_images(folder)
     if not images_found:
         raise InvalidInputError(f"dataset '{name}' has no images to caption")
-    images = _chosen(folder, images_found, images, name)
+    chosen = _chosen(folder, images_found, images, name)
     try:
         trigger_word = check_trigger_word(trigger_word)
     except ValueError as exc:
@@ -69,8 +69,8 @@ def caption_dataset(
     )
     kept: dict[Path, str] = {}
     if not overwrite:
-        kept = {image: text for image in images if (text := read_caption(image)) and text.strip()}
-    pending = [image for image in images if image not in kept]
+        kept = {image: text for image in chosen if (text := read_caption(image)) and text.strip()}
+    pending = [image for image in chosen if image not in kept]
     result = CaptionResult()
     written: dict[Path, str] = {}
     if on_progress is not None:
@@ -92,7 +92,7 @@ def caption_dataset(
             done += len(outcome.captions) + len(outcome.failed)
             if on_progress is not None:
                 on_progress(done, len(pending))
-    for image in images:
+    for image in chosen:
         if image in kept or image in written:
             result.captions[image.name] = kept.get(image) or written[image]
     return result
