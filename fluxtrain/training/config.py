@@ -10,7 +10,15 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fluxtrain.dataset_config.schema import DatasetConfigFile, cascaded_subset_options
 from fluxtrain.dataset_config.toml_file import read_dataset_toml
@@ -20,8 +28,19 @@ from fluxtrain.names import SafeName
 DEFAULT_MAX_TRAIN_STEPS = 1600
 # Paths run.json always names (absolute), so the trainer never falls back to the service's settings.
 RUN_PATHS = ("dataset_config", "models_root", "cache_dir")
-# A held-out share of the dataset: a fraction of its images, or a count of them.
-ValidationSplit = Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=1)]
+
+
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a fraction (0 < x < 1) or a count of images, not true or false")
+    return value
+
+
+# A held-out share of the dataset: a fraction of its images, or a count of them (the request model
+# carries the annotation, so its check of true / false travels with it).
+ValidationSplit = Annotated[
+    Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=1)], BeforeValidator(_not_bool)
+]
 # Subset keys that change an image's pixels at every step; latents are encoded once and cached.
 PER_STEP_PIXEL_KEYS = ("color_aug", "random_crop")
 
@@ -96,13 +115,6 @@ class TrainConfig(BaseModel):
                 "'fp16' is not offered: FLUX.1's activations overflow float16 (diffusers clamps them); "
                 "use 'bf16'"
             )
-        return value
-
-    @field_validator("validation_split", mode="before")
-    @classmethod
-    def _split_not_bool(cls, value: object) -> object:
-        if isinstance(value, bool):
-            raise ValueError("must be a fraction (0 < x < 1) or a count of images, not true or false")
         return value
 
     @field_validator("dataset_config", "models_root", "cache_dir", "validation_dataset_config")
