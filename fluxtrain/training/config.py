@@ -141,7 +141,8 @@ class TrainConfig(BaseModel):
         if not self.validates:
             needing = [name for name in ("validation_every_n_steps", "keep_best_only") if getattr(self, name)]
             if needing:
-                raise ValueError(f"{' and '.join(needing)} need validation_split or validation_dataset")
+                verb = "needs" if len(needing) == 1 else "need"
+                raise ValueError(f"{' and '.join(needing)} {verb} validation_split or validation_dataset")
         return self
 
     @property
