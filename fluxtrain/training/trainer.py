@@ -279,21 +279,22 @@ class Trainer:
         loss = self.validate(setup, step=step)
         final = self.run_dir.checkpoint(config.output_name, None)
         self.save_lora(setup, final, epoch=setup.plan.epochs_at(step))
-        best = self.settle_best(final, loss) if loss is not None else None
+        main = self.accelerator.is_main_process
+        best = self.settle_best(final, loss) if loss is not None and main else None
         self.accelerator.wait_for_everyone()
         self.report.finished(final, step=step, epoch=setup.plan.epochs_at(step), best=best)
         return "finished"
 
     def settle_best(self, final: Path, loss: float) -> tuple[str, float]:
         """The LoRA file with the lowest validation loss (the earliest of equals), marked as the best;
-        with keep_best_only the other epoch checkpoints are removed (the final file always stays)."""
+        with keep_best_only the other epoch checkpoints are removed (the final file always stays).
+        The main process's work: it wrote the files."""
         self.file_losses[final.name] = loss
         present = {name: value for name, value in self.file_losses.items() if (final.parent / name).is_file()}
         best = min(present.items(), key=lambda item: item[1])
-        if self.accelerator.is_main_process:
-            mark_best_checkpoint(final.parent / best[0])
-            if self.config.keep_best_only:
-                for path in self.run_dir.lora_files():
-                    if path.name not in (best[0], final.name):
-                        path.unlink()
+        mark_best_checkpoint(final.parent / best[0])
+        if self.config.keep_best_only:
+            for path in self.run_dir.lora_files():
+                if path.name not in (best[0], final.name):
+                    path.unlink()
         return best

@@ -50,7 +50,7 @@ class ValidationResult:
 class _HeldOutImage:
     latent: torch.Tensor  # (1, C, H, W)
     noise: torch.Tensor  # (1, C, H, W), drawn once
-    hidden: torch.Tensor  # (1, L, D)
+    hidden: torch.Tensor  # (1, L, D), bf16 as cached
     pooled: torch.Tensor  # (1, 768)
 
 
@@ -69,7 +69,8 @@ class ValidationLoss:
             latent = cache.load_latent(LatentKey(image.sha256, image.bucket, False))[None]
             hidden, pooled = cache.load_text(image.captions[0])
             noise = torch.randn(latent.shape, generator=noise_generator(seed, image.sha256))
-            self.images.append(_HeldOutImage(latent, noise, hidden[None], pooled[None]))
+            # T5 states are cached in bf16: kept so (exactly) rather than as load_text's float32 copy.
+            self.images.append(_HeldOutImage(latent, noise, hidden[None].to(torch.bfloat16), pooled[None]))
 
     @torch.no_grad()
     def measure(
