@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from fluxtrain.training.trainer import StopFlag, Trainer
 from fluxtrain.training.validation import VALIDATION_TIMESTEPS
 from tests.training import helpers_runs as helpers
 
+ROOT = Path(__file__).resolve().parents[2]
 # steps_per_epoch is 1 (one training image, batch 1): checkpoints after steps 2 and 4, validation
 # every 3 steps, the final file at 6.
 VALIDATED = {
@@ -254,3 +258,25 @@ def test_the_best_is_the_lowest_and_keep_best_only_keeps_it_and_the_final_file(
     assert sorted(p.name for p in output.iterdir()) == ["tiny-000002.safetensors", "tiny.safetensors"]
     assert _metadata(output / "tiny-000002.safetensors") == {"ss_epoch": "1", "best_checkpoint": "true"}
     assert "best_checkpoint" not in _metadata(output / "tiny.safetensors")
+
+
+def test_a_sigterm_and_a_restarted_process_give_the_same_figures(
+    validated_runs: dict[str, Path], tiny_models: Path
+) -> None:
+    straight = validated_runs["straight"]
+    root = straight.parent
+    run = helpers.make_run(
+        root / "sigterm",
+        models=tiny_models,
+        toml=root / "data" / "dataset.toml",
+        cache=root / "cache",
+        keep_best_only=True,
+        **VALIDATED,
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    for command in (["-m", "tests.training.sigterm_after", "step:3"], ["-m", "fluxtrain.training"]):
+        done = subprocess.run([sys.executable, *command, str(run)], env=env, cwd=ROOT, capture_output=True)
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    events = read_events(run / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "interrupted"] == [3]
+    assert _validations(run) == _validations(straight)
