@@ -292,6 +292,10 @@ def _print_status(body: dict[str, Any]) -> None:
         f"/{progress['total_epochs'] or '?'}  loss {_fmt(progress['loss'], '{:.4f}')}"
         f"  {_fmt(progress['it_per_s'], '{:.2f}')} it/s  ETA {_fmt(progress['eta_seconds'], '{:.0f}s')}"
     )
+    if progress.get("validation_loss") is not None:
+        console.print(f"  validation loss {_fmt(progress['validation_loss'], '{:.5f}')}")
+    if body.get("best_checkpoint"):
+        console.print(f"  best checkpoint {body['best_checkpoint']}")
     for output in body["outputs"]:
         console.print(f"  {output['name']}  {output['url'] or output['path']}")
     if body.get("waiting"):

@@ -16,7 +16,7 @@ from fluxtrain.runs.table import as_utc
 from fluxtrain.training.config import TrainConfig
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-SERVICE_FILLED = frozenset({"dataset_config", "models_root", "cache_dir"})
+SERVICE_FILLED = frozenset({"dataset_config", "models_root", "cache_dir", "validation_dataset_config"})
 MAX_WEBHOOK_LENGTH = 2000
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 """A timestamp given out in UTC with an explicit offset (ISO 8601, `Z`)."""
@@ -27,6 +27,11 @@ class _RunOptions(BaseModel):
 
     dataset: SafeName | None = Field(
         None, description="Dataset whose `datasets/<name>.toml` is used; defaults to output_name."
+    )
+    validation_dataset: SafeName | None = Field(
+        None,
+        description="Dataset whose `datasets/<name>.toml` holds the held-out validation images "
+        "(instead of validation_split); never trained on.",
     )
     gpus: int = Field(1, ge=1, le=64, description="GPUs the run needs (ignored on a CPU-only host).")
     webhook: str | None = Field(
@@ -61,6 +66,9 @@ class Progress(BaseModel):
     loss: float | None = None
     it_per_s: float | None = None
     eta_seconds: float | None = None
+    validation_loss: float | None = Field(
+        None, description="The latest validation loss of the LoRA being trained (not the base model's)."
+    )
 
 
 class OutputFile(BaseModel):
@@ -83,6 +91,9 @@ class RunStatusOut(BaseModel):
     created_at: UtcDatetime
     started_at: UtcDatetime | None = None
     finished_at: UtcDatetime | None = None
+    best_checkpoint: str | None = Field(
+        None, description="File name of the LoRA file with the lowest validation loss, once the run finished."
+    )
 
 
 class RunList(BaseModel):

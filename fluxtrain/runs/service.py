@@ -27,6 +27,7 @@ from fluxtrain.runs.table import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
 from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
+from fluxtrain.training.data import count_images, held_out_count
 from fluxtrain.training.model_checks import check_model
 
 MAX_LIST_LIMIT = 1000
@@ -51,6 +52,7 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     if not toml.is_file():
         raise NotFoundError(f"dataset config '{toml.name}' not found in {settings.datasets_dir}")
     check_dataset_for_training(toml)
+    validation_toml = _validation_dataset(settings, getattr(request, "validation_dataset", None))
     for field in MODEL_FIELDS:
         check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])
     webhook = getattr(request, "webhook", None)
@@ -63,13 +65,29 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
                 "dataset_config": str(toml.resolve()),
                 "models_root": str(settings.models_root),
                 "cache_dir": str(settings.cache_dir),
+                "validation_dataset_config": str(validation_toml.resolve()) if validation_toml else None,
             }
         )
     except ValidationError as exc:
         raise InvalidInputError(_validation_message(exc)) from exc
+    if config.validation_split is not None:
+        held_out_count(config.validation_split, count_images(toml))
     if settings.executor == "local":
         _check_local_host(settings, config, gpus=getattr(request, "gpus", 1))
     return config
+
+
+def _validation_dataset(settings: Settings, name: str | None) -> Path | None:
+    """The TOML of the request's `validation_dataset` (None without one), checked as the training one."""
+    if name is None:
+        return None
+    toml = dataset_config_path(settings, name)
+    if not toml.is_file():
+        raise NotFoundError(f"validation_dataset config '{toml.name}' not found in {settings.datasets_dir}")
+    check_dataset_for_training(toml)
+    if count_images(toml) == 0:
+        raise InvalidInputError(f"validation_dataset '{name}' lists no images")
+    return toml
 
 
 def _check_local_host(settings: Settings, config: TrainConfig, *, gpus: int) -> None:

@@ -17,6 +17,9 @@ from fluxtrain.settings import Settings
 STATUS_LOG_LINES = 10
 # Library noise is dropped from the status log, so more lines are read than are shown.
 _LOG_SCAN_LINES = 400
+# A validation loss older than the recent events (validation every few hundred steps) is looked for
+# this far back.
+_VALIDATION_SCAN_LINES = 20_000
 
 
 def run_dir(settings: Settings, run_id: str) -> Path:
@@ -34,6 +37,20 @@ def _number(record: dict[str, Any] | None, *keys: str) -> Any:
     return None
 
 
+def latest_validation_loss(run: RunDir, events: list[dict[str, Any]]) -> float | None:
+    """The last validation loss of the LoRA being trained (step > 0; step 0 is the base model's)."""
+
+    def latest(records: list[dict[str, Any]]) -> float | None:
+        trained = [e for e in records if e["event"] == "validation" and _number(e, "step")]
+        return _number(trained[-1], "loss") if trained else None
+
+    found = latest(events)
+    started = first_event(run.events, "started")
+    if found is None and started is not None and "validation_images" in started:
+        found = latest(recent_events(run.events, _VALIDATION_SCAN_LINES))
+    return found
+
+
 def progress_of(run: RunDir, events: list[dict[str, Any]]) -> Progress:
     step = last_event(events, "step")
     started = first_event(run.events, "started")
@@ -47,6 +64,7 @@ def progress_of(run: RunDir, events: list[dict[str, Any]]) -> Progress:
         loss=_number(step, "loss"),
         it_per_s=_number(step, "it_per_s"),
         eta_seconds=_number(step, "eta_seconds", "eta"),
+        validation_loss=latest_validation_loss(run, events),
     )
 
 
@@ -100,4 +118,5 @@ def build_status(settings: Settings, run: Run, *, logs: list[str] | None = None)
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
+        best_checkpoint=finished.get("best_checkpoint") if finished else None,
     )

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fluxtrain.dataset_config.schema import DatasetConfigFile, cascaded_subset_options
 from fluxtrain.dataset_config.toml_file import read_dataset_toml
@@ -20,6 +28,19 @@ from fluxtrain.names import SafeName
 DEFAULT_MAX_TRAIN_STEPS = 1600
 # Paths run.json always names (absolute), so the trainer never falls back to the service's settings.
 RUN_PATHS = ("dataset_config", "models_root", "cache_dir")
+
+
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a fraction (0 < x < 1) or a count of images, not true or false")
+    return value
+
+
+# A held-out share of the dataset: a fraction of its images, or a count of them (the request model
+# carries the annotation, so its check of true / false travels with it).
+ValidationSplit = Annotated[
+    Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=1)], BeforeValidator(_not_bool)
+]
 # Subset keys that change an image's pixels at every step; latents are encoded once and cached.
 PER_STEP_PIXEL_KEYS = ("color_aug", "random_crop")
 
@@ -69,6 +90,22 @@ class TrainConfig(BaseModel):
     sample_steps: int = Field(20, ge=1, le=200, description="Denoising steps of each sample image.")
     sample_guidance_scale: float = Field(3.5, ge=0, description="Distilled guidance of sample images (dev).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    validation_split: ValidationSplit | None = Field(
+        None,
+        description="Images held out of training for the validation loss: a fraction (0 < x < 1, rounded, "
+        "at least one image) or a count; chosen from the seed.",
+    )
+    validation_dataset_config: Path | None = Field(
+        None, description="Absolute path of the held-out dataset's TOML (the request's validation_dataset)."
+    )
+    validation_every_n_steps: int | None = Field(
+        None, ge=1, description="Validation loss every N steps; also at each checkpoint and at the end."
+    )
+    keep_best_only: bool = Field(
+        False,
+        description="At the end, delete every epoch checkpoint but the one with the lowest validation loss; "
+        "the final file always stays (it is the run's output), best or not.",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -80,7 +117,7 @@ class TrainConfig(BaseModel):
             )
         return value
 
-    @field_validator("dataset_config", "models_root", "cache_dir")
+    @field_validator("dataset_config", "models_root", "cache_dir", "validation_dataset_config")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
@@ -96,6 +133,22 @@ class TrainConfig(BaseModel):
                 f"fp8_base computes in bf16 and needs mixed_precision 'bf16', not '{self.mixed_precision}'"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_validation_options(self) -> TrainConfig:
+        if self.validation_split is not None and self.validation_dataset_config is not None:
+            raise ValueError("validation_split and validation_dataset: give one source of held-out images")
+        if not self.validates:
+            needing = [name for name in ("validation_every_n_steps", "keep_best_only") if getattr(self, name)]
+            if needing:
+                verb = "needs" if len(needing) == 1 else "need"
+                raise ValueError(f"{' and '.join(needing)} {verb} validation_split or validation_dataset")
+        return self
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run computes a validation loss: it holds images out or names a held-out dataset."""
+        return self.validation_split is not None or self.validation_dataset_config is not None
 
     @property
     def resolved_mixed_precision(self) -> Literal["no", "bf16"]:

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -132,9 +132,7 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
                 trigger_words.append(class_tokens)
             extensions = _caption_extensions(subset.caption_extension)
             uncaptioned = 0
-            for path in sorted(subset.image_dir.iterdir()):
-                if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
-                    continue
+            for path in _image_files(subset.image_dir):
                 sha = hashlib.sha256(path.read_bytes()).hexdigest()
                 caption = _read_caption(path, extensions)
                 if caption is None:
@@ -168,16 +166,86 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
                 )
     if not images:
         raise InvalidInputError(f"dataset_config {toml_path} lists no images")
-    buckets: dict[Size, int] = {}
-    for image in images:
-        buckets[image.bucket] = buckets.get(image.bucket, 0) + image.num_repeats
     return TrainingData(
         images=images,
         batch_sizes=[dataset.batch_size for dataset in config.datasets],
         resolution=config.datasets[0].resolution,
         trigger_words=list(dict.fromkeys(trigger_words)),
         dataset_hash=digest.hexdigest(),
-        buckets=buckets,
+        buckets=_bucket_counts(images),
+    )
+
+
+def _image_files(image_dir: Path) -> list[Path]:
+    """The image files of a subset's folder, in name order (hidden names are files being written)."""
+    return [
+        path
+        for path in sorted(image_dir.iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    ]
+
+
+def _bucket_counts(images: list[TrainImage]) -> dict[Size, int]:
+    buckets: dict[Size, int] = {}
+    for image in images:
+        buckets[image.bucket] = buckets.get(image.bucket, 0) + image.num_repeats
+    return buckets
+
+
+def count_images(toml_path: Path) -> int:
+    """The images a dataset TOML lists, counted without reading them (for `/train`'s checks)."""
+    config = load_dataset_config(toml_path)
+    return sum(
+        len(_image_files(subset.image_dir))
+        for dataset in config.datasets
+        for subset in dataset.subsets
+        if subset.image_dir.is_dir()
+    )
+
+
+def held_out_count(split: float | int, images: int) -> int:
+    """How many of `images` a `validation_split` holds out: a count as given, a fraction of them rounded
+    half up and at least one. A split that leaves no image to train on is refused."""
+    count = split if isinstance(split, int) else max(1, math.floor(split * images + 0.5))
+    if count >= images:
+        raise InvalidInputError(
+            f"validation_split {split} holds out {count} of the dataset's {images} image(s) and leaves "
+            "none to train on"
+        )
+    return count
+
+
+def _as_held_out(image: TrainImage) -> TrainImage:
+    """A held-out image as validation sees it: unflipped, once, under its caption as written."""
+    return replace(image, captions=image.captions[:1], flip_aug=False, num_repeats=1)
+
+
+def hold_out(data: TrainingData, config: TrainConfig) -> tuple[TrainingData, TrainingData | None]:
+    """The images to train on and the held-out ones (None when the run does not validate).
+
+    `validation_split` picks its images with a generator seeded from the run's seed, so the same
+    run.json always holds out the same files; `validation_dataset_config` names a dataset of its own.
+    Every training image with the content (sha256) of a held-out one is dropped too, so no held-out
+    picture is trained on under another name.
+    """
+    if config.validation_split is not None:
+        count = held_out_count(config.validation_split, len(data.images))
+        chosen = sorted(random.Random(f"{config.seed}:validation").sample(range(len(data.images)), count))
+        held = [data.images[index] for index in chosen]
+    elif config.validation_dataset_config is not None:
+        held = load_training_data(config.validation_dataset_config).images
+    else:
+        return data, None
+    held_content = {image.sha256 for image in held}
+    training = [image for image in data.images if image.sha256 not in held_content]
+    if not training:
+        raise InvalidInputError(
+            "every training image is also a held-out validation image: none is left to train on"
+        )
+    held = [_as_held_out(image) for image in held]
+    return (
+        replace(data, images=training, buckets=_bucket_counts(training)),
+        replace(data, images=held, buckets=_bucket_counts(held)),
     )
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from fluxtrain.fsutil import atomic_write_bytes
 from fluxtrain.training.config import TrainConfig
@@ -26,6 +27,7 @@ from fluxtrain.training.convert import diffusers_module_to_bfl, kohya_lora_name
 from fluxtrain.training.data import TrainingData
 from fluxtrain.training.lora import lora_state_dict
 
+BEST_CHECKPOINT_KEY = "best_checkpoint"
 _LORA_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
 
 
@@ -173,3 +175,11 @@ def write_lora_file(
         metadata=metadata,
         config=transformer.config,
     )
+
+
+def mark_best_checkpoint(path: Path) -> None:
+    """Add `best_checkpoint: "true"` to a LoRA file's metadata, rewritten atomically, tensors unchanged."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    metadata[BEST_CHECKPOINT_KEY] = "true"
+    atomic_write_bytes(path, save(load_file(path), metadata=metadata))

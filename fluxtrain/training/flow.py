@@ -75,3 +75,35 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tor
 def flow_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Mean squared error against the velocity noise - x0, in float32."""
     return F.mse_loss(prediction.float(), (noise - x0).float())
+
+
+def predict_velocity(
+    model: torch.nn.Module,
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    hidden: torch.Tensor,
+    pooled: torch.Tensor,
+    *,
+    guidance: float | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The transformer's velocity for noisy latents (B, C, H, W) at `t`, as packed tokens.
+
+    `guidance` is the distilled guidance of a dev-style transformer, None for one without it.
+    Text features are moved to the latents' device; training and validation both call this.
+    """
+    device = noisy.device
+    height, width = noisy.shape[-2:]
+    guidance_tensor = None
+    if guidance is not None:
+        guidance_tensor = torch.full((noisy.shape[0],), guidance, device=device, dtype=dtype)
+    return model(
+        hidden_states=pack_latents(noisy).to(dtype),
+        encoder_hidden_states=hidden.to(device, dtype),
+        pooled_projections=pooled.to(device, dtype),
+        timestep=t.to(dtype),
+        img_ids=image_ids(height, width, device=device, dtype=dtype),
+        txt_ids=text_ids(hidden.shape[1], device=device, dtype=dtype),
+        guidance=guidance_tensor,
+        return_dict=False,
+    )[0]

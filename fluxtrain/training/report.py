@@ -29,7 +29,10 @@ class RunReport:
         num_processes: int,
         device: torch.device,
         mixed_precision: str,
+        validation_images: int | None = None,
     ) -> None:
+        """`validation_images`: how many images are held out, when the run validates."""
+        held_out = {} if validation_images is None else {"validation_images": validation_images}
         self.events.emit(
             "started",
             output_name=output_name,
@@ -41,6 +44,7 @@ class RunReport:
             num_processes=num_processes,
             device=str(device),
             mixed_precision=mixed_precision,
+            **held_out,
         )
         log.info(
             "%d images, %d steps (%d epochs of %d steps) on %s x%d, mixed precision %s",
@@ -90,8 +94,16 @@ class RunReport:
         self.events.emit("sample", path=path, prompt=prompt, step=step)
         log.info("sample %s (step %d): %s", path.name, step, prompt)
 
-    def checkpoint(self, path: Path, *, epoch: int, step: int) -> None:
-        self.events.emit("checkpoint", path=path, epoch=epoch, step=step)
+    def validation(self, *, step: int, loss: float, losses: dict[str, float], images: int) -> None:
+        """The validation loss at `step` (0: the base model's), overall and per fixed timestep."""
+        self.events.emit("validation", step=step, loss=loss, losses=losses, images=images)
+        per_t = " ".join(f"t={t}: {value:.5f}" for t, value in losses.items())
+        base = " (base model)" if step == 0 else ""
+        log.info("validation loss %.5f at step %d%s: %s", loss, step, base, per_t)
+
+    def checkpoint(self, path: Path, *, epoch: int, step: int, validation_loss: float | None = None) -> None:
+        extra = {} if validation_loss is None else {"validation_loss": validation_loss}
+        self.events.emit("checkpoint", path=path, epoch=epoch, step=step, **extra)
         log.info("checkpoint %s (epoch %d, step %d)", path, epoch, step)
 
     def interrupted(self, *, step: int, epoch: int, state: Path | None) -> None:
@@ -99,9 +111,15 @@ class RunReport:
         self.events.emit("interrupted", step=step, epoch=epoch, **({"state": state} if state else {}))
         log.info("stop requested: stopped at step %d", step)
 
-    def finished(self, path: Path, *, step: int, epoch: int) -> None:
-        self.events.emit("finished", path=path, step=step, epoch=epoch)
+    def finished(
+        self, path: Path, *, step: int, epoch: int, best: tuple[str, float] | None = None
+    ) -> None:
+        """`best`: the file name and validation loss of the best LoRA file, when the run validates."""
+        extra = {} if best is None else {"best_checkpoint": best[0], "best_validation_loss": best[1]}
+        self.events.emit("finished", path=path, step=step, epoch=epoch, **extra)
         log.info("finished: %s", path)
+        if best is not None:
+            log.info("best checkpoint: %s (validation loss %.5f)", *best)
 
     def close(self) -> None:
         self.events.close()

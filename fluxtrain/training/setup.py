@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from fluxtrain.training import cache as feature_cache
 from fluxtrain.training import state
 from fluxtrain.training.config import TrainConfig
-from fluxtrain.training.data import StepPlan, TrainingData, load_training_data, plan_steps
+from fluxtrain.training.data import StepPlan, TrainingData, hold_out, load_training_data, plan_steps
 from fluxtrain.training.distributed import exclude_frozen_from_ddp
 from fluxtrain.training.lora import load_lora_transformer
 from fluxtrain.training.model_checks import transformer_has_guidance
@@ -33,6 +33,7 @@ from fluxtrain.training.optim import build_optimizer, build_scheduler
 from fluxtrain.training.precision import Precision
 from fluxtrain.training.report import RunReport
 from fluxtrain.training.sampling import load_sample_autoencoder
+from fluxtrain.training.validation import ValidationLoss
 
 log = logging.getLogger("fluxtrain.training")
 
@@ -52,6 +53,7 @@ class Setup:
     scheduler: LRScheduler
     sample_vae: torch.nn.Module | None
     state_step: int | None  # the step `state/` held when the run started; None without one
+    validation: ValidationLoss | None = None  # the held-out images, when the run validates
 
 
 class StoppedInSetUp(Exception):
@@ -76,7 +78,9 @@ def set_up(
 ) -> Setup:
     """Build the run's Setup; `counter` is resumed in place. Raises StoppedInSetUp on a stop request."""
     set_seed(config.seed)
-    data = load_training_data(config.dataset_config, enable_bucket=config.enable_bucket)
+    data, held_out = hold_out(
+        load_training_data(config.dataset_config, enable_bucket=config.enable_bucket), config
+    )
     files = resolve_model_files(config, models_root)
     plan = plan_steps(data, config, num_processes=accelerator.num_processes)
     report.started(
@@ -86,6 +90,7 @@ def set_up(
         num_processes=accelerator.num_processes,
         device=accelerator.device,
         mixed_precision=precision.mixed_precision,
+        validation_images=len(held_out.images) if held_out else None,
     )
     guided = transformer_has_guidance(files.transformer, config.pretrained_model)
     cache_started = time.monotonic()
@@ -99,13 +104,16 @@ def set_up(
             raise StoppedInSetUp(plan, state_step)
 
     honour_stop()
+    cached = replace(data, images=data.images + held_out.images) if held_out else data
     latents = feature_cache.cache_latents(
-        cache, data, files=files, accelerator=accelerator, dtype=precision.autoencoder
+        cache, cached, files=files, accelerator=accelerator, dtype=precision.autoencoder
     )
     honour_stop()
     captions = feature_cache.training_captions(
         data, caption_dropout_rate=config.caption_dropout_rate, sample_prompts=config.sample_prompts
     )
+    if held_out:
+        captions += [image.captions[0] for image in held_out.images]
     texts = feature_cache.cache_texts(
         cache, captions, files=files, accelerator=accelerator, dtype=precision.encoder
     )
@@ -155,4 +163,5 @@ def set_up(
         scheduler=scheduler,
         sample_vae=sample_vae,
         state_step=state_step,
+        validation=ValidationLoss(held_out, cache, seed=config.seed) if held_out else None,
     )

@@ -23,8 +23,9 @@ from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.lora import load_lora_state_dict, lora_state_dict
 
 STATE_LORA_FILE = "lora_state.safetensors"
-# run.json fields a saved state depends on: the adapter's shapes and scale, the optimizer's state.
-STATE_FIELDS = ("network_dim", "network_alpha", "optimizer", "full_bf16")
+# run.json fields a saved state depends on: the adapter's shapes and scale, the optimizer's state, the
+# images held out of training.
+STATE_FIELDS = ("network_dim", "network_alpha", "optimizer", "full_bf16", "validation_split")
 
 
 @dataclass

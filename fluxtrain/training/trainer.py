@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from fluxtrain.errors import InvalidInputError
-from fluxtrain.rundir import RunDir
+from fluxtrain.rundir import RunDir, read_events
 from fluxtrain.training import distributed, flow, state
 from fluxtrain.training.cache import load_batch
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.data import StepPlan, epoch_batches
-from fluxtrain.training.export import write_lora_file
+from fluxtrain.training.export import mark_best_checkpoint, write_lora_file
 from fluxtrain.training.precision import run_precision
 from fluxtrain.training.report import RunReport
 from fluxtrain.training.sampling import render_samples
@@ -59,6 +59,8 @@ class Trainer:
         self.counter = state.StepCounter()
         self.state_step: int | None = None  # the step `state/` holds
         self.last_sample_step = -1
+        self.validated: dict[int, float] = {}  # step -> validation loss (0: the base model)
+        self.file_losses: dict[str, float] = {}  # LoRA file name -> validation loss at its step
 
     def stop_requested(self) -> bool:
         return distributed.any_process_stopped(self.accelerator, self.stop.requested)
@@ -96,6 +98,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # report training, not the encoders
         epoch, mine = -1, []
+        if setup.validation is not None:
+            self.recall_validation()
+            self.validate(setup, step=0)
         while counter.step < plan.total_steps:
             if counter.step // plan.steps_per_epoch != epoch:
                 epoch = counter.step // plan.steps_per_epoch
@@ -118,6 +123,8 @@ class Trainer:
             if step == plan.total_steps:
                 break
             pause_from = time.monotonic()
+            if config.validation_every_n_steps and step % config.validation_every_n_steps == 0:
+                self.validate(setup, step=step)
             if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
                 self.sample(setup)
             if step % plan.steps_per_epoch == 0:
@@ -146,23 +153,18 @@ class Trainer:
             sigmoid_scale=config.sigmoid_scale,
             generator=generator,
         )
-        device, dtype = self.device, self.precision.compute
+        device = self.device
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        height, width = x0.shape[-2:]
-        guidance = None
-        if setup.transformer.config.guidance_embeds:
-            guidance = torch.full((x0.shape[0],), config.guidance_scale, device=device, dtype=dtype)
         with accelerator.autocast():
-            prediction = setup.model(
-                hidden_states=flow.pack_latents(flow.noisy_latents(x0, noise, t)).to(dtype),
-                encoder_hidden_states=hidden.to(device, dtype),
-                pooled_projections=pooled.to(device, dtype),
-                timestep=t.to(dtype),
-                img_ids=flow.image_ids(height, width, device=device, dtype=dtype),
-                txt_ids=flow.text_ids(hidden.shape[1], device=device, dtype=dtype),
-                guidance=guidance,
-                return_dict=False,
-            )[0]
+            prediction = flow.predict_velocity(
+                setup.model,
+                flow.noisy_latents(x0, noise, t),
+                t,
+                hidden,
+                pooled,
+                guidance=self.guidance(setup),
+                dtype=self.precision.compute,
+            )
         loss = flow.flow_loss(prediction, flow.pack_latents(x0), flow.pack_latents(noise))
         accelerator.backward(loss)
         if config.max_grad_norm > 0 and accelerator.sync_gradients:
@@ -171,6 +173,38 @@ class Trainer:
         setup.scheduler.step()
         setup.optimizer.zero_grad(set_to_none=True)
         return float(accelerator.gather(loss.detach()).mean())
+
+    def guidance(self, setup: Setup) -> float | None:
+        """The distilled guidance the transformer is given; None for one without a guidance embedding."""
+        return self.config.guidance_scale if setup.transformer.config.guidance_embeds else None
+
+    def recall_validation(self) -> None:
+        """What an earlier process of this run measured up to the step resumed from: the base model's
+        figure (not computed again) and each LoRA file's, for the choice of the best one."""
+        for event in read_events(self.run_dir.events):
+            step = event.get("step")
+            if not isinstance(step, int) or step > self.counter.step:
+                continue
+            if event["event"] == "validation" and step == 0:
+                self.validated[0] = event["loss"]
+            elif event["event"] == "checkpoint" and "validation_loss" in event:
+                self.file_losses[Path(event["path"]).name] = event["validation_loss"]
+
+    def validate(self, setup: Setup, *, step: int) -> float | None:
+        """The validation loss at `step` (0: the base model's), measured and reported once per step."""
+        if setup.validation is None:
+            return None
+        if step not in self.validated:
+            result = setup.validation.measure(
+                setup.transformer,
+                base=step == 0,
+                guidance=self.guidance(setup),
+                dtype=self.precision.compute,
+                autocast=self.accelerator.autocast,
+            )
+            self.report.validation(step=step, loss=result.loss, losses=result.losses, images=result.images)
+            self.validated[step] = result.loss
+        return self.validated[step]
 
     def end_epoch(self, setup: Setup, epoch: int) -> None:
         """The checkpoint and samples due after `epoch` (1-based) when it is not the run's last."""
@@ -182,9 +216,12 @@ class Trainer:
 
     def checkpoint(self, setup: Setup, epoch: int) -> None:
         path = self.run_dir.checkpoint(self.config.output_name, epoch)
+        loss = self.validate(setup, step=self.counter.step)
         self.save_lora(setup, path, epoch=epoch)
         self.save_state()
-        self.report.checkpoint(path, epoch=epoch, step=self.counter.step)
+        if loss is not None:
+            self.file_losses[path.name] = loss
+        self.report.checkpoint(path, epoch=epoch, step=self.counter.step, validation_loss=loss)
 
     def sample(self, setup: Setup) -> None:
         if setup.sample_vae is None or not self.accelerator.is_main_process:
@@ -239,8 +276,25 @@ class Trainer:
         if sampling and self.last_sample_step != step:
             self.sample(setup)
         distributed.check_replicas_agree(self.accelerator, setup.params)
+        loss = self.validate(setup, step=step)
         final = self.run_dir.checkpoint(config.output_name, None)
         self.save_lora(setup, final, epoch=setup.plan.epochs_at(step))
+        main = self.accelerator.is_main_process
+        best = self.settle_best(final, loss) if loss is not None and main else None
         self.accelerator.wait_for_everyone()
-        self.report.finished(final, step=step, epoch=setup.plan.epochs_at(step))
+        self.report.finished(final, step=step, epoch=setup.plan.epochs_at(step), best=best)
         return "finished"
+
+    def settle_best(self, final: Path, loss: float) -> tuple[str, float]:
+        """The LoRA file with the lowest validation loss (the earliest of equals), marked as the best;
+        with keep_best_only the other epoch checkpoints are removed (the final file always stays).
+        The main process's work: it wrote the files."""
+        self.file_losses[final.name] = loss
+        present = {name: value for name, value in self.file_losses.items() if (final.parent / name).is_file()}
+        best = min(present.items(), key=lambda item: item[1])
+        mark_best_checkpoint(final.parent / best[0])
+        if self.config.keep_best_only:
+            for path in self.run_dir.lora_files():
+                if path.name not in (best[0], final.name):
+                    path.unlink()
+        return best

@@ -81,6 +81,7 @@ def test_train_runs_to_success_with_status_artifacts_and_events(api: TestClient,
         "created_at",
         "started_at",
         "finished_at",
+        "best_checkpoint",
     }
     assert set(done["progress"]) == {
         "step",
@@ -90,6 +91,7 @@ def test_train_runs_to_success_with_status_artifacts_and_events(api: TestClient,
         "loss",
         "it_per_s",
         "eta_seconds",
+        "validation_loss",
     }
     assert done["progress"]["step"] == 4 and done["progress"]["total_steps"] == 4
     assert [o["name"] for o in done["outputs"]] == ["demo.safetensors"]

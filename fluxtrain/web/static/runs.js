@@ -75,7 +75,7 @@ export async function runPage(page, runId, signal) {
     h("section", { class: "card" }, [h("h2", {}, "Last log lines"), logs]),
   );
 
-  const state = { status: null, step: 0, total: null, itPerS: null, eta: null, memory: null, epoch: null };
+  const state = { status: null, step: 0, total: null, itPerS: null, eta: null, memory: null, epoch: null, validation: null };
   const sampleSteps = [];
   const sampleRows = new Map();
 
@@ -96,6 +96,7 @@ export async function runPage(page, runId, signal) {
         ["it/s", state.itPerS === null ? "–" : state.itPerS.toFixed(2)],
         ["ETA", duration(state.eta)],
         ["peak memory", state.memory === null ? "–" : bytes(state.memory * 1024 * 1024)],
+        ...(state.validation === null ? [] : [["validation loss", state.validation.toFixed(5)]]),
       ].map(([k, v]) => h("div", {}, [h("dt", {}, k), h("dd", { "data-stat": k }, String(v))])),
     );
   };
@@ -192,6 +193,9 @@ export async function runPage(page, runId, signal) {
           break;
         case "sample":
           addSample(data);
+          break;
+        case "validation":
+          if (data.step > 0 && typeof data.loss === "number") state.validation = data.loss;
           break;
         case "checkpoint":
         case "finished":
