@@ -27,7 +27,7 @@ from fluxtrain.runs.table import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
 from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
-from fluxtrain.training.model_checks import check_model
+from fluxtrain.training.model_checks import check_model, check_model_family
 
 MAX_LIST_LIMIT = 1000
 
@@ -53,6 +53,8 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     check_dataset_for_training(toml)
     for field in MODEL_FIELDS:
         check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])
+    transformer = resolve_model_path(settings.models_root, "pretrained_model", fields["pretrained_model"])
+    check_model_family(transformer, fields["pretrained_model"], fields.get("model_family"))
     webhook = getattr(request, "webhook", None)
     if webhook:
         check_webhook(webhook, settings)
