@@ -32,8 +32,8 @@ from fluxtrain.training.convert import (
     diffusers_to_bfl_vae,
     infer_vae_config,
 )
+from fluxtrain.training.families.detect import TRANSFORMER_PREFIXES, block_count, strip_prefix
 
-FLUX2_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FLUX2_VAE_PREFIXES = ("first_stage_model.", "vae.")
 FLUX2_MARKER = "single_stream_modulation.lin.weight"
 DIFFUSERS_FLUX2_MARKER = "single_stream_modulation.linear.weight"
@@ -41,25 +41,6 @@ ROPE_AXES = 4
 MODULATIONS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
 _VAE_MOVED = {"encoder.quant_conv": "quant_conv", "decoder.post_quant_conv": "post_quant_conv"}
 _VAE_BN_KEYS = ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked")
-
-
-def strip_prefix(sd: Mapping[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
-    """The entries under the first of `prefixes` that any key carries, without it; else all entries."""
-    for prefix in prefixes:
-        if any(k.startswith(prefix) for k in sd):
-            return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-    return dict(sd)
-
-
-def block_count(keys: Any, prefix: str) -> int:
-    """How many `prefix.N.` blocks the keys hold (highest N plus one)."""
-    found = set()
-    for key in keys:
-        if key.startswith(f"{prefix}."):
-            index = key[len(prefix) + 1 :].split(".", 1)[0]
-            if index.isdigit():
-                found.add(int(index))
-    return max(found) + 1 if found else 0
 
 
 def _global_rules(guidance: bool) -> list[ModuleRule]:
@@ -130,16 +111,14 @@ def _refuse_leftovers(leftover: set[str], what: str) -> None:
         raise InvalidInputError(f"unexpected {what} keys ({len(leftover)}): {shown}")
 
 
-def _params(sd: Mapping[str, Tensor], module: str, norm: bool) -> tuple[str, ...]:
-    """The parameter names a module has in `sd`: weight (and a bias where a file carries one)."""
-    if norm:
-        return ("scale",)
+def _params(sd: Mapping[str, Tensor], module: str) -> tuple[str, ...]:
+    """The parameter names a linear has in `sd`: weight (and a bias where a file carries one)."""
     return ("weight", "bias") if f"{module}.bias" in sd else ("weight",)
 
 
 def bfl_to_diffusers_flux2(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename (and split) a BFL FLUX.2 transformer state dict into Flux2Transformer2DModel keys."""
-    sd = strip_prefix(sd, FLUX2_PREFIXES)
+    sd = strip_prefix(sd, TRANSFORMER_PREFIXES)
     if FLUX2_MARKER not in sd:
         raise InvalidInputError(f"not a FLUX.2 transformer in BFL layout: {FLUX2_MARKER} is missing")
     rules = flux2_module_rules(
@@ -150,7 +129,7 @@ def bfl_to_diffusers_flux2(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for rule in rules:
-        for param in _params(sd, rule.bfl, rule.norm):
+        for param in ("scale",) if rule.norm else _params(sd, rule.bfl):
             key = f"{rule.bfl}.{param}"
             if key not in sd:
                 raise InvalidInputError(f"FLUX.2 transformer file lacks {key}")
@@ -180,7 +159,7 @@ def diffusers_to_bfl_flux2(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for rule in rules:
-        for param in _params(sd, rule.diffusers[0], False) if not rule.norm else ("weight",):
+        for param in ("weight",) if rule.norm else _params(sd, rule.diffusers[0]):
             keys = [f"{name}.{param}" for name in rule.diffusers]
             if missing := [k for k in keys if k not in sd]:
                 raise InvalidInputError(f"diffusers FLUX.2 transformer lacks {missing[0]}")
@@ -207,7 +186,7 @@ def infer_flux2_config(bfl_sd: Mapping[str, Any]) -> dict[str, Any]:
 
     What shapes cannot say (rope theta 2000, eps 1e-6) keeps the class defaults, which are BFL's.
     """
-    sd = strip_prefix(bfl_sd, FLUX2_PREFIXES)
+    sd = strip_prefix(bfl_sd, TRANSFORMER_PREFIXES)
     try:
         hidden, in_channels = _shape(sd["img_in.weight"])
         head_dim = _shape(sd["single_blocks.0.norm.query_norm.scale"])[0]

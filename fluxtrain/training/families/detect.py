@@ -70,17 +70,22 @@ class DetectedTransformer:
         return FAMILY_TITLES[self.family]
 
 
-def _strip(shapes: Mapping[str, Any]) -> dict[str, Any]:
-    for prefix in TRANSFORMER_PREFIXES:
-        if any(k.startswith(prefix) for k in shapes):
-            return {k.removeprefix(prefix): v for k, v in shapes.items() if k.startswith(prefix)}
-    return dict(shapes)
+def strip_prefix(sd: Mapping[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """The entries under the first of `prefixes` that any key carries, without it; else all entries."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in sd):
+            return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    return dict(sd)
 
 
-def _count(keys: Any, prefix: str) -> int:
-    found = {
-        int(part) for k in keys if k.startswith(prefix) and (part := k[len(prefix) :].split(".")[0]).isdigit()
-    }
+def block_count(keys: Any, prefix: str) -> int:
+    """How many `prefix.N.` blocks the keys hold (highest N plus one)."""
+    found = set()
+    for key in keys:
+        if key.startswith(f"{prefix}."):
+            index = key[len(prefix) + 1 :].split(".", 1)[0]
+            if index.isdigit():
+                found.add(int(index))
     return max(found) + 1 if found else 0
 
 
@@ -112,8 +117,8 @@ def _flux2_from_shapes(
     guidance = guidance_key in sd
     family, full = classify_flux2(
         joint_attention_dim=int(sd[txt][1]),
-        num_layers=_count(sd, "double_blocks." if bfl else "transformer_blocks."),
-        num_single_layers=_count(sd, "single_blocks." if bfl else "single_transformer_blocks."),
+        num_layers=block_count(sd, "double_blocks" if bfl else "transformer_blocks"),
+        num_single_layers=block_count(sd, "single_blocks" if bfl else "single_transformer_blocks"),
         hidden=int(sd[img][0]),
         guidance=guidance,
     )
@@ -134,7 +139,7 @@ def detect_from_shapes(shapes: Mapping[str, Sequence[int]]) -> DetectedTransform
     BFL keys (optionally under `model.diffusion_model.` / `diffusion_model.`, as ComfyUI saves
     them) and diffusers keys are both recognised.
     """
-    sd = _strip(shapes)
+    sd = strip_prefix(shapes, TRANSFORMER_PREFIXES)
     if "single_stream_modulation.lin.weight" in sd:
         return _flux2_from_shapes(sd, "bfl")
     if "single_stream_modulation.linear.weight" in sd:
