@@ -28,7 +28,7 @@ from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
 from fluxtrain.training.data import count_images, held_out_count
-from fluxtrain.training.model_checks import check_model
+from fluxtrain.training.model_checks import check_model, check_model_family
 
 MAX_LIST_LIMIT = 1000
 
@@ -55,6 +55,8 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     validation_toml = _validation_dataset(settings, getattr(request, "validation_dataset", None))
     for field in MODEL_FIELDS:
         check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])
+    transformer = resolve_model_path(settings.models_root, "pretrained_model", fields["pretrained_model"])
+    check_model_family(transformer, fields["pretrained_model"], fields.get("model_family"))
     webhook = getattr(request, "webhook", None)
     if webhook:
         check_webhook(webhook, settings)

@@ -24,6 +24,7 @@ from fluxtrain.dataset_config.schema import DatasetConfigFile, cascaded_subset_o
 from fluxtrain.dataset_config.toml_file import read_dataset_toml
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.names import SafeName
+from fluxtrain.training.families.detect import ModelFamily
 
 DEFAULT_MAX_TRAIN_STEPS = 1600
 # Paths run.json always names (absolute), so the trainer never falls back to the service's settings.
@@ -54,6 +55,9 @@ class TrainConfig(BaseModel):
     clip_l: str = Field("clip_l.safetensors", description="CLIP-L text encoder, under the models folder.")
     t5xxl: str = Field("t5xxl_fp16.safetensors", description="T5-XXL text encoder, under the models folder.")
     ae: str = Field("ae.sft", description="Autoencoder, under the models folder.")
+    model_family: ModelFamily | None = Field(
+        None, description="Model family; default: detected from the transformer file's keys and shapes."
+    )
     models_root: Path | None = Field(None, description="Folder that relative model paths are taken under.")
     cache_dir: Path | None = Field(None, description="Latent and text-encoder cache folder.")
 

@@ -16,11 +16,16 @@ from typing import Any
 from safetensors import safe_open
 
 from fluxtrain.errors import InvalidInputError
-from fluxtrain.training.convert import BFL_PREFIXES
+from fluxtrain.training.families.detect import (
+    DetectedTransformer,
+    ModelFamily,
+    check_requested_family,
+    detect_from_config,
+    detect_from_shapes,
+    refuse_untrainable,
+)
 
 SINGLE_FILE_SUFFIXES = (".sft", ".safetensors")
-GUIDANCE_KEYS = ("guidance_in.in_layer.weight", "guidance_embedder.linear_1.weight")
-TRANSFORMER_KEYS = ("double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.to_q.weight")
 COMPONENT_SUBFOLDERS = {
     "pretrained_model": "transformer",
     "ae": "vae",
@@ -30,14 +35,15 @@ COMPONENT_SUBFOLDERS = {
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def _header_keys(field: str, path: Path, shown: str) -> list[str]:
+def _header_shapes(field: str, path: Path, shown: str) -> dict[str, list[int]]:
+    """Every tensor's shape from the safetensors header; the weights are not read."""
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise InvalidInputError(
             f"{field}: '{shown}' must be a .sft or .safetensors file or a diffusers model folder"
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
+            return {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for any bad header
         raise InvalidInputError(f"{field}: '{shown}' is not a readable safetensors file ({exc})") from exc
 
@@ -66,32 +72,23 @@ def _folder_config(field: str, folder: Path, shown: str) -> tuple[Path, dict[str
     )
 
 
-def _is_flux_transformer(class_name: object) -> bool:
-    return isinstance(class_name, str) and class_name.startswith("Flux") and "Transformer" in class_name
-
-
-def _has_transformer_keys(keys: list[str]) -> bool:
-    return any(key.removeprefix(prefix) in TRANSFORMER_KEYS for key in keys for prefix in ("", *BFL_PREFIXES))
-
-
-def check_transformer(path: Path, shown: str) -> None:
-    """A FLUX.1 transformer: a diffusers folder of a Flux transformer class, or a file with its keys."""
+def check_transformer(path: Path, shown: str) -> DetectedTransformer:
+    """A FLUX transformer (a diffusers folder of a Flux class, or a file with its keys) and its family."""
     if path.is_dir():
-        config_path, config = _folder_config("pretrained_model", path, shown)
-        class_name = config.get("_class_name")
-        if not _is_flux_transformer(class_name):
-            raise InvalidInputError(
-                f"pretrained_model: '{shown}' is not a FLUX transformer: {config_path.name} names "
-                f"class {class_name!r}, not FluxTransformer2DModel"
-            )
-        return
-    keys = _header_keys("pretrained_model", path, shown)
-    if not _has_transformer_keys(keys):
-        sample = ", ".join(keys[:3]) or "no tensors"
-        raise InvalidInputError(
-            f"pretrained_model: '{shown}' holds no FLUX transformer weights (no double_blocks.* or "
-            f"transformer_blocks.* keys; found {sample})"
-        )
+        source, detect = _folder_config("pretrained_model", path, shown)[1], detect_from_config
+    else:
+        source, detect = _header_shapes("pretrained_model", path, shown), detect_from_shapes
+    try:
+        return detect(source)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"pretrained_model: '{shown}' {exc.message}") from exc
+
+
+def check_model_family(path: Path, shown: str, requested: ModelFamily | None) -> ModelFamily:
+    """The run's family: detected from the transformer, matched against the request, and trainable."""
+    family = check_requested_family(requested, check_transformer(path, shown), shown)
+    refuse_untrainable(family)
+    return family
 
 
 def check_component(field: str, path: Path, shown: str) -> None:
@@ -99,7 +96,7 @@ def check_component(field: str, path: Path, shown: str) -> None:
     if path.is_dir():
         _folder_config(field, path, shown)
         return
-    if not _header_keys(field, path, shown):
+    if not _header_shapes(field, path, shown):
         raise InvalidInputError(f"{field}: '{shown}' holds no tensors")
 
 
@@ -113,7 +110,4 @@ def check_model(field: str, path: Path, shown: str) -> None:
 
 def transformer_has_guidance(path: Path, shown: str) -> bool:
     """Whether the transformer is guidance-distilled (dev, T5 length 512) rather than schnell (256)."""
-    check_transformer(path, shown)
-    if path.is_dir():
-        return bool(_folder_config("pretrained_model", path, shown)[1].get("guidance_embeds", False))
-    return any(key.endswith(GUIDANCE_KEYS) for key in _header_keys("pretrained_model", path, shown))
+    return bool(check_transformer(path, shown).guidance)

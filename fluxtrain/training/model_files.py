@@ -40,7 +40,7 @@ from fluxtrain.training.convert import (
     infer_transformer_config,
     infer_vae_config,
 )
-from fluxtrain.training.model_checks import SINGLE_FILE_SUFFIXES, check_model
+from fluxtrain.training.model_checks import SINGLE_FILE_SUFFIXES, check_model, check_model_family
 
 if TYPE_CHECKING:
     from fluxtrain.training.config import TrainConfig
@@ -334,6 +334,7 @@ def resolve_model_files(config: TrainConfig, models_root: Path) -> ModelFiles:
         value = getattr(config, field)
         paths[field] = resolve_model_path(models_root, field, value)
         check_model(field, paths[field], value)
+    check_model_family(paths["pretrained_model"], config.pretrained_model, config.model_family)
     return ModelFiles(
         transformer=paths["pretrained_model"],
         ae=paths["ae"],

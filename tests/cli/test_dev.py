@@ -14,4 +14,7 @@ def test_tiny_models_writes_a_models_root(tmp_path: Path) -> None:
     assert (root / "tokenizers" / "clip_l").is_dir()
     assert (root / "tokenizers" / "t5xxl").is_dir()
     assert (root / "florence2" / "config.json").is_file()
+    for name in ("flux-2-klein-4b.safetensors", "flux2-vae.safetensors", "qwen_3_4b.safetensors"):
+        assert (root / name).stat().st_size > 0
+    assert (root / "tokenizers" / "qwen3" / "chat_template.jinja").is_file()
     assert f"FS_PATH={root.resolve()}" in result.output

@@ -11,6 +11,7 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 from fluxtrain.training.tiny import write_tiny_flux_files
+from fluxtrain.training.tiny_flux2 import write_tiny_flux2_files
 
 ROOT = Path(__file__).parents[2]
 
@@ -28,6 +29,14 @@ def tiny_schnell_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Like tiny_models, but the transformer has no guidance embedding (FLUX.1-schnell layout)."""
     root = tmp_path_factory.mktemp("tiny_schnell_models")
     write_tiny_flux_files(root, guidance=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models root with the tiny FLUX.2 [klein] files of `write_tiny_flux2_files` and tokenizers/qwen3."""
+    root = tmp_path_factory.mktemp("tiny_flux2_models")
+    write_tiny_flux2_files(root)
     return root
 
 
