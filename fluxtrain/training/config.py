@@ -69,6 +69,15 @@ class TrainConfig(BaseModel):
     sample_steps: int = Field(20, ge=1, le=200, description="Denoising steps of each sample image.")
     sample_guidance_scale: float = Field(3.5, ge=0, description="Distilled guidance of sample images (dev).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    memory_preset: Literal["off", "auto"] = Field(
+        "off",
+        description="auto: on a GPU, turn on the cheapest memory savers that make the run fit "
+        "(gradient_checkpointing, fp8_base, optimizer adafactor, full_bf16, in that order); off: refuse "
+        "a run that does not fit, naming what to change.",
+    )
+    memory_preset_chosen: dict[str, bool | str] | None = Field(
+        None, description="What memory_preset auto set, recorded by whoever applied it (not a request field)."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

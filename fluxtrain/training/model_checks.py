@@ -10,13 +10,14 @@ use it without loading diffusers.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
 from fluxtrain.errors import InvalidInputError
-from fluxtrain.training.convert import BFL_PREFIXES
+from fluxtrain.training.convert import BFL_PREFIXES, infer_transformer_config
 
 SINGLE_FILE_SUFFIXES = (".sft", ".safetensors")
 GUIDANCE_KEYS = ("guidance_in.in_layer.weight", "guidance_embedder.linear_1.weight")
@@ -28,6 +29,13 @@ COMPONENT_SUBFOLDERS = {
     "t5xxl": "text_encoder_2",
 }
 MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class HeaderShape:
+    """A tensor as the safetensors header describes it: its shape, no data."""
+
+    shape: tuple[int, ...]
 
 
 def _header_keys(field: str, path: Path, shown: str) -> list[str]:
@@ -117,3 +125,14 @@ def transformer_has_guidance(path: Path, shown: str) -> bool:
     if path.is_dir():
         return bool(_folder_config("pretrained_model", path, shown)[1].get("guidance_embeds", False))
     return any(key.endswith(GUIDANCE_KEYS) for key in _header_keys("pretrained_model", path, shown))
+
+
+def transformer_config(path: Path, shown: str) -> dict[str, Any]:
+    """The transformer's FluxTransformer2DModel config, from config.json or the file's header shapes."""
+    check_transformer(path, shown)
+    if path.is_dir():
+        return _folder_config("pretrained_model", path, shown)[1]
+    with safe_open(str(path), framework="pt") as handle:
+        keys = handle.keys()
+        shapes = {key: HeaderShape(tuple(handle.get_slice(key).get_shape())) for key in keys}
+    return infer_transformer_config(shapes)

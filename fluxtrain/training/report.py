@@ -12,6 +12,7 @@ import torch
 
 from fluxtrain.rundir import EventWriter
 from fluxtrain.training.data import StepPlan, TrainingData
+from fluxtrain.training.memory import MemoryCheck
 
 log = logging.getLogger("fluxtrain.training")
 
@@ -29,7 +30,9 @@ class RunReport:
         num_processes: int,
         device: torch.device,
         mixed_precision: str,
+        memory: MemoryCheck | None = None,
     ) -> None:
+        extra = {"memory": memory.model_dump()} if memory is not None else {}
         self.events.emit(
             "started",
             output_name=output_name,
@@ -41,12 +44,20 @@ class RunReport:
             num_processes=num_processes,
             device=str(device),
             mixed_precision=mixed_precision,
+            **extra,
         )
         log.info(
             "%d images, %d steps (%d epochs of %d steps) on %s x%d, mixed precision %s",
             *(len(data.images), plan.total_steps, plan.total_epochs, plan.steps_per_epoch),
             *(device, num_processes, mixed_precision),
         )
+
+        if memory is not None:
+            log.info(
+                "memory: about %.2f GiB of %.2f GiB (memory_preset %s%s)",
+                *(memory.estimate_gib["total"], memory.available_gib, memory.preset),
+                f", chose {memory.chosen}" if memory.chosen else "",
+            )
 
     def caching(self, latents: tuple[int, int], texts: tuple[int, int], *, seconds: float) -> None:
         """What caching did: (encoded, from cache) of the latents and of the texts."""

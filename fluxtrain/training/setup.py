@@ -27,6 +27,7 @@ from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.data import StepPlan, TrainingData, load_training_data, plan_steps
 from fluxtrain.training.distributed import exclude_frozen_from_ddp
 from fluxtrain.training.lora import load_lora_transformer
+from fluxtrain.training.memory import MemoryCheck
 from fluxtrain.training.model_checks import transformer_has_guidance
 from fluxtrain.training.model_files import ModelFiles, resolve_model_files
 from fluxtrain.training.optim import build_optimizer, build_scheduler
@@ -73,6 +74,7 @@ def set_up(
     counter: state.StepCounter,
     report: RunReport,
     stop_requested: Callable[[], bool],
+    memory: MemoryCheck | None = None,
 ) -> Setup:
     """Build the run's Setup; `counter` is resumed in place. Raises StoppedInSetUp on a stop request."""
     set_seed(config.seed)
@@ -86,6 +88,7 @@ def set_up(
         num_processes=accelerator.num_processes,
         device=accelerator.device,
         mixed_precision=precision.mixed_precision,
+        memory=memory,
     )
     guided = transformer_has_guidance(files.transformer, config.pretrained_model)
     cache_started = time.monotonic()
