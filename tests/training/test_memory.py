@@ -12,6 +12,8 @@ from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel
 
 from fluxtrain.errors import InvalidInputError
+from fluxtrain.rundir import read_events
+from fluxtrain.training import memory
 from fluxtrain.training.config import TrainConfig, load_config
 from fluxtrain.training.fp8 import KEPT_IN_COMPUTE_DTYPE
 from fluxtrain.training.lora import TARGET_PATTERN
@@ -26,6 +28,8 @@ from fluxtrain.training.memory import (
 from fluxtrain.training.model_checks import transformer_config
 from fluxtrain.training.model_files import shipped_config
 from fluxtrain.training.tiny import tiny_transformer_config
+from fluxtrain.training.trainer import StopFlag, Trainer
+from tests.training import helpers_runs as helpers
 
 # FLUX.1-dev, counted on the meta-device model below: every parameter, the linear weights fp8_base
 # stores in float8, and the rest (their biases, the modulation and the norms) kept in bf16.
@@ -183,3 +187,34 @@ def test_run_json_keeps_the_choice_strictly(tmp_path: Path) -> None:
     chosen = {"gradient_checkpointing": True, "optimizer": "adafactor"}
     path.write_text(_config(**fields, memory_preset="auto", memory_preset_chosen=chosen).model_dump_json())
     assert load_config(path).memory_preset_chosen == chosen
+
+
+def test_the_trainer_judges_its_gpu_before_loading_and_reports_the_choice(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = helpers.make_dataset(tmp_path / "data")
+    run = helpers.make_run(
+        tmp_path / "run", models=tiny_models, toml=toml, cache=tmp_path / "cache", memory_preset="auto"
+    )
+    trainer = Trainer(run, load_config(run / "run.json"), stop=StopFlag())
+    assert trainer.memory is None  # the CPU: nothing judged, nothing refused
+    tiny = TransformerShape.from_config(tiny_transformer_config())
+    step = StepSize(batch_size=1, image_tokens=16, text_tokens=512, resolution=(64, 64))
+    needed = estimate_memory(tiny, trainer.config.model_copy(update={"gradient_checkpointing": True}), step)
+    trainer.device = torch.device("cuda")  # what check_memory reads; no CUDA call is made but the patched one
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: needed.total)
+    config, check = trainer.check_memory(trainer.config)
+    assert (
+        config.gradient_checkpointing
+        and check is not None
+        and check.chosen == {"gradient_checkpointing": True}
+    )
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: needed.total // 2)
+    with pytest.raises(
+        InvalidInputError, match="memory_preset auto already set gradient_checkpointing: true"
+    ):
+        trainer.check_memory(trainer.config)
+    trainer.device, trainer.memory = torch.device("cpu"), check
+    trainer.set_up()
+    started = next(e for e in read_events(run / "events.jsonl") if e["event"] == "started")
+    assert started["memory"] == check.model_dump()
