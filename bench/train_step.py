@@ -13,7 +13,10 @@ gradient checkpointing every block's forward runs a second time in the backward 
 (hardware FLOPs utilisation) counts that recomputation, `mfu` does not. s/step is the median of
 the timed steps after the warm-up. The model is built once per precision and reused for every
 resolution and checkpointing setting; an out-of-memory step is reported as such (`--json`: one
-object a line, as each row is measured).
+object a line, as each row is measured). Each row also shows `fluxtrain.training.memory`'s estimate:
+`est GiB` is its allocated part (weights, LoRA with gradients and AdamW state, activations), to
+read against the measured peak allocated; `estimate_total_gib` adds the CUDA context and the
+allocator's margin.
 
     python bench/train_step.py                     # 512 and 1024, fp8_base and checkpointing on/off
     python bench/train_step.py --resolutions 1024 --steps 10 --peak-tflops 989
@@ -37,8 +40,10 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
+from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.flow import image_ids, text_ids
 from fluxtrain.training.lora import add_lora
+from fluxtrain.training.memory import StepSize, TransformerShape, estimate_memory
 from fluxtrain.training.model_files import shipped_config
 from fluxtrain.training.optim import build_optimizer
 from fluxtrain.training.tiny import tiny_transformer_config
@@ -143,6 +148,21 @@ def peak_memory_gib(device: torch.device) -> tuple[float, float | None]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
 
 
+def memory_estimate(model, *, resolution: int, image_tokens: int, fp8: bool, checkpointing: bool, rank: int):
+    """fluxtrain.training.memory's estimate of this row (batch 1, bf16, AdamW, the bench's rank)."""
+    config = TrainConfig(
+        output_name="bench",
+        network_dim=rank,
+        fp8_base=fp8,
+        gradient_checkpointing=checkpointing,
+        mixed_precision="bf16",
+    )
+    step = StepSize(
+        batch_size=1, image_tokens=image_tokens, text_tokens=TEXT_TOKENS, resolution=(resolution, resolution)
+    )
+    return estimate_memory(TransformerShape.from_config(model.config), config, step)
+
+
 def measure(model, params, optimizer, batch: dict, *, steps: int, warmup: int, device: torch.device) -> float:
     """Median seconds of a full step (forward, backward, optimizer) over `steps` after `warmup` steps.
 
@@ -221,7 +241,7 @@ def main() -> None:
         print(f"# {machine}, {'FLUX.1-dev size' if cuda else 'tiny model'}, rank {args.rank}, batch 1, bf16")
         print(
             f"{'res':>5} {'fp8':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'reserved':>9} "
-            f"{'TFLOP/s':>8} {'MFU':>6} {'HFU':>6}"
+            f"{'TFLOP/s':>8} {'MFU':>6} {'HFU':>6} {'est GiB':>8}"
         )
     profiled = False
     for fp8 in switch(args.fp8_base):
@@ -254,6 +274,15 @@ def main() -> None:
             hardware = hardware_flops / seconds / 1e12
             allocated, reserved = peak_memory_gib(device)
             measured = seconds == seconds  # NaN after an out-of-memory error
+            estimate = memory_estimate(
+                model,
+                resolution=resolution,
+                image_tokens=tokens["image_tokens"],
+                fp8=fp8,
+                checkpointing=checkpointing,
+                rank=args.rank,
+            )
+            estimated = (estimate.total - estimate.overhead) / 2**30
             row = {
                 "machine": machine,
                 "resolution": resolution,
@@ -272,6 +301,9 @@ def main() -> None:
                 "warmup": args.warmup,
                 "rank": args.rank,
                 "out_of_memory": not measured,
+                "estimate_gib": round(estimated, 2),
+                "estimate_total_gib": round(estimate.total / 2**30, 2),
+                "estimate": estimate.gib(),
             }
             if args.json:
                 print(json.dumps(row), flush=True)
@@ -281,7 +313,7 @@ def main() -> None:
                 held = f"{reserved:>9.2f}" if reserved is not None else f"{'n/a':>9}"
                 print(
                     f"{resolution:>5} {str(fp8):>5} {str(checkpointing):>5} {seconds:>8.4f} "
-                    f"{allocated:>9.2f} {held} {achieved:>8.3f} {mfu:>6} {hfu:>6}"
+                    f"{allocated:>9.2f} {held} {achieved:>8.3f} {mfu:>6} {hfu:>6} {estimated:>8.2f}"
                     + ("  (out of memory)" if not measured else ""),
                     flush=True,
                 )

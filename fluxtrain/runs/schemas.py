@@ -16,7 +16,9 @@ from fluxtrain.runs.table import as_utc
 from fluxtrain.training.config import TrainConfig
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-SERVICE_FILLED = frozenset({"dataset_config", "models_root", "cache_dir", "validation_dataset_config"})
+SERVICE_FILLED = frozenset(
+    {"dataset_config", "models_root", "cache_dir", "validation_dataset_config", "memory_preset_chosen"}
+)
 MAX_WEBHOOK_LENGTH = 2000
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 """A timestamp given out in UTC with an explicit offset (ISO 8601, `Z`)."""

@@ -26,6 +26,7 @@ from fluxtrain.runs.status import run_dir
 from fluxtrain.runs.table import RUN_STATUSES, TERMINAL_STATUSES, Run, utcnow
 from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
+from fluxtrain.training import memory
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
 from fluxtrain.training.data import count_images, held_out_count
 from fluxtrain.training.model_checks import check_model, check_model_family
@@ -76,6 +77,7 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
         held_out_count(config.validation_split, count_images(toml))
     if settings.executor == "local":
         _check_local_host(settings, config, gpus=getattr(request, "gpus", 1))
+        config = _fit_local_memory(settings, config)
     return config
 
 
@@ -106,6 +108,17 @@ def _check_local_host(settings: Settings, config: TrainConfig, *, gpus: int) -> 
         refuse_cuda_only_options(config, where="this host (FLUXTRAIN_EXECUTOR=local)")
     elif gpus > len(available):
         raise InvalidInputError(f"gpus: {gpus} asked for, this host has {len(available)}")
+
+
+def _fit_local_memory(settings: Settings, config: TrainConfig) -> TrainConfig:
+    """The memory pre-flight on this host's GPUs; memory_preset auto's choice goes into run.json.
+
+    Judged against the smallest GPU's total memory: a queued run waits until a GPU is free, and the
+    trainer judges the free memory of its own device again before loading anything.
+    """
+    if not _local_gpus(settings.gpus):
+        return config
+    return memory.check_run_memory(config, available_bytes=memory.smallest_gpu_bytes())[0]
 
 
 def _request_hash(request: BaseModel) -> str:

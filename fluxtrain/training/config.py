@@ -110,6 +110,15 @@ class TrainConfig(BaseModel):
         description="At the end, delete every epoch checkpoint but the one with the lowest validation loss; "
         "the final file always stays (it is the run's output), best or not.",
     )
+    memory_preset: Literal["off", "auto"] = Field(
+        "off",
+        description="auto: on a GPU, turn on the cheapest memory savers that make the run fit "
+        "(gradient_checkpointing, fp8_base, optimizer adafactor, full_bf16, in that order); off: refuse "
+        "a run that does not fit, naming what to change.",
+    )
+    memory_preset_chosen: dict[str, bool | str] | None = Field(
+        None, description="What memory_preset auto set, recorded by whoever applied it (not a request field)."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

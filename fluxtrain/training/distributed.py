@@ -96,3 +96,11 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def smallest_across_processes(accelerator: Accelerator, value: int) -> int:
+    """The smallest of every process's `value`, the same on all of them (one gather)."""
+    if accelerator.num_processes == 1:
+        return value
+    gathered = accelerator.gather(torch.tensor([value], dtype=torch.int64, device=accelerator.device))
+    return int(gathered.min().item())

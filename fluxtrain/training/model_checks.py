@@ -10,12 +10,14 @@ use it without loading diffusers.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
 from fluxtrain.errors import InvalidInputError
+from fluxtrain.training.convert import infer_transformer_config
 from fluxtrain.training.families.detect import (
     DetectedTransformer,
     ModelFamily,
@@ -33,6 +35,13 @@ COMPONENT_SUBFOLDERS = {
     "t5xxl": "text_encoder_2",
 }
 MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class HeaderShape:
+    """A tensor as the safetensors header describes it: its shape, no data."""
+
+    shape: tuple[int, ...]
 
 
 def _header_shapes(field: str, path: Path, shown: str) -> dict[str, list[int]]:
@@ -111,3 +120,12 @@ def check_model(field: str, path: Path, shown: str) -> None:
 def transformer_has_guidance(path: Path, shown: str) -> bool:
     """Whether the transformer is guidance-distilled (dev, T5 length 512) rather than schnell (256)."""
     return bool(check_transformer(path, shown).guidance)
+
+
+def transformer_config(path: Path, shown: str) -> dict[str, Any]:
+    """The transformer's FluxTransformer2DModel config, from config.json or the file's header shapes."""
+    check_transformer(path, shown)
+    if path.is_dir():
+        return _folder_config("pretrained_model", path, shown)[1]
+    shapes = _header_shapes("pretrained_model", path, shown)
+    return infer_transformer_config({key: HeaderShape(tuple(shape)) for key, shape in shapes.items()})

@@ -12,6 +12,7 @@ import torch
 
 from fluxtrain.rundir import EventWriter
 from fluxtrain.training.data import StepPlan, TrainingData
+from fluxtrain.training.memory import MemoryCheck
 
 log = logging.getLogger("fluxtrain.training")
 
@@ -30,9 +31,11 @@ class RunReport:
         device: torch.device,
         mixed_precision: str,
         validation_images: int | None = None,
+        memory: MemoryCheck | None = None,
     ) -> None:
         """`validation_images`: how many images are held out, when the run validates."""
         held_out = {} if validation_images is None else {"validation_images": validation_images}
+        extra = {"memory": memory.model_dump()} if memory is not None else {}
         self.events.emit(
             "started",
             output_name=output_name,
@@ -45,12 +48,20 @@ class RunReport:
             device=str(device),
             mixed_precision=mixed_precision,
             **held_out,
+            **extra,
         )
         log.info(
             "%d images, %d steps (%d epochs of %d steps) on %s x%d, mixed precision %s",
             *(len(data.images), plan.total_steps, plan.total_epochs, plan.steps_per_epoch),
             *(device, num_processes, mixed_precision),
         )
+
+        if memory is not None:
+            log.info(
+                "memory: about %.2f GiB of %.2f GiB (memory_preset %s%s)",
+                *(memory.estimate_gib["total"], memory.available_gib, memory.preset),
+                f", chose {memory.chosen}" if memory.chosen else "",
+            )
 
     def caching(self, latents: tuple[int, int], texts: tuple[int, int], *, seconds: float) -> None:
         """What caching did: (encoded, from cache) of the latents and of the texts."""

@@ -27,6 +27,7 @@ from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.data import StepPlan, TrainingData, hold_out, load_training_data, plan_steps
 from fluxtrain.training.distributed import exclude_frozen_from_ddp
 from fluxtrain.training.lora import load_lora_transformer
+from fluxtrain.training.memory import MemoryCheck
 from fluxtrain.training.model_checks import transformer_has_guidance
 from fluxtrain.training.model_files import ModelFiles, resolve_model_files
 from fluxtrain.training.optim import build_optimizer, build_scheduler
@@ -75,6 +76,7 @@ def set_up(
     counter: state.StepCounter,
     report: RunReport,
     stop_requested: Callable[[], bool],
+    memory: MemoryCheck | None = None,
 ) -> Setup:
     """Build the run's Setup; `counter` is resumed in place. Raises StoppedInSetUp on a stop request."""
     set_seed(config.seed)
@@ -91,6 +93,7 @@ def set_up(
         device=accelerator.device,
         mixed_precision=precision.mixed_precision,
         validation_images=len(held_out.images) if held_out else None,
+        memory=memory,
     )
     guided = transformer_has_guidance(files.transformer, config.pretrained_model)
     cache_started = time.monotonic()

@@ -16,7 +16,7 @@ import torch
 
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.rundir import RunDir, read_events
-from fluxtrain.training import distributed, flow, state
+from fluxtrain.training import distributed, flow, memory, state
 from fluxtrain.training.cache import load_batch
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.data import StepPlan, epoch_batches
@@ -49,6 +49,8 @@ class Trainer:
         self.stop = stop
         self.accelerator = distributed.make_accelerator(config.resolved_mixed_precision)
         self.device = self.accelerator.device
+        self.config, self.memory = self.check_memory(config)
+        config = self.config
         self.precision = run_precision(
             mixed_precision=config.resolved_mixed_precision,
             full_bf16=config.full_bf16,
@@ -61,6 +63,15 @@ class Trainer:
         self.last_sample_step = -1
         self.validated: dict[int, float] = {}  # step -> validation loss (0: the base model)
         self.file_losses: dict[str, float] = {}  # LoRA file name -> validation loss at its step
+
+    def check_memory(self, config: TrainConfig) -> tuple[TrainConfig, memory.MemoryCheck | None]:
+        """The memory pre-flight on this run's GPUs (the least free of every process), before any loading."""
+        if self.device.type != "cuda":
+            return config, None
+        available = distributed.smallest_across_processes(
+            self.accelerator, memory.free_device_bytes(self.device)
+        )
+        return memory.check_run_memory(config, available_bytes=available)
 
     def stop_requested(self) -> bool:
         return distributed.any_process_stopped(self.accelerator, self.stop.requested)
@@ -86,6 +97,7 @@ class Trainer:
             counter=self.counter,
             report=self.report,
             stop_requested=self.stop_requested,
+            memory=self.memory,
         )
 
     def train(self, setup: Setup) -> str:
