@@ -39,6 +39,12 @@ def download(
     file: Path | None = typer.Option(
         None, "--file", "-f", exists=True, dir_okay=False, readable=True, help="A file of URLs, one a line."
     ),
+    role: str = typer.Option(
+        "target", "--role", help="'target' (training images) or 'control' (edit-pair reference inputs)."
+    ),
+    control_for: list[str] | None = typer.Option(
+        None, "--control-for", help="With --role control, once per URL in order: its stem ('cat', 'cat_0')."
+    ),
 ) -> None:
     """Download images into dataset NAME as JPEGs; exits 1 when any URL failed."""
     console = Console(stderr=True)
@@ -50,6 +56,9 @@ def download(
     all_urls = list(urls or []) + (_read_url_file(file) if file else [])
     if not all_urls:
         console.print("[red]error:[/red] give at least one URL or --file", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if role not in ("target", "control"):
+        console.print(f"[red]invalid --role:[/red] {role!r}: 'target' or 'control'", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     settings = get_settings()
     distinct = len(dict.fromkeys(all_urls))
@@ -71,7 +80,14 @@ def download(
 
         try:
             result = asyncio.run(
-                download_images(settings=settings, name=name, urls=all_urls, on_result=advance)
+                download_images(
+                    settings=settings,
+                    name=name,
+                    urls=all_urls,
+                    on_result=advance,
+                    role="control" if role == "control" else "target",
+                    control_for=control_for or None,
+                )
             )
         except FluxtrainError as exc:
             fail(exc)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from fluxtrain.datasets.pairs import pair_controls
 from fluxtrain.datasets.store import (
     caption_path,
     dataset_dir,
+    list_controls,
     list_dataset_names,
     list_images,
     read_caption,
@@ -30,6 +32,7 @@ class ImageRecord:
     path: str
     caption: str | None
     manifest: dict[str, Any] | None
+    controls: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class DatasetRecord:
     name: str
     path: str
     images: list[ImageRecord]
+    unpaired_controls: list[str] = field(default_factory=list)
 
 
 def summarize_datasets(*, settings: Settings) -> list[DatasetSummary]:
@@ -53,19 +57,23 @@ def summarize_datasets(*, settings: Settings) -> list[DatasetSummary]:
 
 
 def describe_dataset(*, settings: Settings, name: str) -> DatasetRecord:
-    """One dataset's images, each with its caption and manifest entry when it has them."""
+    """One dataset's images, each with its caption, manifest entry and controls when it has them."""
     folder = dataset_dir(settings, name)
     try:
         manifest = read_manifest(folder)
+        targets = list_images(folder)
+        pairing = pair_controls((image.stem for image in targets), list_controls(folder))
         images = [
             ImageRecord(
                 file=image.name,
                 path=str(image),
                 caption=read_caption(image),
                 manifest=manifest.get(image.name),
+                controls=[control.name for control in pairing.controls.get(image.stem, [])],
             )
-            for image in list_images(folder)
+            for image in targets
         ]
     except FileNotFoundError as exc:
         raise NotFoundError(f"dataset '{name}' does not exist") from exc
-    return DatasetRecord(name=name, path=str(folder), images=images)
+    unpaired = [control.name for control in pairing.unpaired]
+    return DatasetRecord(name=name, path=str(folder), images=images, unpaired_controls=unpaired)

@@ -26,7 +26,8 @@ from fluxtrain.datasets import archive, ledger
 from fluxtrain.datasets.addresses import IPNetwork
 from fluxtrain.datasets.fetch import FetchError, HostSlots, check_url, fetch_bytes, make_client
 from fluxtrain.datasets.images import ImageRejectedError, normalize_image
-from fluxtrain.datasets.store import dataset_dir
+from fluxtrain.datasets.pairs import Role
+from fluxtrain.datasets.store import control_dir, dataset_dir
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.settings import Settings
 
@@ -106,19 +107,52 @@ def _settle(book: ledger.Ledger, result: DownloadResult) -> None:
         result.files.clear()
 
 
+def _role_folder(settings: Settings, name: str, role: Role) -> Path:
+    """The folder images of `role` go into: the dataset's own, or its `control/`."""
+    folder = dataset_dir(settings, name, must_exist=False)
+    return control_dir(folder) if role == "control" else folder
+
+
+def control_stems(urls: list[str], control_for: list[str] | None, role: Role) -> dict[str, str]:
+    """Each distinct URL's control stem (`cat`, `cat_0`: whose reference it is); none for targets."""
+    if role == "target":
+        if control_for is not None:
+            raise InvalidInputError("control_for is only for role 'control'")
+        return {}
+    if control_for is None or len(control_for) != len(urls):
+        raise InvalidInputError(
+            "role 'control' needs control_for: one control stem per URL (e.g. 'cat' or 'cat_0' for "
+            "the target cat.jpg)"
+        )
+    stems: dict[str, str] = {}
+    for url, given in zip(urls, control_for, strict=True):
+        stem = ledger.stem_for(given)
+        if stem != given.rpartition(".")[0] and stem != given:
+            raise InvalidInputError(f"control_for '{given}' is not a safe stem (letters, digits, '-', '_')")
+        if stems.setdefault(url, stem) != stem:
+            raise InvalidInputError(f"URL {url} is given twice with different control stems")
+    return stems
+
+
 async def download_images(
     *,
     settings: Settings,
     name: str,
     urls: list[str],
     on_result: ResultCallback | None = None,
+    role: Role = "target",
+    control_for: list[str] | None = None,
 ) -> DownloadResult:
-    """Fetch every distinct URL into dataset `name`; per-URL trouble lands in `failed`, never raises."""
+    """Fetch every distinct URL into dataset `name`; per-URL trouble lands in `failed`, never raises.
+
+    With role 'control' the images go into the dataset's `control/`, each under the stem
+    `control_for` gives it, so it pairs with its target (`datasets.pairs`)."""
     if not urls:
         raise InvalidInputError("urls must not be empty")
     if len(urls) > settings.max_urls:
         raise InvalidInputError(f"at most {settings.max_urls} URLs per request, got {len(urls)}")
-    folder = dataset_dir(settings, name, must_exist=False)
+    stems = control_stems(urls, control_for, role)
+    folder = _role_folder(settings, name, role)
     unique = list(dict.fromkeys(urls))
     result = DownloadResult()
     loop = asyncio.get_running_loop()
@@ -149,7 +183,7 @@ async def download_images(
                 store_image,
                 book,
                 source=ledger.Source(url=url),
-                stem=ledger.stem_for_url(url),
+                stem=stems.get(url) or ledger.stem_for_url(url),
                 data=fetched.content,
                 max_pixels=settings.max_image_pixels,
             )
@@ -244,9 +278,12 @@ def _store_one(
 
 
 async def add_uploads(
-    *, settings: Settings, name: str, uploads: Sequence[tuple[str, BinaryIO]]
+    *, settings: Settings, name: str, uploads: Sequence[tuple[str, BinaryIO]], role: Role = "target"
 ) -> DownloadResult:
     """Normalise uploaded images (or zips of them) into dataset `name`, keyed by their file names.
+
+    With role 'control' they go into its `control/`; a file's own stem (`cat.png`, `cat_0.png`)
+    says which target it is a reference of.
 
     Keys are the uploaded file name, or `archive.zip/entry` for a zip's entries; when one request
     holds the same key more than once, its later parts are keyed `name#2`, `name#3`, ... so every
@@ -254,7 +291,7 @@ async def add_uploads(
     """
     if not uploads:
         raise InvalidInputError("no files were uploaded")
-    folder = dataset_dir(settings, name, must_exist=False)
+    folder = _role_folder(settings, name, role)
     loop = asyncio.get_running_loop()
     executor = image_executor()
     result = DownloadResult()

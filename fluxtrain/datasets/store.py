@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtrain.datasets.locks import dataset_lock
+from fluxtrain.datasets.pairs import CONTROL_DIR
 from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json, atomic_write_text
 from fluxtrain.names import safe_join
@@ -53,6 +54,17 @@ def list_images(folder: Path) -> list[Path]:
         for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
+
+
+def control_dir(folder: Path) -> Path:
+    """Where a dataset keeps its control (reference) images: `<folder>/control/`."""
+    return folder / CONTROL_DIR
+
+
+def list_controls(folder: Path) -> list[Path]:
+    """The control images of a dataset folder; none when it has no `control/`."""
+    controls = control_dir(folder)
+    return list_images(controls) if controls.is_dir() else []
 
 
 def caption_path(image: Path, extension: str = CAPTION_SUFFIX) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 
 from fluxtrain.api.deps import SettingsDep
 from fluxtrain.api.schemas.datasets import (
@@ -18,6 +18,7 @@ from fluxtrain.api.schemas.datasets import (
 )
 from fluxtrain.datasets.catalog import describe_dataset, summarize_datasets
 from fluxtrain.datasets.ingest import add_uploads, download_images
+from fluxtrain.datasets.pairs import Role
 from fluxtrain.datasets.store import delete_dataset
 from fluxtrain.datasets.thumbnails import drop_thumbnails
 from fluxtrain.errors import TooLargeError
@@ -30,7 +31,9 @@ _NOT_FOUND = {404: {"description": "The dataset does not exist."}}
 @router.post("/download-images", response_model=DownloadResponse)
 async def download_images_route(body: DownloadRequest, settings: SettingsDep) -> DownloadResponse:
     """Fetch the URLs into the dataset; each URL ends up in `files` or, with a reason, in `failed`."""
-    result = await download_images(settings=settings, name=body.output_name, urls=body.urls)
+    result = await download_images(
+        settings=settings, name=body.output_name, urls=body.urls, role=body.role, control_for=body.control_for
+    )
     return DownloadResponse(files=result.files, failed=result.failed)
 
 
@@ -43,6 +46,7 @@ async def upload_images_route(
     name: str,
     files: Annotated[list[UploadFile], File(description="Image files, or .zip archives of images.")],
     settings: SettingsDep,
+    role: Annotated[Role, Form(description="'control': reference inputs, paired by file stem.")] = "target",
 ) -> UploadResponse:
     """Add uploaded images (or zips of them) to the dataset, creating it when missing.
 
@@ -54,7 +58,7 @@ async def upload_images_route(
     if total > settings.max_upload_bytes:
         raise TooLargeError(f"upload is {total} bytes, the limit is {settings.max_upload_bytes}")
     uploads = [(upload.filename or "upload", upload.file) for upload in files]
-    result = await add_uploads(settings=settings, name=name, uploads=uploads)
+    result = await add_uploads(settings=settings, name=name, uploads=uploads, role=role)
     return UploadResponse(files=result.files, failed=result.failed)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from fluxtrain.datasets.pairs import Role
 from fluxtrain.names import SafeName
 
 
@@ -14,6 +15,14 @@ class DownloadRequest(BaseModel):
 
     urls: list[str] = Field(min_length=1, description="Image URLs (http or https); duplicates count once.")
     output_name: SafeName = Field(description="Dataset name: letters, digits, '-', '_', '.'.")
+    role: Role = Field(
+        "target", description="'target': training images; 'control': reference inputs of edit pairs."
+    )
+    control_for: list[str] | None = Field(
+        None,
+        description="With role 'control', one stem per URL naming its target: 'cat' (the one reference "
+        "of cat.jpg) or 'cat_0', 'cat_1' (several references).",
+    )
 
 
 class DownloadResponse(BaseModel):
@@ -43,12 +52,18 @@ class DatasetImage(BaseModel):
     path: str
     caption: str | None = None
     manifest: dict[str, Any] | None = Field(None, description="url, sha256, bytes, width, height.")
+    controls: list[str] = Field(
+        default_factory=list, description="Its control images in control/, in reference order."
+    )
 
 
 class DatasetDetail(BaseModel):
     name: str
     path: str
     images: list[DatasetImage]
+    unpaired_controls: list[str] = Field(
+        default_factory=list, description="Control images in control/ that no target's stem claims."
+    )
 
 
 class DatasetDeleted(BaseModel):
