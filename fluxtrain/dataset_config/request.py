@@ -61,6 +61,14 @@ class DatasetConfig(BaseModel):
     flip_aug: bool = Field(False, description="Randomly mirror images left to right.")
     color_aug: bool = Field(False, description="Randomly shift image hue.")
     random_crop: bool = Field(False, description="Crop at a random place instead of the centre.")
+    control_resolution: Annotated[int, AfterValidator(_check_resolution)] | None = Field(
+        None,
+        description="Edit pairs: the side control images are resized to (their own aspect kept); "
+        "unset: each control takes its target's bucket size.",
+    )
+    no_resize_control: bool = Field(
+        False, description="Edit pairs: keep control images at their own size (cropped to a multiple of 16)."
+    )
 
     @model_validator(mode="after")
     def _check_buckets(self) -> Self:

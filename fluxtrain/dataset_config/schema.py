@@ -2,7 +2,9 @@
 
 Each section accepts only keys that kohya's sd-scripts accepts in that section, so whatever we
 write is a file sd-scripts reads unchanged, and a typo in a hand-written file is an error instead
-of a silently ignored option. Resolution follows kohya's fallbacks: a subset key falls back to
+of a silently ignored option. Edit pairs add musubi-tuner's keys: `control_directory` beside a
+subset's images, `control_resolution` and `no_resize_control` per dataset.
+Resolution follows kohya's fallbacks: a subset key falls back to
 its dataset, then to [general], then to kohya's default; a dataset key to [general], then to the
 default.
 """
@@ -35,6 +37,8 @@ KOHYA_DEFAULTS: dict[str, object] = {
     "max_bucket_reso": 1024,
     "bucket_reso_steps": 64,
     "bucket_no_upscale": False,
+    "control_resolution": None,
+    "no_resize_control": False,
 }
 
 
@@ -65,6 +69,8 @@ class DatasetOptions(_Section):
     max_bucket_reso: PositiveInt | None = None
     bucket_reso_steps: PositiveInt | None = None
     bucket_no_upscale: bool | None = None
+    control_resolution: Resolution | None = None
+    no_resize_control: bool | None = None
 
 
 class GeneralSection(SubsetOptions, DatasetOptions):
@@ -75,6 +81,7 @@ class SubsetSection(SubsetOptions):
     """`[[datasets.subsets]]`: one folder of images with its captions."""
 
     image_dir: str
+    control_directory: str | None = None
 
 
 class DatasetSection(SubsetOptions, DatasetOptions):
@@ -96,6 +103,7 @@ class SubsetSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     image_dir: Path
+    control_dir: Path | None = None
     class_tokens: str | None
     num_repeats: int
     caption_extension: str
@@ -118,6 +126,8 @@ class DatasetSpec(BaseModel):
     max_bucket_reso: int
     bucket_reso_steps: int
     bucket_no_upscale: bool
+    control_resolution: tuple[int, int] | None = None
+    no_resize_control: bool = False
     subsets: list[SubsetSpec]
 
 
@@ -160,16 +170,21 @@ def cascaded_subset_options(document: KohyaDatasetToml) -> dict[str, dict[str, o
 
 
 def resolve_document(document: KohyaDatasetToml, *, path: Path) -> DatasetConfigFile:
-    """Apply kohya's fallbacks; a relative `image_dir` is taken from the TOML's own folder."""
+    """Apply kohya's fallbacks; a relative `image_dir` or `control_directory` is taken from the TOML's
+    own folder."""
     general = document.general
     if not document.datasets:
         raise InvalidInputError("datasets: the file has no [[datasets]] table; training needs one")
     datasets: list[DatasetSpec] = []
     for index, dataset in enumerate(document.datasets):
         resolution = _pick_resolution(dataset, general, index=index)
+        control_resolution = _pick("control_resolution", dataset, general)
         subsets = [
             SubsetSpec(
                 image_dir=(path.parent / subset.image_dir).resolve(),
+                control_dir=(
+                    (path.parent / subset.control_directory).resolve() if subset.control_directory else None
+                ),
                 **_subset_values(subset, dataset, general),
             )
             for subset in dataset.subsets
@@ -177,11 +192,12 @@ def resolve_document(document: KohyaDatasetToml, *, path: Path) -> DatasetConfig
         datasets.append(
             DatasetSpec(
                 resolution=resolution,
+                control_resolution=_as_size(control_resolution) if control_resolution is not None else None,
                 subsets=subsets,
                 **{
                     key: _pick(key, dataset, general)
                     for key in DatasetOptions.model_fields
-                    if key != "resolution"
+                    if key not in ("resolution", "control_resolution")
                 },
             )
         )
@@ -192,6 +208,12 @@ def _pick_resolution(dataset: DatasetSection, general: GeneralSection, *, index:
     value = dataset.resolution if dataset.resolution is not None else general.resolution
     if value is None:
         raise InvalidInputError(f"datasets[{index}] has no resolution, and [general] sets none either")
+    return _as_size(value)
+
+
+def _as_size(value: object) -> tuple[int, int]:
+    """A TOML resolution (one side, or [width, height]) as (width, height)."""
     if isinstance(value, int):
         return (value, value)
+    assert isinstance(value, list)
     return (value[0], value[1])

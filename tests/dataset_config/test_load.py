@@ -127,7 +127,7 @@ def test_the_cascade_of_subset_options_is_the_one_the_trainer_resolves(tmp_path:
     options = cascaded_subset_options(read_dataset_toml(path))
     loaded = load_dataset_config(path)
     resolved = {
-        f"datasets[{d}].subsets[{s}]": subset.model_dump(exclude={"image_dir"})
+        f"datasets[{d}].subsets[{s}]": subset.model_dump(exclude={"image_dir", "control_dir"})
         for d, dataset in enumerate(loaded.datasets)
         for s, subset in enumerate(dataset.subsets)
     }

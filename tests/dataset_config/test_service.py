@@ -144,9 +144,10 @@ def test_defaults_match_the_seed(settings: Settings, dataset_folder: Path) -> No
 
 
 def test_our_sections_only_declare_keys_kohya_accepts() -> None:
-    assert set(GeneralSection.model_fields) <= set(KOHYA_GENERAL)
-    assert set(DatasetOptions.model_fields) <= set(KOHYA_DATASET_ONLY)
-    assert set(SubsetSection.model_fields) <= set(KOHYA_SUBSET)
+    """Kohya's keys, plus musubi-tuner's edit-pair keys (written only for a dataset with controls)."""
+    assert set(GeneralSection.model_fields) <= set(KOHYA_GENERAL) | set(MUSUBI_CONTROL_DATASET)
+    assert set(DatasetOptions.model_fields) <= set(KOHYA_DATASET_ONLY) | set(MUSUBI_CONTROL_DATASET)
+    assert set(SubsetSection.model_fields) <= set(KOHYA_SUBSET) | {"control_directory"}
 
 
 def test_trigger_word_with_toml_specials_round_trips(settings: Settings, dataset_folder: Path) -> None:
@@ -261,3 +262,35 @@ def test_render_and_parse_round_trip_several_datasets() -> None:
     assert text.count("[[datasets]]") == 2
     assert text.count("[[datasets.subsets]]") == 3
     assert parse_dataset_toml(text) == document
+
+
+# musubi-tuner's edit-pair keys (docs/dataset_config.md) and their types.
+MUSUBI_CONTROL_DATASET = {"control_resolution": (int, list), "no_resize_control": bool}
+
+
+def test_an_edit_pair_dataset_writes_musubis_control_keys_and_reads_them_back(
+    settings: Settings, dataset_folder: Path
+) -> None:
+    (dataset_folder / "control").mkdir()
+    (dataset_folder / "control" / "cat1.jpg").write_bytes((dataset_folder / "cat1.jpg").read_bytes())
+    request = DatasetConfig(
+        output_name="cats", trigger_word="c", control_resolution=512, no_resize_control=True
+    )
+
+    path = create_dataset_config(settings=settings, request=request)
+
+    [dataset] = tomllib.loads(path.read_text(encoding="utf-8"))["datasets"]
+    [subset] = dataset["subsets"]
+    assert subset["control_directory"] == str(dataset_folder / "control")
+    assert (dataset["control_resolution"], dataset["no_resize_control"]) == (512, True)
+    _check_kohya_section({k: v for k, v in dataset.items() if k not in MUSUBI_CONTROL_DATASET}, KOHYA_DATASET)
+    _check_kohya_section({k: dataset[k] for k in MUSUBI_CONTROL_DATASET}, MUSUBI_CONTROL_DATASET)
+    [spec] = load_dataset_config(path).datasets
+    assert spec.subsets[0].control_dir == dataset_folder / "control"
+    assert (spec.control_resolution, spec.no_resize_control) == ((512, 512), True)
+
+
+def test_a_dataset_without_controls_writes_no_control_key(settings: Settings, dataset_folder: Path) -> None:
+    request = DatasetConfig(output_name="cats", trigger_word="c", control_resolution=512)
+    text = create_dataset_config(settings=settings, request=request).read_text(encoding="utf-8")
+    assert "control_directory" not in text and "control_resolution" not in text
