@@ -29,7 +29,8 @@ from fluxtrain.settings import Settings
 from fluxtrain.training import memory
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
 from fluxtrain.training.data import count_images, held_out_count
-from fluxtrain.training.model_checks import check_model, check_model_family
+from fluxtrain.training.edit_pairs import MAX_REFERENCES, check_family_and_pairs
+from fluxtrain.training.model_checks import check_model
 
 MAX_LIST_LIMIT = 1000
 
@@ -57,7 +58,9 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     for field in MODEL_FIELDS:
         check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])
     transformer = resolve_model_path(settings.models_root, "pretrained_model", fields["pretrained_model"])
-    check_model_family(transformer, fields["pretrained_model"], fields.get("model_family"))
+    family = check_family_and_pairs(
+        toml, transformer, fields["pretrained_model"], requested=fields.get("model_family")
+    )
     webhook = getattr(request, "webhook", None)
     if webhook:
         check_webhook(webhook, settings)
@@ -73,6 +76,8 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
         )
     except ValidationError as exc:
         raise InvalidInputError(_validation_message(exc)) from exc
+    if family in MAX_REFERENCES:
+        config = config.model_copy(update={"model_family": family})  # the trainer trains the pairs as linted
     if config.validation_split is not None:
         held_out_count(config.validation_split, count_images(toml))
     if settings.executor == "local":

@@ -36,7 +36,11 @@ def test_flux1_files_train_as_before_and_may_name_their_family(run_settings: Set
             "model_family: 'flux2-dev' (FLUX.2 [dev]) was asked for, but pretrained_model 'flux1-dev.sft' "
             "is a FLUX.1 transformer ('flux1')",
         ),
-        ({"model_family": "flux1-kontext"}, "FLUX.1 Kontext training is not available yet"),
+        (
+            {"model_family": "flux1-kontext"},
+            "model_family 'flux1-kontext' (FLUX.1 Kontext) trains on edit pairs, but dataset config "
+            "demo.toml names no control_directory",
+        ),
         ({"model_family": "flux3"}, "model_family"),
     ],
 )

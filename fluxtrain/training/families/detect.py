@@ -19,7 +19,7 @@ from fluxtrain.errors import InvalidInputError
 
 ModelFamily = Literal["flux1", "flux1-kontext", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"]
 MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
-TRAINABLE_FAMILIES: tuple[str, ...] = ("flux1",)
+TRAINABLE_FAMILIES: tuple[str, ...] = ("flux1", "flux1-kontext")
 """Families the trainer trains today; the rest are recognised and refused with a clear message."""
 FLUX1_IN_CHANNELS = 64
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -200,7 +200,7 @@ def check_requested_family(
 
 
 def refuse_untrainable(family: ModelFamily) -> None:
-    """A clear 422 for a family that is recognised but not trained yet (FLUX.2, Kontext)."""
+    """A clear 422 for a family that is recognised but not trained yet (FLUX.2)."""
     if family in TRAINABLE_FAMILIES:
         return
     what = "FLUX.2" if family.startswith("flux2") else FAMILY_TITLES[family]

@@ -1,0 +1,129 @@
+"""Edit-pair lint: what is wrong with a folder of targets and its control folder, before a run exists.
+
+Each finding names its files. Errors (the run could not train these pairs as asked): a target
+without a control, more references than the family takes, a control whose aspect ratio lands in
+another bucket than its target's (it would be cropped to the target's shape), a control folder
+that does not exist. Warnings: a control no target claims (it is not trained on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, UnidentifiedImageError
+
+from fluxtrain.datasets.pairs import pair_controls
+from fluxtrain.datasets.store import list_images
+
+Size = tuple[int, int]
+Severity = Literal["error", "warning"]
+SHOWN_FILES = 5
+
+
+@dataclass(frozen=True)
+class PairFinding:
+    kind: str  # control_dir_missing, control_missing, control_unpaired, control_aspect, too_many_references
+    severity: Severity
+    message: str
+    files: list[str]
+
+
+def _size(path: Path) -> Size | None:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def _named(files: list[str]) -> str:
+    shown = ", ".join(files[:SHOWN_FILES])
+    return shown + (f" and {len(files) - SHOWN_FILES} more" if len(files) > SHOWN_FILES else "")
+
+
+def lint_pairs(
+    *,
+    image_dir: Path,
+    control_dir: Path,
+    bucket_of: Callable[[int, int], Size] | None,
+    max_references: int,
+    where: str,
+) -> list[PairFinding]:
+    """The findings of one folder of targets and its controls.
+
+    `bucket_of` is the dataset's bucketing when controls take their target's bucket; None when they
+    keep their own aspect (`control_resolution`, `no_resize_control`), so no aspect is compared."""
+    if not control_dir.is_dir():
+        return [
+            PairFinding(
+                "control_dir_missing",
+                "error",
+                f"{where}: control_directory {control_dir} is not a folder",
+                [],
+            )
+        ]
+    targets = list_images(image_dir) if image_dir.is_dir() else []
+    pairing = pair_controls((t.stem for t in targets), list_images(control_dir))
+    findings: list[PairFinding] = []
+    missing = [t.name for t in targets if t.stem not in pairing.controls]
+    if missing:
+        findings.append(
+            PairFinding(
+                "control_missing",
+                "error",
+                f"{where}: {len(missing)} target(s) have no control image in {control_dir}: "
+                f"{_named(missing)}",
+                missing,
+            )
+        )
+    if pairing.unpaired:
+        names = [p.name for p in pairing.unpaired]
+        findings.append(
+            PairFinding(
+                "control_unpaired",
+                "warning",
+                f"{where}: {len(names)} control image(s) match no target stem and are not trained on: "
+                f"{_named(names)}",
+                names,
+            )
+        )
+    crowded = [t.name for t in targets if len(pairing.controls.get(t.stem, [])) > max_references]
+    if crowded:
+        findings.append(
+            PairFinding(
+                "too_many_references",
+                "error",
+                f"{where}: {len(crowded)} target(s) have more than {max_references} control image(s), the "
+                f"most this model family takes: {_named(crowded)}",
+                crowded,
+            )
+        )
+    skewed = _skewed_pairs(targets, pairing.controls, bucket_of) if bucket_of is not None else []
+    if skewed:
+        findings.append(
+            PairFinding(
+                "control_aspect",
+                "error",
+                f"{where}: {len(skewed)} pair(s) disagree in aspect ratio beyond the bucket tolerance "
+                f"(the control would be cropped): {_named(skewed)}",
+                skewed,
+            )
+        )
+    return findings
+
+
+def _skewed_pairs(
+    targets: list[Path], controls: dict[str, list[Path]], bucket_of: Callable[[int, int], Size]
+) -> list[str]:
+    """`target / control` for each pair whose two images land in different buckets."""
+    skewed = []
+    for target in targets:
+        target_size = _size(target)
+        for control in controls.get(target.stem, []):
+            control_size = _size(control)
+            if target_size and control_size and bucket_of(*target_size) != bucket_of(*control_size):
+                skewed.append(f"{target.name} / {control.name}")
+    return skewed

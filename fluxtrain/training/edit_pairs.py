@@ -1,0 +1,123 @@
+"""Edit pairs in training: which family trains a dataset with control images, and the pair lint.
+
+A dataset whose subsets name a `control_directory` trains an edit LoRA: FLUX.1 Kontext on a FLUX.1
+dev file (chosen for it when the request names no family). The lint of `datasets/pair_lint.py`
+runs per subset with the dataset's own bucketing; its errors are one 422 naming the files, its
+warnings are logged. `/train` (`runs.service.resolve_config`) and the trainer (`data.py`) call it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from fluxtrain.dataset_config.schema import DatasetConfigFile, DatasetSpec
+from fluxtrain.dataset_config.toml_file import load_dataset_config, read_dataset_toml
+from fluxtrain.datasets.pair_lint import PairFinding, lint_pairs
+from fluxtrain.errors import InvalidInputError
+from fluxtrain.training.buckets import BucketSpec, Size, choose_bucket
+from fluxtrain.training.families.detect import FAMILY_TITLES, ModelFamily
+from fluxtrain.training.model_checks import check_model_family
+
+log = logging.getLogger(__name__)
+
+MAX_REFERENCES: dict[str, int] = {"flux1-kontext": 1}
+"""Families that train on edit pairs, with the most control images one target may have."""
+
+
+def bucket_spec(dataset: DatasetSpec, *, enable: bool | None = None) -> BucketSpec:
+    """The bucketing a dataset section asks for (`enable` overrides its enable_bucket)."""
+    return BucketSpec(
+        resolution=dataset.resolution,
+        enable=dataset.enable_bucket if enable is None else enable,
+        min_reso=dataset.min_bucket_reso,
+        max_reso=dataset.max_bucket_reso,
+        steps=dataset.bucket_reso_steps,
+        no_upscale=dataset.bucket_no_upscale,
+    )
+
+
+def has_controls(config: DatasetConfigFile) -> bool:
+    return any(subset.control_dir is not None for dataset in config.datasets for subset in dataset.subsets)
+
+
+def pair_family(
+    transformer: Path, shown: str, *, requested: ModelFamily | None, config: DatasetConfigFile
+) -> ModelFamily:
+    """The run's family (`check_model_family`), Kontext for a FLUX.1 file when the dataset has controls."""
+    family = check_model_family(transformer, shown, requested)
+    if requested is None and family == "flux1" and has_controls(config):
+        family = check_model_family(transformer, shown, "flux1-kontext")
+    return family
+
+
+def _control_bucketing(dataset: DatasetSpec) -> Callable[[int, int], Size] | None:
+    if dataset.control_resolution is not None or dataset.no_resize_control:
+        return None
+    return partial(choose_bucket, bucket_spec(dataset))
+
+
+def _refuse_unpaired(family: ModelFamily, name: str) -> None:
+    if family in MAX_REFERENCES:
+        raise InvalidInputError(
+            f"model_family '{family}' ({FAMILY_TITLES[family]}) trains on edit pairs, but dataset config "
+            f"{name} names no control_directory: add control images (role 'control') and write the "
+            "config again"
+        )
+
+
+def lint_edit_pairs(config: DatasetConfigFile, *, family: ModelFamily) -> list[PairFinding]:
+    """Every pair finding of the dataset for `family`; raises one 422 naming the files of every error."""
+    name = config.path.name
+    paired = has_controls(config)
+    if not paired:
+        _refuse_unpaired(family, name)
+        return []
+    if family not in MAX_REFERENCES:
+        raise InvalidInputError(
+            f"dataset config {name} has control images (control_directory), but model family '{family}' "
+            f"({FAMILY_TITLES[family]}) trains no edit pairs; FLUX.1 dev files train them as 'flux1-kontext'"
+        )
+    findings: list[PairFinding] = []
+    for d_index, dataset in enumerate(config.datasets):
+        for s_index, subset in enumerate(dataset.subsets):
+            where = f"{name} datasets[{d_index}].subsets[{s_index}]"
+            if subset.control_dir is None:
+                findings.append(
+                    PairFinding("control_dir_missing", "error", f"{where} names no control_directory", [])
+                )
+                continue
+            findings += lint_pairs(
+                image_dir=subset.image_dir,
+                control_dir=subset.control_dir,
+                bucket_of=_control_bucketing(dataset),
+                max_references=MAX_REFERENCES[family],
+                where=where,
+            )
+    errors = [finding.message for finding in findings if finding.severity == "error"]
+    if errors:
+        raise InvalidInputError("edit pairs: " + "; ".join(errors))
+    for finding in findings:
+        log.warning("edit pairs: %s", finding.message)
+    return findings
+
+
+def check_family_and_pairs(
+    toml: Path, transformer: Path, shown: str, *, requested: ModelFamily | None
+) -> ModelFamily:
+    """`/train`'s check: the run's family and, for a dataset with controls, its pair lint.
+
+    A dataset without a control_directory is not resolved here: what only matters once training
+    starts (a resolution, the image folders) stays the trainer's to check."""
+    document = read_dataset_toml(toml)
+    named = any(subset.control_directory for dataset in document.datasets for subset in dataset.subsets)
+    if not named:
+        family = check_model_family(transformer, shown, requested)
+        _refuse_unpaired(family, Path(toml).name)
+        return family
+    config = load_dataset_config(toml)
+    family = pair_family(transformer, shown, requested=requested, config=config)
+    lint_edit_pairs(config, family=family)
+    return family
