@@ -2,7 +2,8 @@
 
 A latent is keyed by the image's content hash, the autoencoder file's identity, the bucket size
 and whether it is mirrored; a text entry by the caption and both text encoders' identities and
-the T5 length. Entries are safetensors files written atomically, so a second run on the same
+the T5 length. Control images of edit pairs are latents like any other, keyed by their own
+content and size. Entries are safetensors files written atomically, so a second run on the same
 data (or a crashed first one) reuses every finished entry and loads no encoder at all.
 """
 
@@ -197,6 +198,8 @@ def cache_latents(
     for image in data.images:
         for flip in (False, True) if image.flip_aug else (False,):
             wanted[LatentKey(image.sha256, image.bucket, flip)] = image.path
+        for path, sha, size in zip(image.controls, image.control_sha256, image.control_buckets, strict=True):
+            wanted[LatentKey(sha, size, False)] = path
 
     def load_vae() -> object:
         log.info("loading autoencoder")
@@ -261,3 +264,17 @@ def load_batch(
         hidden.append(t5)
         pooled.append(clip)
     return torch.stack(latents), torch.stack(hidden), torch.stack(pooled)
+
+
+def load_references(cache: FeatureCache, data: TrainingData, indices: list[int]) -> torch.Tensor | None:
+    """The batch's reference latents (B, C, h, w) for FLUX.1 Kontext, which takes one per target;
+    None for a batch without edit pairs. A batch shares one control size (`data.epoch_batches`)."""
+    images = [data.images[index] for index in indices]
+    if not images[0].controls:
+        return None
+    return torch.stack(
+        [
+            cache.load_latent(LatentKey(image.control_sha256[0], image.control_buckets[0], False))
+            for image in images
+        ]
+    )

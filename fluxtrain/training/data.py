@@ -8,6 +8,10 @@ when that file is missing. With `shuffle_caption` the comma-separated tags after
 `keep_tokens` are shuffled; since text-encoder outputs are cached, each caption gets a fixed set
 of shuffled variants and a step picks one of them.
 `color_aug` and `random_crop` are refused (`check_dataset_options`): latents are cached too.
+A subset with a `control_directory` holds edit pairs: each image carries its control images
+(paired by `datasets.pairs`), each encoded at its own size: the target's bucket by default, a
+bucket of `control_resolution` keeping the control's aspect, or its own size (cut to a multiple
+of 16) with `no_resize_control`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fluxtrain.dataset_config.schema import DatasetSpec
 from fluxtrain.dataset_config.toml_file import load_dataset_config
+from fluxtrain.datasets.pairs import pair_controls
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training.buckets import BucketSpec, Size, choose_bucket
 from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig, check_dataset_options
@@ -43,6 +49,9 @@ class TrainImage:
     flip_aug: bool
     num_repeats: int
     dataset_index: int
+    controls: list[Path] = field(default_factory=list)  # edit pairs: the reference images, in order
+    control_sha256: list[str] = field(default_factory=list)
+    control_buckets: list[Size] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +111,15 @@ def _image_size(path: Path) -> Size:
         raise InvalidInputError(f"image {path} cannot be read: {exc}") from exc
 
 
+def control_bucket(dataset: DatasetSpec, spec: BucketSpec, target_bucket: Size, size: Size) -> Size:
+    """The size a control image is encoded at (see the module docstring)."""
+    if dataset.no_resize_control:
+        return (max(16, size[0] - size[0] % 16), max(16, size[1] - size[1] % 16))
+    if dataset.control_resolution is not None:
+        return choose_bucket(replace(spec, resolution=dataset.control_resolution, enable=True), *size)
+    return target_bucket
+
+
 def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) -> TrainingData:
     """Read the dataset TOML, find every image and caption, and assign buckets."""
     config = load_dataset_config(toml_path)
@@ -132,25 +150,41 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
                 trigger_words.append(class_tokens)
             extensions = _caption_extensions(subset.caption_extension)
             uncaptioned = 0
-            for path in _image_files(subset.image_dir):
+            files = _image_files(subset.image_dir)
+            control_dir = subset.control_dir
+            pairing = pair_controls(
+                (path.stem for path in files),
+                _image_files(control_dir) if control_dir and control_dir.is_dir() else [],
+            )
+            for path in files:
                 sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                controls = pairing.controls.get(path.stem, [])
+                control_sha = [hashlib.sha256(control.read_bytes()).hexdigest() for control in controls]
                 caption = _read_caption(path, extensions)
                 if caption is None:
                     caption, uncaptioned = class_tokens, uncaptioned + 1
                 size = _image_size(path)
+                bucket = choose_bucket(spec, *size)
                 digest.update(f"{sha}\0{caption}\0{subset.num_repeats}\n".encode())
+                if control_sha:
+                    digest.update(("controls\0" + "\0".join(control_sha) + "\n").encode())
                 images.append(
                     TrainImage(
                         path=path,
                         sha256=sha,
                         size=size,
-                        bucket=choose_bucket(spec, *size),
+                        bucket=bucket,
                         captions=shuffled_captions(
                             caption, shuffle=subset.shuffle_caption, keep_tokens=subset.keep_tokens, seed=sha
                         ),
                         flip_aug=subset.flip_aug,
                         num_repeats=subset.num_repeats,
                         dataset_index=d_index,
+                        controls=controls,
+                        control_sha256=control_sha,
+                        control_buckets=[
+                            control_bucket(dataset, spec, bucket, _image_size(c)) for c in controls
+                        ],
                     )
                 )
             if uncaptioned:
@@ -252,11 +286,12 @@ def hold_out(data: TrainingData, config: TrainConfig) -> tuple[TrainingData, Tra
 def epoch_batches(data: TrainingData, *, epoch: int, seed: int) -> list[list[int]]:
     """This epoch's batches as image indices: repeats included, one bucket per batch, shuffled."""
     rng = random.Random(f"{seed}:{epoch}")
-    groups: dict[tuple[int, Size], list[int]] = {}
+    groups: dict[tuple[int, Size, tuple[Size, ...]], list[int]] = {}
     for index, image in enumerate(data.images):
-        groups.setdefault((image.dataset_index, image.bucket), []).extend([index] * image.num_repeats)
+        key = (image.dataset_index, image.bucket, tuple(image.control_buckets))
+        groups.setdefault(key, []).extend([index] * image.num_repeats)
     batches: list[list[int]] = []
-    for (d_index, _), members in sorted(groups.items()):
+    for (d_index, _, _), members in sorted(groups.items()):
         rng.shuffle(members)
         size = data.batch_sizes[d_index]
         batches.extend(members[i : i + size] for i in range(0, len(members), size))

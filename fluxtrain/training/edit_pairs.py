@@ -89,6 +89,16 @@ def lint_edit_pairs(config: DatasetConfigFile, *, family: ModelFamily) -> list[P
                     PairFinding("control_dir_missing", "error", f"{where} names no control_directory", [])
                 )
                 continue
+            if subset.flip_aug:
+                findings.append(
+                    PairFinding(
+                        "control_flip_aug",
+                        "error",
+                        f"{where} sets flip_aug, which would mirror targets but not their controls; set it "
+                        "to false for edit pairs",
+                        [],
+                    )
+                )
             findings += lint_pairs(
                 image_dir=subset.image_dir,
                 control_dir=subset.control_dir,

@@ -5,6 +5,9 @@ position ids (0, row, column); text tokens get all-zero ids. A step draws t in (
 x_t = (1 - t) x0 + t noise and regresses the transformer's raw output on the velocity
 noise - x0 with a mean squared error. `shift` sampling (kohya's FLUX recipe) pushes t towards
 noise: t = sigmoid(scale * n), n ~ N(0, 1), then t' = s t / (1 + (s - 1) t).
+FLUX.1 Kontext appends a reference image's packed latent tokens after the noisy ones, with ids
+(1, row, column) on its own grid (FluxKontextPipeline's), and only the noisy tokens' prediction
+is kept.
 """
 
 from __future__ import annotations
@@ -86,10 +89,12 @@ def predict_velocity(
     *,
     guidance: float | None,
     dtype: torch.dtype,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The transformer's velocity for noisy latents (B, C, H, W) at `t`, as packed tokens.
 
     `guidance` is the distilled guidance of a dev-style transformer, None for one without it.
+    `reference` is Kontext's reference latent (B, C, h, w), None without edit pairs.
     Text features are moved to the latents' device; training and validation both call this.
     """
     device = noisy.device
@@ -97,13 +102,22 @@ def predict_velocity(
     guidance_tensor = None
     if guidance is not None:
         guidance_tensor = torch.full((noisy.shape[0],), guidance, device=device, dtype=dtype)
+    tokens = pack_latents(noisy).to(dtype)
+    ids = image_ids(height, width, device=device, dtype=dtype)
+    targets = tokens.shape[1]
+    if reference is not None:
+        reference = reference.to(device)
+        reference_ids = image_ids(*reference.shape[-2:], device=device, dtype=dtype)
+        reference_ids[:, 0] = 1
+        tokens = torch.cat([tokens, pack_latents(reference).to(dtype)], dim=1)
+        ids = torch.cat([ids, reference_ids])
     return model(
-        hidden_states=pack_latents(noisy).to(dtype),
+        hidden_states=tokens,
         encoder_hidden_states=hidden.to(device, dtype),
         pooled_projections=pooled.to(device, dtype),
         timestep=t.to(dtype),
-        img_ids=image_ids(height, width, device=device, dtype=dtype),
+        img_ids=ids,
         txt_ids=text_ids(hidden.shape[1], device=device, dtype=dtype),
         guidance=guidance_tensor,
         return_dict=False,
-    )[0]
+    )[0][:, :targets]

@@ -3,7 +3,8 @@
 The denoising loop is FluxPipeline's (FlowMatchEulerDiscreteScheduler with FLUX.1's
 resolution-dependent shift for dev, none for schnell) written out, so it runs on the training
 transformer whatever its storage dtype and needs no text encoder: the prompts' T5 and CLIP
-outputs come from the feature cache.
+outputs come from the feature cache. An edit-pair (Kontext) run renders with the first training
+image's reference latent appended, as FluxKontextPipeline does.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def generate(
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
+    reference: torch.Tensor | None = None,
 ) -> Image.Image:
-    """Denoise one image from `seed` with the given prompt embedding and decode it."""
+    """Denoise one image from `seed` with the given prompt embedding (and Kontext reference latent
+    (1, C, h, w)) and decode it."""
     guidance_distilled = transformer.config.guidance_embeds
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     lat_h, lat_w = 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
@@ -69,13 +72,20 @@ def generate(
     mu = calculate_shift(latents.shape[1]) if guidance_distilled else None
     scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
     img_ids = image_ids(lat_h, lat_w, device=device, dtype=dtype)
+    reference_tokens = None
+    if reference is not None:
+        reference_tokens = pack_latents(reference).to(device=device, dtype=dtype)
+        reference_ids = image_ids(*reference.shape[-2:], device=device, dtype=dtype)
+        reference_ids[:, 0] = 1
+        img_ids = torch.cat([img_ids, reference_ids])
     txt_ids = text_ids(t5.shape[-2], device=device, dtype=dtype)
     encoder_states = t5.reshape(1, *t5.shape[-2:]).to(device=device, dtype=dtype)
     pooled = pooled.reshape(1, -1).to(device=device, dtype=dtype)
     guidance = torch.full((1,), guidance_scale, device=device, dtype=dtype) if guidance_distilled else None
     for t in scheduler.timesteps:
+        tokens = latents if reference_tokens is None else torch.cat([latents, reference_tokens], dim=1)
         prediction = transformer(
-            hidden_states=latents,
+            hidden_states=tokens,
             encoder_hidden_states=encoder_states,
             pooled_projections=pooled,
             timestep=(t / 1000).expand(1).to(dtype),
@@ -83,7 +93,7 @@ def generate(
             txt_ids=txt_ids,
             guidance=guidance,
             return_dict=False,
-        )[0]
+        )[0][:, : latents.shape[1]]
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
     unpacked = unpack_latents(latents.float(), lat_h, lat_w)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -110,6 +120,7 @@ def render_samples(
     run: RunDir,
     accelerator: Accelerator,
     dtype: torch.dtype,
+    reference: torch.Tensor | None = None,
 ) -> Iterator[tuple[Path, str]]:
     """Render every sample prompt with the current weights, yielding (file, prompt) as each is saved.
 
@@ -133,6 +144,7 @@ def render_samples(
                 seed=config.seed + index,
                 device=device,
                 dtype=dtype,
+                reference=reference,
             )
         path = run.sample(config.output_name, step=step, index=index)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,13 @@ from accelerate.utils import set_seed
 from diffusers import FluxTransformer2DModel
 from torch.optim.lr_scheduler import LRScheduler
 
+from fluxtrain.dataset_config.toml_file import load_dataset_config
 from fluxtrain.training import cache as feature_cache
 from fluxtrain.training import state
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.data import StepPlan, TrainingData, hold_out, load_training_data, plan_steps
 from fluxtrain.training.distributed import exclude_frozen_from_ddp
+from fluxtrain.training.edit_pairs import lint_edit_pairs, pair_family
 from fluxtrain.training.lora import load_lora_transformer
 from fluxtrain.training.memory import MemoryCheck
 from fluxtrain.training.model_checks import transformer_has_guidance
@@ -84,6 +86,11 @@ def set_up(
         load_training_data(config.dataset_config, enable_bucket=config.enable_bucket), config
     )
     files = resolve_model_files(config, models_root)
+    dataset = load_dataset_config(config.dataset_config)
+    family = pair_family(
+        files.transformer, config.pretrained_model, requested=config.model_family, config=dataset
+    )
+    lint_edit_pairs(dataset, family=family)
     plan = plan_steps(data, config, num_processes=accelerator.num_processes)
     report.started(
         output_name=config.output_name,

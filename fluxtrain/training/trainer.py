@@ -17,7 +17,7 @@ import torch
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.rundir import RunDir, read_events
 from fluxtrain.training import distributed, flow, memory, state
-from fluxtrain.training.cache import load_batch
+from fluxtrain.training.cache import load_batch, load_references
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.data import StepPlan, epoch_batches
 from fluxtrain.training.export import mark_best_checkpoint, write_lora_file
@@ -157,6 +157,7 @@ class Trainer:
             caption_dropout_rate=config.caption_dropout_rate,
             generator=generator,
         )
+        reference = load_references(setup.cache, setup.data, indices)
         noise = torch.randn(x0.shape, generator=generator)
         t = flow.sample_timesteps(
             x0.shape[0],
@@ -176,6 +177,7 @@ class Trainer:
                 pooled,
                 guidance=self.guidance(setup),
                 dtype=self.precision.compute,
+                reference=reference,
             )
         loss = flow.flow_loss(prediction, flow.pack_latents(x0), flow.pack_latents(noise))
         accelerator.backward(loss)
@@ -249,6 +251,7 @@ class Trainer:
             run=self.run_dir,
             accelerator=self.accelerator,
             dtype=self.precision.compute,
+            reference=load_references(setup.cache, setup.data, [0]),
         ):
             self.report.sample(path, prompt=prompt, step=step)
         self.last_sample_step = step

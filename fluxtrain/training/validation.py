@@ -33,7 +33,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from fluxtrain.training import flow
-from fluxtrain.training.cache import FeatureCache, LatentKey
+from fluxtrain.training.cache import FeatureCache, LatentKey, load_references
 from fluxtrain.training.data import TrainingData
 
 VALIDATION_TIMESTEPS = (0.25, 0.5, 0.75, 1.0)
@@ -52,6 +52,7 @@ class _HeldOutImage:
     noise: torch.Tensor  # (1, C, H, W), drawn once
     hidden: torch.Tensor  # (1, L, D), bf16 as cached
     pooled: torch.Tensor  # (1, 768)
+    reference: torch.Tensor | None  # (1, C, h, w): Kontext's reference latent; None without edit pairs
 
 
 def noise_generator(seed: int, image_sha256: str) -> torch.Generator:
@@ -65,12 +66,15 @@ class ValidationLoss:
 
     def __init__(self, held_out: TrainingData, cache: FeatureCache, *, seed: int) -> None:
         self.images: list[_HeldOutImage] = []
-        for image in held_out.images:
+        for index, image in enumerate(held_out.images):
             latent = cache.load_latent(LatentKey(image.sha256, image.bucket, False))[None]
+            reference = load_references(cache, held_out, [index])
             hidden, pooled = cache.load_text(image.captions[0])
             noise = torch.randn(latent.shape, generator=noise_generator(seed, image.sha256))
             # T5 states are cached in bf16: kept so (exactly) rather than as load_text's float32 copy.
-            self.images.append(_HeldOutImage(latent, noise, hidden[None].to(torch.bfloat16), pooled[None]))
+            self.images.append(
+                _HeldOutImage(latent, noise, hidden[None].to(torch.bfloat16), pooled[None], reference)
+            )
 
     @torch.no_grad()
     def measure(
@@ -123,6 +127,7 @@ class ValidationLoss:
                     image.pooled,
                     guidance=guidance,
                     dtype=dtype,
+                    reference=image.reference,
                 )
             per_image.append(
                 float(flow.flow_loss(prediction, flow.pack_latents(x0), flow.pack_latents(noise)))

@@ -108,8 +108,9 @@ def render(pipe: Any, prompt: str = f"{TRIGGER}, a green disc") -> Any:
     ).images[0]
 
 
-def write_wide_models(source: Path, dest: Path) -> Path:
-    """The tiny model folder with a wider, schnell-like transformer (hidden 128 > 64 latent channels).
+def write_wide_models(source: Path, dest: Path, *, guidance: bool = False) -> Path:
+    """The tiny model folder with a wider transformer (hidden 128 > 64 latent channels), schnell-like
+    unless `guidance` (dev-like, as Kontext needs).
 
     The shared tiny transformer's hidden size (32) is below the packed latent width (64), so no
     adapter on it can express the velocity target; the overfit test needs a model that can.
@@ -126,7 +127,7 @@ def write_wide_models(source: Path, dest: Path) -> Path:
         if entry.name != "flux1-dev.sft":
             (dest / entry.name).symlink_to(entry)
     config = {
-        **tiny_transformer_config(guidance=False),
+        **tiny_transformer_config(guidance=guidance),
         "num_attention_heads": 4,
         "attention_head_dim": 32,
         "axes_dims_rope": rope_axes_for_head_dim(32),
@@ -143,3 +144,9 @@ def step_events(run_dir: Path) -> list[dict[str, Any]]:
     from fluxtrain.rundir import read_events
 
     return [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"]
+
+
+def read_events_of(run_dir: Path) -> list[dict[str, Any]]:
+    from fluxtrain.rundir import read_events
+
+    return read_events(run_dir / "events.jsonl")
