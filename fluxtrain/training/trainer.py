@@ -21,6 +21,7 @@ from fluxtrain.training.cache import load_batch
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.data import StepPlan, epoch_batches
 from fluxtrain.training.export import write_lora_file
+from fluxtrain.training.lora_check import check_lora_file
 from fluxtrain.training.precision import run_precision
 from fluxtrain.training.report import RunReport
 from fluxtrain.training.sampling import render_samples
@@ -206,7 +207,7 @@ class Trainer:
 
     def save_lora(self, setup: Setup, path: Path, *, epoch: int) -> None:
         if self.accelerator.is_main_process:
-            write_lora_file(
+            metadata = write_lora_file(
                 path,
                 setup.transformer,
                 config=self.config,
@@ -215,6 +216,14 @@ class Trainer:
                 step=self.counter.step,
                 epoch=epoch,
                 dtype=self.precision.export,
+            )
+            check_lora_file(
+                path,
+                setup.transformer,
+                save_format=self.config.save_format,
+                rank=self.config.network_dim,
+                dtype=self.precision.export,
+                metadata=metadata,
             )
 
     def save_state(self) -> None:
