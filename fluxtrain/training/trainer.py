@@ -19,6 +19,7 @@ from fluxtrain.rundir import RunDir
 from fluxtrain.training import distributed, flow, state
 from fluxtrain.training.cache import load_batch
 from fluxtrain.training.config import TrainConfig
+from fluxtrain.training.contact_sheet import write_contact_sheet
 from fluxtrain.training.data import StepPlan, epoch_batches
 from fluxtrain.training.export import write_lora_file
 from fluxtrain.training.lora_check import check_lora_file
@@ -242,7 +243,7 @@ class Trainer:
         return "interrupted"
 
     def finish(self, setup: Setup) -> str:
-        """Last samples when due, then the final LoRA file."""
+        """Last samples when due, the final LoRA file, then the contact sheet of every sample."""
         config, step = self.config, self.counter.step
         sampling = config.sample_prompts and (config.sample_every_n_steps or config.sample_every_n_epochs)
         if sampling and self.last_sample_step != step:
@@ -250,6 +251,10 @@ class Trainer:
         distributed.check_replicas_agree(self.accelerator, setup.params)
         final = self.run_dir.checkpoint(config.output_name, None)
         self.save_lora(setup, final, epoch=setup.plan.epochs_at(step))
+        if self.accelerator.is_main_process:
+            sheet = write_contact_sheet(self.run_dir, config.output_name)
+            if sheet is not None:
+                self.report.contact_sheet(sheet)
         self.accelerator.wait_for_everyone()
         self.report.finished(final, step=step, epoch=setup.plan.epochs_at(step))
         return "finished"
