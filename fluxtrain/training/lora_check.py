@@ -123,7 +123,8 @@ def read_kohya_pairs(
     return pairs
 
 
-def _lora_layers(transformer: torch.nn.Module) -> dict[str, LoraLayer]:
+def lora_layers(transformer: torch.nn.Module) -> dict[str, LoraLayer]:
+    """The transformer's LoRA-trained Linear layers (peft's wrappers) by module name."""
     return {
         name: module
         for name, module in transformer.named_modules()
@@ -131,9 +132,7 @@ def _lora_layers(transformer: torch.nn.Module) -> dict[str, LoraLayer]:
     }
 
 
-def _check_shapes(
-    path: Path, pair: LoraPair, layers: dict[str, LoraLayer], *, rank: int, dtype: torch.dtype
-) -> None:
+def _check_shapes(path: Path, pair: LoraPair, layers: dict[str, LoraLayer], *, rank: int) -> None:
     bases = [layers[module].get_base_layer() for module in pair.modules]
     in_features = {base.in_features for base in bases}
     if len(in_features) != 1:
@@ -151,8 +150,6 @@ def _check_shapes(
     ):
         if tuple(tensor.shape) != expected:
             raise _fail(path, name, f"shape {list(tensor.shape)}, the model needs {list(expected)}")
-        if tensor.dtype != dtype:
-            raise _fail(path, name, f"dtype {tensor.dtype}, the run exports {dtype}")
         if not bool(torch.isfinite(tensor).all()):
             raise _fail(path, name, "holds NaN or infinite values")
 
@@ -170,7 +167,7 @@ def _trained_update(layer: LoraLayer, x: Tensor) -> Tensor:
 
 def _check_update(path: Path, pair: LoraPair, layers: dict[str, LoraLayer], *, rtol: float) -> None:
     x = _probe(pair.down.shape[1])
-    from_file = (x @ pair.down.float().T) @ pair.up.float().T * pair.scale
+    from_file = (x @ pair.down.T) @ pair.up.T * pair.scale
     trained = torch.cat([_trained_update(layers[module], x) for module in pair.modules], dim=1)
     if not bool(torch.isfinite(from_file).all()):
         raise _fail(path, pair.key, "its update is not finite on a fixed input")
@@ -196,7 +193,7 @@ def _layer_change(pair: LoraPair, layers: dict[str, LoraLayer]) -> tuple[str, fl
     weight = base.weight.detach().cpu().float()
     bias = None if base.bias is None else base.bias.detach().cpu().float()
     before = torch.nn.functional.linear(x, weight, bias)
-    after = before + ((x @ pair.down.float().T) @ pair.up.float()[:rows].T) * pair.scale
+    after = before + ((x @ pair.down.T) @ pair.up[:rows].T) * pair.scale
     return module, float((after - before).abs().max())
 
 
@@ -242,7 +239,11 @@ def _check(
             raise _fail(path, f"metadata {key}", "missing")
         if found_metadata[key] != value:
             raise _fail(path, f"metadata {key}", f"is {found_metadata[key]!r}, the run wrote {value!r}")
-    layers = _lora_layers(transformer)
+    for key in sorted(tensors):
+        if tensors[key].dtype != dtype:
+            raise _fail(path, key, f"dtype {tensors[key].dtype}, the run exports {dtype}")
+    tensors = {key: tensor.float() for key, tensor in tensors.items()}  # once: the checks run in float32
+    layers = lora_layers(transformer)
     if save_format == "kohya":
         pairs = read_kohya_pairs(path, tensors, layers.keys(), transformer.config)  # type: ignore[arg-type]
     else:
@@ -253,7 +254,7 @@ def _check(
             if module in covered:
                 raise _fail(path, pair.key, f"{module} has a second LoRA in the file")
             covered.add(module)
-        _check_shapes(path, pair, layers, rank=rank, dtype=dtype)
+        _check_shapes(path, pair, layers, rank=rank)
     missing = sorted(set(layers) - covered)
     if missing:
         raise _fail(path, missing[0], f"trained but absent from the file ({len(missing)} modules missing)")
