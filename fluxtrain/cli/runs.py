@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from fluxtrain.cli.options import (
     documented,
     with_model_options,
 )
+from fluxtrain.fsutil import atomic_write_bytes
 from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.settings import get_settings
 
@@ -252,6 +254,25 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"run {run_id}: {body['status']}" + (" (stopping)" if body["status"] == "running" else "")
         )
+
+    @app.command("contact-sheet")
+    @documented
+    def contact_sheet(
+        run_id: str,
+        output: Path | None = typer.Option(None, "--output", "-o", help="Also download it to this file."),
+        url: str | None = UrlOption,
+    ) -> None:
+        """Write a run's contact sheet now (a row per prompt, a column per sampled step); prints its name."""
+        with _client(url) as client:
+            body = _call(client, "POST", f"/runs/{run_id}/contact-sheet")
+            if output is not None:
+                response = client.get(f"/runs/{run_id}/artifacts/{body['name']}")
+                if response.is_error:
+                    notes.print(f"[red]{response.status_code}: could not download {body['name']}[/]")
+                    raise typer.Exit(EXIT_FAILED)
+                atomic_write_bytes(output, response.content)
+                notes.print(f"saved {output} ({len(response.content)} bytes)")
+        console.out(body["name"], highlight=False)
 
     @app.command()
     @documented

@@ -110,7 +110,7 @@ class LogLines(BaseModel):
 
 class Artifact(BaseModel):
     name: str
-    kind: Literal["lora", "sample"]
+    kind: Literal["lora", "sample", "contact_sheet"]
     size: int
     url: str | None = None
 
