@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +28,7 @@ from pydantic import BaseModel, Field, computed_field
 
 from fluxtrain.dataset_config.schema import DatasetConfigFile
 from fluxtrain.training.buckets import BucketSpec, Size, bucket_resolutions, choose_bucket
+from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS
 from fluxtrain.training.data import IMAGE_ERRORS, IMAGE_SUFFIXES, _caption_extensions
 
 Severity = Literal["error", "warning"]
@@ -123,7 +125,6 @@ class LintOptions:
     trigger_word: str | None = None
     max_train_steps: int | None = None
     max_train_epochs: int | None = None
-    default_steps: int = 1600
     gpus: int = 1
     token_limit: int | None = None
     count_tokens: TokenCounter | None = None
@@ -216,11 +217,32 @@ def _read_caption(path: Path, extensions: tuple[str, ...]) -> tuple[int, str | N
     return found, None
 
 
-def _unreadable(shown: str, why: str) -> LintFinding:
-    return LintFinding(kind="unreadable_image", severity="error", files=[shown], message=f"{shown}: {why}")
+@dataclass(frozen=True)
+class _Unreadable:
+    kind: Literal["unreadable_image", "unreadable_caption"]
+    shown: str
+    why: str
 
 
-def _inspect(subset: LintSubset, path: Path) -> _Image | LintFinding:
+def _unreadable_findings(unreadable: list[_Unreadable]) -> list[LintFinding]:
+    """One error per kind, naming each file with its reason (the first few in the message)."""
+    findings = []
+    for kind, what in (("unreadable_image", "image(s)"), ("unreadable_caption", "caption(s)")):
+        group = [item for item in unreadable if item.kind == kind]
+        if group:
+            reasons = [f"{item.shown} ({item.why})" for item in group]
+            findings.append(
+                LintFinding(
+                    kind=kind,
+                    severity="error",
+                    files=[item.shown for item in group],
+                    message=f"{len(group)} {what} cannot be read: {_listed(reasons)}",
+                )
+            )
+    return findings
+
+
+def _inspect(subset: LintSubset, path: Path) -> _Image | _Unreadable:
     shown = subset.prefix + path.name
     try:
         data = path.read_bytes()
@@ -228,18 +250,13 @@ def _inspect(subset: LintSubset, path: Path) -> _Image | LintFinding:
             size = _oriented_size(image)
             phash = _perceptual_hash(image)
     except UnidentifiedImageError:
-        return _unreadable(shown, "not an image Pillow can read")
+        return _Unreadable("unreadable_image", shown, "not an image Pillow can read")
     except IMAGE_ERRORS as exc:
-        return _unreadable(shown, str(exc))
+        return _Unreadable("unreadable_image", shown, str(exc))
     try:
         caption_files, caption = _read_caption(path, subset.caption_extensions)
     except (OSError, UnicodeDecodeError) as exc:
-        return LintFinding(
-            kind="unreadable_caption",
-            severity="error",
-            files=[shown],
-            message=f"the caption of {shown} is not readable UTF-8 text: {exc}",
-        )
+        return _Unreadable("unreadable_caption", shown, f"not UTF-8 text: {exc}")
     return _Image(
         shown=shown,
         subset=subset,
@@ -267,8 +284,7 @@ def _size_findings(images: list[_Image]) -> list[LintFinding]:
     for image in images:
         spec = image.subset.buckets
         width, height = image.size
-        grid = bucket_resolutions(replace(spec, enable=True)) if spec.enable else [spec.resolution]
-        smallest_side = min(min(size) for size in grid)
+        smallest_side, ratios = _bucket_facts(spec)
         bucket = choose_bucket(spec, width, height)
         scale = max(bucket[0] / width, bucket[1] / height)
         detail = f"{image.shown} {width}x{height} -> {bucket[0]}x{bucket[1]}"
@@ -276,9 +292,8 @@ def _size_findings(images: list[_Image]) -> list[LintFinding]:
             too_small.append((image.shown, f"{detail} (smallest bucket side {smallest_side})"))
         elif scale > 1:
             upscaled.append((scale, image.shown, f"{detail} ({scale:.2f}x)"))
-        ratios = [w / h for w, h in bucket_resolutions(replace(spec, enable=True))]
         ratio = width / height
-        if not min(ratios) <= ratio <= max(ratios):
+        if not ratios[0] <= ratio <= ratios[1]:
             kept = min(ratio, bucket[0] / bucket[1]) / max(ratio, bucket[0] / bucket[1])
             extreme.append((kept, image.shown, f"{detail} ({_ratio(ratio)}, {100 * (1 - kept):.0f}% cut)"))
     findings = []
@@ -313,6 +328,16 @@ def _size_findings(images: list[_Image]) -> list[LintFinding]:
             )
         )
     return findings
+
+
+@lru_cache(maxsize=64)
+def _bucket_facts(spec: BucketSpec) -> tuple[int, tuple[float, float]]:
+    """The smallest side an image may train at, and the aspect-ratio range bucketing covers (also
+    judged without bucketing, where every image is cropped to the resolution)."""
+    grid = bucket_resolutions(replace(spec, enable=True))
+    sides = grid if spec.enable else [spec.resolution]
+    ratios = [width / height for width, height in grid]
+    return min(min(size) for size in sides), (min(ratios), max(ratios))
 
 
 def _ratio(ratio: float) -> str:
@@ -467,7 +492,7 @@ def _size_of_run_findings(images: list[_Image], options: LintOptions) -> list[Li
     elif options.max_train_epochs is not None:
         epochs = options.max_train_epochs
     else:
-        epochs = options.default_steps / steps_per_epoch
+        epochs = DEFAULT_MAX_TRAIN_STEPS / steps_per_epoch
     per_image = epochs * views / count
     if per_image > MAX_VIEWS_PER_IMAGE:
         findings.append(
@@ -501,7 +526,7 @@ def lint_subsets(
         work.extend((subset, path) for path in _image_files(subset.image_dir))
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         inspected = list(pool.map(lambda item: _inspect(*item), work))
-    findings.extend(item for item in inspected if isinstance(item, LintFinding))
+    findings.extend(_unreadable_findings([item for item in inspected if isinstance(item, _Unreadable)]))
     images = [item for item in inspected if isinstance(item, _Image)]
     if not work:
         findings.append(

@@ -26,7 +26,7 @@ from fluxtrain.errors import FluxtrainError
 from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.names import TriggerWord
 from fluxtrain.settings import Settings
-from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig
+from fluxtrain.training.config import TrainConfig
 
 # The trainer's T5 sequence length (training/setup.py): guidance-distilled dev 512, schnell 256.
 T5_MAX_LENGTH = {True: 512, False: 256}
@@ -90,6 +90,7 @@ def _token_options(models_root: Path, pretrained_model: str, **run: object) -> L
 
 def _default_subsets(folder: Path, request: BaseModel) -> list[LintSubset]:
     """The subset /create-dataset-config would write for the folder, with its defaults."""
+    # The trigger word only becomes the subset's class tokens, which are set from the request below.
     values = {"output_name": folder.name, "trigger_word": request.trigger_word or folder.name}
     if request.resolution is not None:
         values["resolution"] = request.resolution
@@ -123,7 +124,6 @@ def lint_dataset(*, settings: Settings, name: str, request: BaseModel) -> LintRe
         trigger_word=request.trigger_word,
         max_train_steps=request.max_train_steps,
         max_train_epochs=request.max_train_epochs,
-        default_steps=DEFAULT_MAX_TRAIN_STEPS,
     )
     return lint_subsets(subsets, dataset=name, config=str(toml) if toml.is_file() else None, options=options)
 
@@ -138,7 +138,6 @@ def lint_run_dataset(*, settings: Settings, config: TrainConfig, gpus: int = 1) 
         config.pretrained_model,
         max_train_steps=config.max_train_steps,
         max_train_epochs=config.max_train_epochs,
-        default_steps=DEFAULT_MAX_TRAIN_STEPS,
         gpus=gpus,
     )
     return lint_subsets(subsets, dataset=toml.stem, config=str(toml), options=options)

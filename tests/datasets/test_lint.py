@@ -49,11 +49,14 @@ def test_each_kind_of_problem_is_found_in_the_files_that_have_it(lint_settings: 
     add_image(folder, "notrigger.jpg", picture(15, (512, 512)), "a picture of something")
     add_image(folder, "long.jpg", picture(16, (512, 512)), "zqx, " + "photo " * 600)
     (folder / "broken.jpg").write_bytes(b"not an image at all")
+    add_image(folder, "latin.jpg", picture(17, (512, 512)))
+    (folder / "latin.txt").write_bytes(b"zqx, caf\xe9 in Latin-1")
 
     report = _lint(lint_settings, "flawed", trigger_word="zqx", resolution=512)
 
     assert _kinds(report) == {
         "unreadable_image": ["broken.jpg"],
+        "unreadable_caption": ["latin.jpg"],
         "too_small": ["small.jpg"],
         "upscaled": ["soft.jpg"],
         "aspect_ratio": ["wide.jpg"],
@@ -64,8 +67,9 @@ def test_each_kind_of_problem_is_found_in_the_files_that_have_it(lint_settings: 
         "trigger_word_missing": ["notrigger.jpg"],
         "caption_too_long": ["long.jpg"],
     }
-    assert (report.images, report.errors, report.warnings, report.token_limit) == (15, 1, 9, 512)
-    assert report.findings[0].severity == "error"
+    assert (report.images, report.errors, report.warnings, report.token_limit) == (16, 2, 9, 512)
+    assert [f.severity for f in report.findings[:3]] == ["error", "error", "warning"]
+    assert "broken.jpg (not an image Pillow can read)" in report.error_message()
     messages = {finding.kind: finding.message for finding in report.findings}
     assert "200x150" in messages["too_small"] and "1.28x" in messages["upscaled"]
     assert "6.00:1" in messages["aspect_ratio"] and "(605 tokens)" in messages["caption_too_long"]
