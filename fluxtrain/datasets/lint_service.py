@@ -85,6 +85,9 @@ def _token_options(models_root: Path, pretrained_model: str, **run: object) -> L
         counter = _tokenizer(str(folder), stamp)
     except FluxtrainError as exc:
         return LintOptions(**run, token_limit=T5_MAX_LENGTH[guided], tokenizer_problem=exc.message)
+    except (OSError, ValueError) as exc:
+        problem = f"the t5xxl tokenizer in {folder} cannot be loaded: {exc}"
+        return LintOptions(**run, token_limit=T5_MAX_LENGTH[guided], tokenizer_problem=problem)
     return LintOptions(**run, token_limit=T5_MAX_LENGTH[guided], count_tokens=counter)
 
 
