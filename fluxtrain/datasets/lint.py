@@ -51,10 +51,10 @@ FindingKind = Literal[
     "too_many_steps",
 ]
 
-# 64-bit DCT perceptual hashes (imagehash.phash) of a resized or re-encoded copy differ in 0-4 bits;
-# unrelated photos differ in about 32 (binomially, sd 4), so at most 6 finds copies while two random
-# images fall that close about once in 10^10 pairs. Flat or near-flat images all hash alike: they
-# are reported together, which is true of them.
+# 64-bit DCT perceptual hashes (imagehash.phash): a resized or re-encoded copy differed from its
+# original in 0-2 bits, distinct pictures in 16 or more (mean 31, over 1,770 pairs); for unrelated
+# images the distance is about binomial(64, 1/2), so 6 or fewer happens once in 10^11 pairs. A crop
+# is not a near duplicate (10-18 bits). Flat images all hash alike and are reported together.
 NEAR_DUPLICATE_BITS = 6
 # Fewer images than this: a LoRA learns the pictures rather than the subject or style.
 MIN_IMAGES = 5
