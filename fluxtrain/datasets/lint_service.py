@@ -22,7 +22,7 @@ from fluxtrain.datasets.lint import (
     subsets_of,
 )
 from fluxtrain.datasets.store import dataset_dir
-from fluxtrain.errors import FluxtrainError
+from fluxtrain.errors import FluxtrainError, NotFoundError
 from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.names import TriggerWord
 from fluxtrain.settings import Settings
@@ -68,17 +68,18 @@ def _tokenizer(folder: str, _stamp: int) -> TokenCounter:
 
 
 def _token_options(models_root: Path, pretrained_model: str, **run: object) -> LintOptions:
-    """The run's options with the T5 limit of its transformer (dev's when it is not there) and a
-    counter of the tokenizer the trainer would load."""
+    """The run's options with the T5 limit of its transformer (dev's when the file is not there; a
+    path out of the models folder or a file that is no transformer is refused) and a counter of the
+    tokenizer the trainer would load."""
     from fluxtrain.training.model_checks import transformer_has_guidance
     from fluxtrain.training.model_files import tokenizer_dir
 
     try:
-        guided = transformer_has_guidance(
-            resolve_model_path(models_root, "pretrained_model", pretrained_model), pretrained_model
-        )
-    except FluxtrainError:
+        path = resolve_model_path(models_root, "pretrained_model", pretrained_model)
+    except NotFoundError:
         guided = True
+    else:
+        guided = transformer_has_guidance(path, pretrained_model)
     folder = tokenizer_dir(models_root, "t5xxl")
     try:
         stamp = folder.stat().st_mtime_ns if folder.is_dir() else 0

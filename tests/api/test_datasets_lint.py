@@ -49,6 +49,8 @@ def test_lint_of_an_unknown_dataset_or_a_bad_value(api: TestClient, settings: Se
     (settings.datasets_dir / "pets").mkdir(parents=True)
     assert api.post("/datasets/pets/lint", json={"resolution": 100}).status_code == 422
     assert api.post("/datasets/pets/lint", json={"colour": "red"}).status_code == 422
+    escape = api.post("/datasets/pets/lint", json={"pretrained_model": "../flux1-dev.sft"})
+    assert escape.status_code == 422 and "leaves the models folder" in escape.json()["detail"]
 
 
 def test_train_refuses_an_untrainable_dataset_before_any_run(api: TestClient, settings: Settings) -> None:
