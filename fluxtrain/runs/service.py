@@ -15,6 +15,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fluxtrain.dataset_config.service import dataset_config_path
+from fluxtrain.datasets.lint_service import lint_run_dataset
 from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json
 from fluxtrain.model_paths import MODEL_FIELDS, resolve_model_path
@@ -144,11 +145,15 @@ def create_run(
         if existing is not None:
             return existing
     config = resolve_config(settings=settings, request=request)
+    lint = lint_run_dataset(settings=settings, config=config, gpus=getattr(request, "gpus", 1))
+    if lint.errors:
+        raise InvalidInputError(f"dataset {lint.dataset} cannot be trained: {lint.error_message()}")
     run_id = uuid.uuid4().hex
     folder = run_dir(settings, run_id)
     folder.mkdir(parents=True)
     try:
         atomic_write_json(RunDir(folder).config, config.model_dump(mode="json"))
+        atomic_write_json(RunDir(folder).lint_warnings, [w.model_dump() for w in lint.warning_findings()])
         run = Run(
             id=run_id,
             output_name=config.output_name,
