@@ -37,15 +37,17 @@ import tempfile
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from PIL import Image
 
+from fluxtrain.datasets.image_workers import image_workers
 from fluxtrain.datasets.ingest import download_images
 from fluxtrain.settings import Settings
 
@@ -164,6 +166,7 @@ class Outcome:
     note: str = ""
     total_s: float | None = None
     kept: int | None = None
+    worker_cpu_s: float = 0.0
 
 
 class StageProbe:
@@ -293,8 +296,9 @@ def run_fluxtrain(
             if watcher:
                 watcher.cancel()
 
+    asyncio.run(image_workers(settings.image_workers).warm())
     requests_before, server_cpu_before = server.served.value, server.cpu_seconds()
-    cpu_before = _own_cpu_seconds()
+    cpu_before, workers_before = _own_cpu_seconds(), _worker_cpu(server)
     with probe.installed() if probe else nullcontext():
         started = time.perf_counter()
         if probe:
@@ -310,9 +314,11 @@ def run_fluxtrain(
         wall_s=wall,
         ok=len(result.files),
         failed=dict(result.failed),
-        cpu_s=_own_cpu_seconds() - cpu_before,
+        cpu_s=_own_cpu_seconds() - cpu_before + _cpu_since(workers_before, _worker_cpu(server)),
+        worker_cpu_s=_cpu_since(workers_before, _worker_cpu(server)),
         server_cpu_s=server.cpu_seconds() - server_cpu_before,
         requests=server.served.value - requests_before,
+        note=f"{settings.image_workers} image worker processes, started before the timer; cpu includes them",
         kept=_kept_count(workdir / "data" / "datasets" / "bench"),
     )
     if probe:
@@ -366,6 +372,22 @@ def run_fluxtrain_cli(
 def _own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _worker_cpu(server: ImageServer) -> dict[int, float]:
+    """CPU seconds by process of this process's descendants (the image workers), the server left out."""
+    found: dict[int, float] = {}
+    for child in psutil.Process().children(recursive=True):
+        if child.pid == server.process.pid:
+            continue
+        with suppress(psutil.Error):
+            times = child.cpu_times()
+            found[child.pid] = times.user + times.system
+    return found
+
+
+def _cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def _children_cpu_seconds() -> float:
@@ -473,7 +495,8 @@ def _report(outcome: Outcome, *, n: int, bound: float | None) -> None:
     print(
         f"{outcome.tool:<12} {outcome.wall_s:7.2f} s  {n / outcome.wall_s:7.1f} img/s  "
         f"{_versus_bound(outcome.wall_s, bound)}  ok {outcome.ok}/{n}{kept}  "
-        f"cpu {outcome.cpu_s:5.1f} s (server {outcome.server_cpu_s:4.1f} s)  requests {outcome.requests}"
+        f"cpu {outcome.cpu_s:5.1f} s (workers {outcome.worker_cpu_s:4.1f} s, "
+        f"server {outcome.server_cpu_s:4.1f} s)  requests {outcome.requests}"
     )
     if outcome.note:
         print(f"{'':<12} {outcome.note}")

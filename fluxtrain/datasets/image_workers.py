@@ -1,0 +1,116 @@
+"""Image work on every core: decoding, colour conversion, JPEG encoding and hashing in worker processes.
+
+Threads could not do this: the Python parts of Pillow's pipeline hold the GIL, so a batch used
+about one core and the event loop fought the image threads for it. A body is pickled once into
+a worker and its JPEG comes back; the event loop only moves bytes.
+
+The pool (FLUXTRAIN_IMAGE_WORKERS processes, default the CPU count) is forked from a fork server
+that imported Pillow once, never from the service process with its threads, and its workers run
+at a lower priority, so `/health` and every other request still answer at once. A worker that dies on
+a hostile image breaks the whole pool, failing every job in it; the pool is replaced and each of
+those jobs runs again alone in a process of its own, so only the image that kills its process
+fails, with WorkerCrashedError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fluxtrain.datasets.images import NormalizedImage, normalize_image
+
+T = TypeVar("T")
+
+# Workers run this much below the service process, so its event loop keeps a core when they are busy.
+WORKER_NICENESS = 5
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload([__name__])
+
+
+class WorkerCrashedError(Exception):
+    """The image made its worker process die (a crash in a decoder); the image is refused."""
+
+    def __init__(self) -> None:
+        super().__init__("refused: decoding the image crashed its worker process")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a worker hands back for one body: its normalised JPEG and the body's hash and size."""
+
+    image: NormalizedImage
+    sha256: str
+    size: int
+
+
+def _lower_priority() -> None:
+    os.nice(WORKER_NICENESS)
+
+
+def _pool(size: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=size, mp_context=_CONTEXT, initializer=_lower_priority)
+
+
+def prepare(data: bytes, max_pixels: int) -> Prepared:
+    """Normalise and hash one downloaded body; runs in a worker process."""
+    return Prepared(
+        image=normalize_image(data, max_pixels=max_pixels),
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+    )
+
+
+class ImageWorkers:
+    """A process pool that replaces itself when a worker dies."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._pool = _pool(size)
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:
+                self._pool = _pool(self._size)
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    async def warm(self) -> None:
+        """Start every worker now, so a batch's first images wait for no process start."""
+        await asyncio.gather(*(asyncio.wrap_future(self._pool.submit(int)) for _ in range(self._size)))
+
+    async def run(self, job: Callable[..., T], *args: object) -> T:
+        """`job(*args)` in a worker; WorkerCrashedError when it kills even a process of its own."""
+        pool = self._pool
+        try:
+            return await asyncio.wrap_future(pool.submit(job, *args))
+        except BrokenProcessPool:
+            self._replace(pool)
+        alone = _pool(1)
+        try:
+            return await asyncio.wrap_future(alone.submit(job, *args))
+        except BrokenProcessPool as exc:
+            raise WorkerCrashedError from exc
+        finally:
+            alone.shutdown(wait=False)
+
+
+_WORKERS: dict[int, ImageWorkers] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def image_workers(size: int) -> ImageWorkers:
+    """The process's pool of `size` workers, started on first use and kept for later batches."""
+    with _WORKERS_LOCK:
+        workers = _WORKERS.get(size)
+        if workers is None:
+            workers = _WORKERS[size] = ImageWorkers(size)
+        return workers
