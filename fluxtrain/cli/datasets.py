@@ -7,8 +7,17 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from fluxtrain.cli.options import EXIT_BAD_INPUT, EXIT_FAILED, documented, fail
 from fluxtrain.datasets.catalog import summarize_datasets
@@ -21,6 +30,13 @@ from fluxtrain.settings import get_settings
 def _read_url_file(path: Path) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+class _RateColumn(ProgressColumn):
+    """URLs finished per second, rich's estimate over the last seconds."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f} img/s")
 
 
 def _failure_table(result: DownloadResult) -> Table:
@@ -57,6 +73,7 @@ def download(
         TextColumn("[bold]downloading"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RateColumn(),
         TextColumn("{task.fields[failed]} failed"),
         TimeElapsedColumn(),
         console=console,

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import httpx
 
-from fluxtrain.datasets import archive, ledger
+from fluxtrain.datasets import archive, ledger, progress
 from fluxtrain.datasets.addresses import IPNetwork
 from fluxtrain.datasets.fetch import FetchError, HostSlots, check_url, fetch_bytes, make_client
 from fluxtrain.datasets.image_workers import Prepared, WorkerCrashedError, image_workers, prepare
@@ -130,7 +130,9 @@ async def download_images(
     if not urls:
         raise InvalidInputError("urls must not be empty")
     if len(urls) > settings.max_urls:
-        raise InvalidInputError(f"at most {settings.max_urls} URLs per request, got {len(urls)}")
+        raise InvalidInputError(
+            f"at most {settings.max_urls} URLs per request (FLUXTRAIN_MAX_URLS), got {len(urls)}"
+        )
     folder = dataset_dir(settings, name, must_exist=False)
     unique = list(dict.fromkeys(urls))
     result = DownloadResult()
@@ -178,6 +180,7 @@ async def download_images(
             result.files[url] = path
         else:
             result.failed[url] = reason or "failed"
+        tracker.record(saved=path is not None)
         if on_result is not None:
             on_result(url, path, reason)
 
@@ -188,12 +191,16 @@ async def download_images(
         ca_bundle=settings.ca_bundle,
         host_slots=host_slots,
     )
-    async with client:
-        book = await loop.run_in_executor(executor, ledger.acquire, folder)
-        try:
-            await asyncio.gather(*(one(client, url, book) for url in unique))
-        finally:
-            await loop.run_in_executor(executor, _settle, book, result)
+    tracker = progress.start(name, len(unique))
+    try:
+        async with client:
+            book = await loop.run_in_executor(executor, ledger.acquire, folder)
+            try:
+                await asyncio.gather(*(one(client, url, book) for url in unique))
+            finally:
+                await loop.run_in_executor(executor, _settle, book, result)
+    finally:
+        progress.finish(tracker)
     return _in_order(unique, result)
 
 

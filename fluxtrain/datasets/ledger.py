@@ -61,6 +61,12 @@ class Source:
     upload: str | None = None
     sha256: str | None = None
 
+    def key(self) -> tuple[str, str] | None:
+        """What `Ledger`'s index finds this source's entry by; None when only a scan can."""
+        if self.url is not None:
+            return ("url", self.url)
+        return ("upload", self.sha256) if self.sha256 is not None else None
+
     def matches(self, entry: dict[str, Any]) -> bool:
         if self.url is not None:
             return entry.get("url") == self.url
@@ -80,6 +86,15 @@ class DatasetDeletedError(Exception):
 
     def __init__(self) -> None:
         super().__init__("the dataset was deleted during the download")
+
+
+def _entry_key(entry: Any) -> tuple[str, str] | None:
+    if not isinstance(entry, dict):
+        return None
+    if entry.get("url") is not None:
+        return ("url", str(entry["url"]))
+    sha256 = entry.get("sha256")
+    return ("upload", str(sha256)) if "upload" in entry and sha256 is not None else None
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
@@ -109,6 +124,21 @@ class Ledger:
     unflushed: bool = False
     last_flush: float = float("-inf")
     users: int = 0
+    _index: dict[tuple[str, str], str] | None = None
+
+    def _set_manifest(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+        self._index = None
+
+    def _lookup(self, key: tuple[str, str]) -> str | None:
+        """The first manifest entry's name under `key`, indexed so a 10,000-image batch scans no manifest."""
+        if self._index is None:
+            self._index = {}
+            for name, entry in self.manifest.items():
+                entry_key = _entry_key(entry)
+                if entry_key is not None:
+                    self._index.setdefault(entry_key, name)
+        return self._index.get(key)
 
     def alive(self) -> bool:
         """Whether the folder this ledger was opened on is still the dataset's folder."""
@@ -122,18 +152,22 @@ class Ledger:
         """Take in entries other processes recorded since this ledger last read or wrote the manifest."""
         stamp = _stamp(self.folder / MANIFEST_NAME)
         if stamp != self.disk_stamp:
-            self.manifest = {**read_manifest(self.folder), **self.manifest}
+            self._set_manifest({**read_manifest(self.folder), **self.manifest})
             self.disk_stamp = stamp
 
     def _write(self) -> None:
         present = {p.name for p in list_images(self.folder)}
-        self.manifest = {name: entry for name, entry in self.manifest.items() if name in present}
+        self._set_manifest({name: entry for name, entry in self.manifest.items() if name in present})
         write_manifest(self.folder, self.manifest)
         self.disk_stamp = _stamp(self.folder / MANIFEST_NAME)
         self.unflushed = False
         self.last_flush = time.monotonic()
 
     def _existing(self, source: Source) -> str | None:
+        key = source.key()
+        name = self._lookup(key) if key is not None else None
+        if name is not None and source.matches(self.manifest[name]) and (self.folder / name).is_file():
+            return name
         for name, entry in self.manifest.items():
             if isinstance(entry, dict) and source.matches(entry) and (self.folder / name).is_file():
                 return name
@@ -194,6 +228,9 @@ class Ledger:
                 target = self.folder / name
                 os.replace(tmp, target)
                 self.manifest[name] = {**source.fields(), **entry}
+                key = source.key()
+                if self._index is not None and key is not None:
+                    self._index[key] = name
                 self.unflushed = True
                 if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                     self._write()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -23,6 +24,12 @@ from tests.service_process import wait_healthy
 HEALTH_IMAGES = 300
 HEALTH_SIDE = 192
 HEALTH_BOUND_S = 0.1
+BIG_LIST = 10_000
+# Growth of the service process's RSS over its idle size during a 10,000-URL request.
+BIG_LIST_RSS_GROWTH_MB = 120
+big_tests = pytest.mark.skipif(
+    os.environ.get("FLUXTRAIN_BIG_TESTS") != "1", reason="set FLUXTRAIN_BIG_TESTS=1 (make test-big)"
+)
 
 
 class ServiceProcess:
@@ -103,3 +110,38 @@ def test_health_answers_within_100_ms_during_a_download(
     assert len(body["files"]) == HEALTH_IMAGES
     assert len(latencies) >= 10, "the download ended before /health was asked often enough"
     assert max(latencies) < HEALTH_BOUND_S, sorted(latencies)[-5:]
+
+
+@big_tests
+def test_ten_thousand_urls_in_one_request_keep_memory_bounded(
+    service: ServiceProcess, server: LoopbackServer
+) -> None:
+    tiny = support.encode(Image.new("RGB", (16, 16), (90, 30, 160)), "PNG")
+    urls = [server.add(f"/big/{index}.png", Reply(body=tiny)) for index in range(BIG_LIST)]
+    process = psutil.Process(service.process.pid)
+    idle_rss = process.memory_info().rss
+    peak = [idle_rss]
+    answer: dict[str, httpx.Response] = {}
+
+    def download() -> None:
+        answer["response"] = httpx.post(
+            f"{service.url}/download-images", json={"urls": urls, "output_name": "big"}, timeout=600
+        )
+
+    worker = threading.Thread(target=download)
+    worker.start()
+    seen_running = False
+    with httpx.Client(base_url=service.url, timeout=5) as client:
+        while worker.is_alive():
+            peak.append(process.memory_info().rss)
+            progress = client.get("/datasets/big/downloads")
+            seen_running |= progress.status_code == 200 and progress.json()["running"]
+            time.sleep(0.1)
+    worker.join()
+    body = answer["response"].json()
+    assert answer["response"].status_code == 200, body
+    assert body["failed"] == {} and len(body["files"]) == BIG_LIST
+    assert seen_running
+    growth_mb = (max(peak) - idle_rss) / 2**20
+    print(f"10,000 URLs: idle RSS {idle_rss / 2**20:.0f} MB, peak growth {growth_mb:.0f} MB")
+    assert growth_mb < BIG_LIST_RSS_GROWTH_MB
