@@ -184,7 +184,7 @@ class StageProbe:
     def installed(self) -> Iterator[None]:
         from fluxtrain.datasets import ingest
 
-        fetch_bytes, commit_prepared = ingest.fetch_bytes, ingest.commit_prepared
+        fetch_bytes, commit_written = ingest.fetch_bytes, ingest.commit_written
 
         async def timed_fetch(client: Any, url: str, **kwargs: Any) -> Any:
             started = time.perf_counter()
@@ -196,15 +196,15 @@ class StageProbe:
         def timed_commit(book: Any, *, source: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
-                return commit_prepared(book, source=source, **kwargs)
+                return commit_written(book, source=source, **kwargs)
             finally:
                 self.commit[source.url] = (started, time.perf_counter())
 
-        ingest.fetch_bytes, ingest.commit_prepared = timed_fetch, timed_commit
+        ingest.fetch_bytes, ingest.commit_written = timed_fetch, timed_commit
         try:
             yield
         finally:
-            ingest.fetch_bytes, ingest.commit_prepared = fetch_bytes, commit_prepared
+            ingest.fetch_bytes, ingest.commit_written = fetch_bytes, commit_written
 
     def on_result(self, url: str, _path: str | None, _reason: str | None) -> None:
         self.done[url] = time.perf_counter()
@@ -295,7 +295,7 @@ def run_fluxtrain(
             if watcher:
                 watcher.cancel()
 
-    asyncio.run(image_workers(settings.image_workers).warm())
+    image_workers(settings.image_workers).start()
     requests_before, server_cpu_before = server.served.value, server.cpu_seconds()
     cpu_before, workers_before = _own_cpu_seconds(), _worker_cpu(server)
     with probe.installed() if probe else nullcontext():

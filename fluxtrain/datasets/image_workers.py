@@ -2,7 +2,8 @@
 
 Threads could not do this: the Python parts of Pillow's pipeline hold the GIL, so a batch used
 about one core and the event loop fought the image threads for it. A body is pickled once into
-a worker and its JPEG comes back; the event loop only moves bytes.
+a worker, which writes the JPEG into the dataset folder under a temporary name and hands back only
+that name, so no image crosses a pipe twice; the event loop only moves bytes.
 
 The pool (FLUXTRAIN_IMAGE_WORKERS processes, default the CPU count) is forked from a fork server
 that imported Pillow once, never from the service process with its threads, and its workers run
@@ -23,9 +24,11 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
-from fluxtrain.datasets.images import NormalizedImage, normalize_image
+from fluxtrain.datasets.images import NormalizedImage, Stored, normalize_image
+from fluxtrain.datasets.ledger import DatasetDeletedError, write_incoming
 
 T = TypeVar("T")
 
@@ -45,9 +48,21 @@ class WorkerCrashedError(Exception):
 
 @dataclass(frozen=True)
 class Prepared:
-    """What a worker hands back for one body: its normalised JPEG and the body's hash and size."""
+    """One body's normalised JPEG and the body's hash and size."""
 
     image: NormalizedImage
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a worker hands back: the temporary file holding the JPEG, never the JPEG's bytes."""
+
+    incoming: Path
+    width: int
+    height: int
+    stored: Stored
     sha256: str
     size: int
 
@@ -69,6 +84,21 @@ def prepare(data: bytes, max_pixels: int) -> Prepared:
     )
 
 
+def prepare_into(folder: Path, data: bytes, max_pixels: int) -> Written:
+    """Normalise and hash one downloaded body and write its JPEG into `folder`; runs in a worker.
+
+    A vanished folder is answered with FileNotFoundError (the caller's DatasetDeletedError), which
+    crosses the process boundary intact.
+    """
+    prepared = prepare(data, max_pixels)
+    try:
+        incoming = write_incoming(folder, prepared.image.jpeg)
+    except DatasetDeletedError as exc:
+        raise FileNotFoundError(str(folder)) from exc
+    image = prepared.image
+    return Written(incoming, image.width, image.height, image.stored, prepared.sha256, prepared.size)
+
+
 class ImageWorkers:
     """A process pool that replaces itself when a worker dies."""
 
@@ -83,9 +113,17 @@ class ImageWorkers:
                 self._pool = _pool(self._size)
         broken.shutdown(wait=False, cancel_futures=True)
 
-    async def warm(self) -> None:
-        """Start every worker now, so a batch's first images wait for no process start."""
-        await asyncio.gather(*(asyncio.wrap_future(self._pool.submit(int)) for _ in range(self._size)))
+    def start(self) -> None:
+        """Start every worker now, blocking: the first start runs the fork server, which imports
+        Pillow for a second or more, and that must not happen on the event loop."""
+        for _ in range(2):
+            pool = self._pool
+            try:
+                for future in [pool.submit(int) for _ in range(self._size)]:
+                    future.result()
+                return
+            except BrokenProcessPool:
+                self._replace(pool)
 
     async def run(self, job: Callable[..., T], *args: object) -> T:
         """`job(*args)` in a worker; WorkerCrashedError when it kills even a process of its own."""

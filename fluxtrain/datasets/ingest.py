@@ -27,7 +27,14 @@ import httpx
 from fluxtrain.datasets import archive, ledger, progress
 from fluxtrain.datasets.addresses import IPNetwork
 from fluxtrain.datasets.fetch import FetchError, HostSlots, check_url, fetch_bytes, make_client
-from fluxtrain.datasets.image_workers import Prepared, WorkerCrashedError, image_workers, prepare
+from fluxtrain.datasets.image_workers import (
+    Prepared,
+    WorkerCrashedError,
+    Written,
+    image_workers,
+    prepare,
+    prepare_into,
+)
 from fluxtrain.datasets.images import ImageRejectedError
 from fluxtrain.datasets.store import dataset_dir
 from fluxtrain.errors import InvalidInputError
@@ -64,6 +71,18 @@ def commit_prepared(book: ledger.Ledger, *, source: ledger.Source, stem: str, pr
         "stored": image.stored,
     }
     return book.commit(source=source, stem=stem, jpeg=image.jpeg, entry=entry)
+
+
+def commit_written(book: ledger.Ledger, *, source: ledger.Source, stem: str, written: Written) -> Path:
+    """Name a JPEG a worker wrote and record its manifest entry; blocking, for the thread pool."""
+    entry = {
+        "sha256": written.sha256,
+        "bytes": written.size,
+        "width": written.width,
+        "height": written.height,
+        "stored": written.stored,
+    }
+    return book.commit_file(source=source, stem=stem, incoming=written.incoming, entry=entry)
 
 
 def store_image(
@@ -162,13 +181,18 @@ async def download_images(
                     semaphore.release()
                     raise
             try:
-                prepared = await workers.run(prepare, fetched.content, settings.max_image_pixels)
+                try:
+                    written = await workers.run(
+                        prepare_into, folder, fetched.content, settings.max_image_pixels
+                    )
+                except FileNotFoundError as exc:
+                    raise ledger.DatasetDeletedError from exc
                 commit = partial(
-                    commit_prepared,
+                    commit_written,
                     book,
                     source=ledger.Source(url=url),
                     stem=ledger.stem_for_url(url),
-                    prepared=prepared,
+                    written=written,
                 )
                 saved = await loop.run_in_executor(executor, commit)
             finally:
@@ -196,6 +220,7 @@ async def download_images(
         async with client:
             book = await loop.run_in_executor(executor, ledger.acquire, folder)
             try:
+                await loop.run_in_executor(executor, workers.start)
                 await asyncio.gather(*(one(client, url, book) for url in unique))
             finally:
                 await loop.run_in_executor(executor, _settle, book, result)

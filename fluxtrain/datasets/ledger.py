@@ -113,6 +113,22 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
+def write_incoming(folder: Path, jpeg: bytes) -> Path:
+    """`jpeg` in a hidden temporary file of `folder`, for `Ledger.commit_file` to name."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".tmp")
+    except FileNotFoundError as exc:
+        raise DatasetDeletedError from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), IMAGE_MODE)
+            handle.write(jpeg)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 @dataclass
 class Ledger:
     """What one process knows of a dataset folder; touched only under the dataset's lock."""
@@ -173,13 +189,14 @@ class Ledger:
                 return name
         return None
 
-    def _unrecorded_copy(self, stem: str, jpeg: bytes) -> str | None:
-        """A file under one of `stem`'s names that holds `jpeg` but has no manifest entry."""
+    def _unrecorded_copy(self, stem: str, incoming: Path) -> str | None:
+        """A file under one of `stem`'s names that holds `incoming`'s bytes but has no manifest entry."""
         candidate, counter = f"{stem}{IMAGE_SUFFIX}", 1
+        size = incoming.stat().st_size
         while candidate in self.manifest or (self.folder / candidate).exists():
             path = self.folder / candidate
             unrecorded = candidate not in self.manifest and path.is_file()
-            if unrecorded and path.stat().st_size == len(jpeg) and path.read_bytes() == jpeg:
+            if unrecorded and path.stat().st_size == size and path.read_bytes() == incoming.read_bytes():
                 return check_name(candidate, what="image file name")
             counter += 1
             candidate = f"{stem}-{counter}{IMAGE_SUFFIX}"
@@ -204,29 +221,28 @@ class Ledger:
         return None if name is None else self.folder / name
 
     def commit(self, *, source: Source, stem: str, jpeg: bytes, entry: dict[str, Any]) -> Path:
-        """Write `jpeg` under a temporary name, then pick its final name and rename it there.
+        """Write `jpeg` under a temporary name, then `commit_file` it."""
+        return self.commit_file(
+            source=source, stem=stem, incoming=write_incoming(self.folder, jpeg), entry=entry
+        )
+
+    def commit_file(self, *, source: Source, stem: str, incoming: Path, entry: dict[str, Any]) -> Path:
+        """Pick the final name of a finished temporary file (`write_incoming`) and rename it there.
 
         A URL seen before replaces its own file; an upload whose content is already saved keeps
         that file untouched and its temporary copy is dropped.
         """
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".incoming-", suffix=".tmp")
-        except FileNotFoundError as exc:
-            raise DatasetDeletedError from exc
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), IMAGE_MODE)
-                handle.write(jpeg)
             with dataset_lock(self.folder):
                 self._check_alive()
                 self._refresh()
                 name = self._existing(source)
                 if name is not None and source.url is None:
-                    Path(tmp).unlink()
+                    incoming.unlink()
                     return self.folder / name
-                name = name or self._unrecorded_copy(stem, jpeg) or self._free_name(stem)
+                name = name or self._unrecorded_copy(stem, incoming) or self._free_name(stem)
                 target = self.folder / name
-                os.replace(tmp, target)
+                os.replace(incoming, target)
                 self.manifest[name] = {**source.fields(), **entry}
                 key = source.key()
                 if self._index is not None and key is not None:
@@ -235,7 +251,7 @@ class Ledger:
                 if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                     self._write()
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            incoming.unlink(missing_ok=True)
             raise
         return target
 

@@ -182,10 +182,10 @@ def assert_baseline_jpeg(path: Path) -> tuple[int, int]:
 CRASH_MARKER = b"make-the-worker-die"
 
 
-def prepare_or_die(data: bytes, max_pixels: int) -> object:
-    """`image_workers.prepare`, except that a body holding CRASH_MARKER kills the worker process."""
-    from fluxtrain.datasets.image_workers import prepare
+def prepare_or_die(folder: Path, data: bytes, max_pixels: int) -> object:
+    """`image_workers.prepare_into`, except that a body holding CRASH_MARKER kills the worker process."""
+    from fluxtrain.datasets.image_workers import prepare_into
 
     if CRASH_MARKER in data:
         os._exit(70)
-    return prepare(data, max_pixels)
+    return prepare_into(folder, data, max_pixels)

@@ -47,7 +47,7 @@ def test_worker_processes_write_the_bytes_this_process_would(
 def test_a_worker_that_dies_fails_that_url_only_and_the_pool_recovers(
     server: LoopbackServer, open_settings: Settings, png_bytes: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest, "prepare", support.prepare_or_die)
+    monkeypatch.setattr(ingest, "prepare_into", support.prepare_or_die)
     settings = open_settings.model_copy(update={"image_workers": 2})
     hostile = server.add("/hostile.png", Reply(body=png_bytes + support.CRASH_MARKER))
     fine = [server.add(f"/{index}.png", Reply(body=png_bytes)) for index in range(8)]
