@@ -1,11 +1,12 @@
 """Bringing images into a dataset: from URLs (concurrent, safe fetching) or from uploaded files.
 
 Fetching runs on the event loop; a downloaded body's decoding, encoding and hashing run in worker
-processes (`image_workers`, FLUXTRAIN_IMAGE_WORKERS), its file and manifest entry are written in a
-shared thread pool, so the service keeps answering while a large batch is processed. Uploads are
-normalised in that thread pool. A URL first waits for a slot on its
-host (FLUXTRAIN_DOWNLOAD_PER_HOST, released once its body is read), then for one of the batch's
-FLUXTRAIN_DOWNLOAD_CONCURRENCY slots (held until its image is stored); its timeout starts after both.
+processes (`image_workers`, FLUXTRAIN_IMAGE_WORKERS), which also write its JPEG under a temporary
+name; naming that file and recording its manifest entry run in a shared thread pool, so the
+service keeps answering while a large batch is processed. Uploads are normalised in that thread
+pool. A URL first waits for a slot on its host (FLUXTRAIN_DOWNLOAD_PER_HOST, released once its
+body is read), then for one of the batch's FLUXTRAIN_DOWNLOAD_CONCURRENCY slots (held until its
+image is stored); its timeout starts after both.
 """
 
 from __future__ import annotations
