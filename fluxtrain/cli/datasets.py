@@ -10,8 +10,17 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from fluxtrain.cli.options import (
     EXIT_BAD_INPUT,
@@ -33,6 +42,13 @@ from fluxtrain.settings import get_settings
 def _read_url_file(path: Path) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+class _RateColumn(ProgressColumn):
+    """URLs finished per second, rich's estimate over the last seconds."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f} img/s")
 
 
 def _failure_table(result: DownloadResult) -> Table:
@@ -69,6 +85,7 @@ def download(
         TextColumn("[bold]downloading"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RateColumn(),
         TextColumn("{task.fields[failed]} failed"),
         TimeElapsedColumn(),
         console=console,
