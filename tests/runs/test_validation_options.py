@@ -58,6 +58,8 @@ def test_validation_fields_reach_run_json(run_settings: Settings, db: Database) 
         ({"keep_best_only": True}, "keep_best_only needs validation_split or validation_dataset"),
         ({"validation_every_n_steps": 5}, "validation_every_n_steps needs validation_split"),
         ({"validation_dataset": "empty"}, "validation_dataset 'empty' lists no images"),
+        ({"validation_dataset": "three"}, "validation_dataset 'three' holds every image of the training"),
+        ({"validation_dataset": "copy"}, "validation_dataset 'copy' holds every image of the training"),
     ],
 )
 def test_validation_options_that_cannot_work_are_refused_before_a_run_exists(
@@ -66,6 +68,7 @@ def test_validation_options_that_cannot_work_are_refused_before_a_run_exists(
     _dataset(run_settings, "three", 3)
     _dataset(run_settings, "held", 1)
     _dataset(run_settings, "empty", 0)
+    _dataset(run_settings, "copy", 4)  # the same pictures as "three" under the same names, and one more
     with pytest.raises(InvalidInputError) as caught:
         _create(run_settings, db, **fields)
     assert needle in str(caught.value)
