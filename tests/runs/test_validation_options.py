@@ -82,9 +82,11 @@ def test_train_answers_404_for_a_missing_validation_dataset_and_422_for_a_split(
     missing = client.post("/train", json={"output_name": "three", "validation_dataset": "nope"})
     assert missing.status_code == 404, missing.text
     assert "validation_dataset config 'nope.toml' not found" in missing.text
-    for split in (True, 1.5, 0, 3):
+    for split in (True, 1.5, 0, 3, 1.0, "2.0"):
         answer = client.post("/train", json={"output_name": "three", "validation_split": split})
         assert answer.status_code == 422, (split, answer.text)
+    whole = client.post("/train", json={"output_name": "three", "validation_split": 1.0})
+    assert "a count of images is a whole number (1, not 1.0)" in whole.text  # not quietly one image
     assert _no_run(run_settings)
 
 
