@@ -29,7 +29,7 @@ from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training import memory
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
-from fluxtrain.training.data import count_images, held_out_count
+from fluxtrain.training.data import check_training_images_left, count_images, held_out_count
 from fluxtrain.training.model_checks import check_model, check_model_family
 
 MAX_LIST_LIMIT = 1000
@@ -76,6 +76,8 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
         raise InvalidInputError(_validation_message(exc)) from exc
     if config.validation_split is not None:
         held_out_count(config.validation_split, count_images(toml))
+    if validation_toml is not None:
+        check_training_images_left(toml, validation_toml)
     if settings.executor == "local":
         _check_local_host(settings, config, gpus=getattr(request, "gpus", 1))
         config = _fit_local_memory(settings, config)
