@@ -22,6 +22,8 @@ from fluxtrain.fsutil import tail_lines
 
 LORA_SUFFIX = ".safetensors"
 SAMPLE_SUFFIX = ".png"
+CONTACT_SHEET_SUFFIX = "-grid.jpg"
+REJECTED_SUFFIX = ".rejected"
 RECENT_EVENTS = 400
 
 
@@ -73,6 +75,11 @@ class RunDir:
         return self.root / "uploads-state.json"
 
     @property
+    def lint_warnings(self) -> Path:
+        """The dataset lint's warnings at `/train`, written once by `runs` when the run is created."""
+        return self.root / "lint-warnings.json"
+
+    @property
     def artifact_dirs(self) -> tuple[Path, ...]:
         """Folders whose finished files are copied to remote storage."""
         return (self.output, self.samples)
@@ -82,6 +89,10 @@ class RunDir:
 
     def sample(self, output_name: str, *, step: int, index: int) -> Path:
         return self.samples / sample_name(output_name, step=step, index=index)
+
+    def contact_sheet(self, output_name: str) -> Path:
+        """The grid of every sample, one row per prompt and one column per sampled step."""
+        return self.samples / contact_sheet_name(output_name)
 
     def key(self, path: Path) -> str:
         """A file's path inside the run directory, '/'-separated: `output/x.safetensors`."""
@@ -131,6 +142,16 @@ def parse_sample_name(file_name: str, output_name: str) -> tuple[int, int] | Non
     pattern = re.escape(output_name) + r"_(\d{6,})_(\d{2,})" + re.escape(SAMPLE_SUFFIX)
     match = re.fullmatch(pattern, file_name)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def contact_sheet_name(output_name: str) -> str:
+    """`<name>-grid.jpg`: a JPEG, so `parse_sample_name` (PNG only) never takes it for a sample."""
+    return f"{output_name}{CONTACT_SHEET_SUFFIX}"
+
+
+def rejected_lora(lora: Path) -> Path:
+    """Where a LoRA file that failed its load check is kept: hidden, so never listed or uploaded."""
+    return lora.with_name(f".{lora.name}{REJECTED_SUFFIX}")
 
 
 def _jsonable(value: Any) -> Any:

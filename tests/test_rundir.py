@@ -14,11 +14,13 @@ from fluxtrain.rundir import (
     RunDir,
     append_event,
     checkpoint_name,
+    contact_sheet_name,
     first_event,
     parse_checkpoint_name,
     parse_sample_name,
     read_events,
     recent_events,
+    rejected_lora,
     sample_name,
 )
 
@@ -85,12 +87,7 @@ def _append_many(path: str, tag: int) -> None:
         append_event(Path(path), "tick", tag=tag, number=number, pad="x" * 3000)
 
 
-def test_writers_in_threads_and_processes_never_interleave(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A spawned child unpickles `_append_many` by its module name, so the repository root (the parent
-    # of `tests/`) must be on the path it inherits; pytest's importlib mode does not put it there.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+def test_writers_in_threads_and_processes_never_interleave(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_append_many, args=(str(path), tag)) for tag in (1, 2)]
@@ -134,3 +131,15 @@ def test_lora_files_and_uploaded_urls(tmp_path: Path) -> None:
     assert run.uploaded_urls() == {"output/a.safetensors": "s3://b/a"}
     run.uploads.write_text("{broken", encoding="utf-8")
     assert run.uploaded_urls() == {}
+
+
+def test_the_contact_sheet_and_a_rejected_lora_are_never_taken_for_a_sample_or_a_lora(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    assert run.contact_sheet("x") == run.samples / "x-grid.jpg" == run.samples / contact_sheet_name("x")
+    for name in ("x", "x_000010_02", "x-grid"):
+        assert parse_sample_name(contact_sheet_name(name), name) is None
+        assert parse_sample_name(contact_sheet_name(name), "x") is None
+    final = run.checkpoint("x", None)
+    final.parent.mkdir(parents=True)
+    rejected_lora(final).write_bytes(b"bad")
+    assert rejected_lora(final).name == ".x.safetensors.rejected" and run.lora_files() == []

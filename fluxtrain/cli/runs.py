@@ -11,11 +11,13 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column, Table
 
@@ -26,6 +28,7 @@ from fluxtrain.cli.options import (
     documented,
     with_model_options,
 )
+from fluxtrain.fsutil import atomic_write_bytes
 from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.settings import get_settings
 
@@ -253,6 +256,25 @@ def register(app: typer.Typer) -> None:
             f"run {run_id}: {body['status']}" + (" (stopping)" if body["status"] == "running" else "")
         )
 
+    @app.command("contact-sheet")
+    @documented
+    def contact_sheet(
+        run_id: str,
+        output: Path | None = typer.Option(None, "--output", "-o", help="Also download it to this file."),
+        url: str | None = UrlOption,
+    ) -> None:
+        """Write a run's contact sheet now (a row per prompt, a column per sampled step); prints its name."""
+        with _client(url) as client:
+            body = _call(client, "POST", f"/runs/{run_id}/contact-sheet")
+            if output is not None:
+                response = client.get(f"/runs/{run_id}/artifacts/{body['name']}")
+                if response.is_error:
+                    notes.print(f"[red]{response.status_code}: could not download {body['name']}[/]")
+                    raise typer.Exit(EXIT_FAILED)
+                atomic_write_bytes(output, response.content)
+                notes.print(f"saved {output} ({len(response.content)} bytes)")
+        console.out(body["name"], highlight=False)
+
     @app.command()
     @documented
     def logs(
@@ -300,6 +322,8 @@ def _print_status(body: dict[str, Any]) -> None:
         console.print(f"  {output['name']}  {output['url'] or output['path']}")
     if body.get("waiting"):
         console.print(f"[yellow]{body['waiting']}[/]")
+    for warning in body.get("warnings", []):
+        console.print(f"[yellow]warning {warning['kind']}: {escape(warning['message'])}[/]", highlight=False)
     if body["error"]:
         console.print(f"[red]{body['error']}[/]")
     for line in body["logs"]:

@@ -1,34 +1,30 @@
 """Edit-pair lint: what is wrong with a folder of targets and its control folder, before a run exists.
 
-Each finding names its files. Errors (the run could not train these pairs as asked): a target
-without a control, more references than the family takes, a control whose aspect ratio lands in
-another bucket than its target's (it would be cropped to the target's shape), a control folder
-that does not exist. Warnings: a control no target claims (it is not trained on).
+Findings are dataset lint's (`datasets.lint.LintFinding`), each naming its files. Errors (the
+run could not train these pairs as asked): a target without a control, more references than the
+family takes, a control whose aspect ratio lands in another bucket than its target's (it would be
+cropped to the target's shape), a control folder that does not exist. Warnings: a control no
+target claims (it is not trained on).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from fluxtrain.datasets.lint import FindingKind, LintFinding, Severity
 from fluxtrain.datasets.pairs import pair_controls
 from fluxtrain.datasets.store import list_images
 
 Size = tuple[int, int]
-Severity = Literal["error", "warning"]
 SHOWN_FILES = 5
 
 
-@dataclass(frozen=True)
-class PairFinding:
-    kind: str  # control_dir_missing, control_missing, control_unpaired, control_aspect, too_many_references
-    severity: Severity
-    message: str
-    files: list[str]
+def _finding(kind: FindingKind, severity: Severity, message: str, files: list[str]) -> LintFinding:
+    """A finding of dataset lint's own kind (`datasets.lint.LintFinding`)."""
+    return LintFinding(kind=kind, severity=severity, message=message, files=files)
 
 
 def _size(path: Path) -> Size | None:
@@ -51,14 +47,14 @@ def lint_pairs(
     bucket_of: Callable[[int, int], Size] | None,
     max_references: int,
     where: str,
-) -> list[PairFinding]:
+) -> list[LintFinding]:
     """The findings of one folder of targets and its controls.
 
     `bucket_of` is the dataset's bucketing when controls take their target's bucket; None when they
     keep their own aspect (`control_resolution`, `no_resize_control`), so no aspect is compared."""
     if not control_dir.is_dir():
         return [
-            PairFinding(
+            _finding(
                 "control_dir_missing",
                 "error",
                 f"{where}: control_directory {control_dir} is not a folder",
@@ -67,11 +63,11 @@ def lint_pairs(
         ]
     targets = list_images(image_dir) if image_dir.is_dir() else []
     pairing = pair_controls((t.stem for t in targets), list_images(control_dir))
-    findings: list[PairFinding] = []
+    findings: list[LintFinding] = []
     missing = [t.name for t in targets if t.stem not in pairing.controls]
     if missing:
         findings.append(
-            PairFinding(
+            _finding(
                 "control_missing",
                 "error",
                 f"{where}: {len(missing)} target(s) have no control image in {control_dir}: "
@@ -82,7 +78,7 @@ def lint_pairs(
     if pairing.unpaired:
         names = [p.name for p in pairing.unpaired]
         findings.append(
-            PairFinding(
+            _finding(
                 "control_unpaired",
                 "warning",
                 f"{where}: {len(names)} control image(s) match no target stem and are not trained on: "
@@ -93,7 +89,7 @@ def lint_pairs(
     crowded = [t.name for t in targets if len(pairing.controls.get(t.stem, [])) > max_references]
     if crowded:
         findings.append(
-            PairFinding(
+            _finding(
                 "too_many_references",
                 "error",
                 f"{where}: {len(crowded)} target(s) have more than {max_references} control image(s), the "
@@ -104,7 +100,7 @@ def lint_pairs(
     skewed = _skewed_pairs(targets, pairing.controls, bucket_of) if bucket_of is not None else []
     if skewed:
         findings.append(
-            PairFinding(
+            _finding(
                 "control_aspect",
                 "error",
                 f"{where}: {len(skewed)} pair(s) disagree in aspect ratio beyond the bucket tolerance "

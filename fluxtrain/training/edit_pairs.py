@@ -1,9 +1,11 @@
 """Edit pairs in training: which family trains a dataset with control images, and the pair lint.
 
 A dataset whose subsets name a `control_directory` trains an edit LoRA: FLUX.1 Kontext on a FLUX.1
-dev file (chosen for it when the request names no family). The lint of `datasets/pair_lint.py`
-runs per subset with the dataset's own bucketing; its errors are one 422 naming the files, its
-warnings are logged. `/train` (`runs.service.resolve_config`) and the trainer (`data.py`) call it.
+dev file (chosen for it when the request names no family); a family that takes no pairs, or an
+edit family without them, is refused outright. The pair findings (`datasets/pair_lint.py`, per
+subset with the dataset's own bucketing) join dataset lint's report: `/train` refuses its errors
+(`datasets.lint_service.lint_run_dataset`), `POST /datasets/{name}/lint` lists them, and the
+trainer's `set_up` checks them again for a run directory written by hand.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from fluxtrain.dataset_config.schema import DatasetConfigFile, DatasetSpec
 from fluxtrain.dataset_config.toml_file import load_dataset_config, read_dataset_toml
-from fluxtrain.datasets.pair_lint import PairFinding, lint_pairs
+from fluxtrain.datasets.lint import LintFinding
+from fluxtrain.datasets.pair_lint import lint_pairs
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training.buckets import BucketSpec, Size, choose_bucket
 from fluxtrain.training.families.detect import FAMILY_TITLES, ModelFamily
@@ -68,44 +71,59 @@ def _refuse_unpaired(family: ModelFamily, name: str) -> None:
         )
 
 
-def lint_edit_pairs(config: DatasetConfigFile, *, family: ModelFamily) -> list[PairFinding]:
-    """Every pair finding of the dataset for `family`; raises one 422 naming the files of every error."""
+def check_pair_family(config: DatasetConfigFile, *, family: ModelFamily) -> None:
+    """A 422 when the family and the dataset disagree: edit pairs for a family without, or the reverse."""
     name = config.path.name
-    paired = has_controls(config)
-    if not paired:
+    if not has_controls(config):
         _refuse_unpaired(family, name)
-        return []
-    if family not in MAX_REFERENCES:
+    elif family not in MAX_REFERENCES:
         raise InvalidInputError(
             f"dataset config {name} has control images (control_directory), but model family '{family}' "
             f"({FAMILY_TITLES[family]}) trains no edit pairs; FLUX.1 dev files train them as 'flux1-kontext'"
         )
-    findings: list[PairFinding] = []
+
+
+def pair_findings(config: DatasetConfigFile, *, max_references: int) -> list[LintFinding]:
+    """The pair findings of every subset of a dataset with controls (none without)."""
+    if not has_controls(config):
+        return []
+    name = config.path.name
+    findings: list[LintFinding] = []
     for d_index, dataset in enumerate(config.datasets):
         for s_index, subset in enumerate(dataset.subsets):
             where = f"{name} datasets[{d_index}].subsets[{s_index}]"
             if subset.control_dir is None:
                 findings.append(
-                    PairFinding("control_dir_missing", "error", f"{where} names no control_directory", [])
+                    LintFinding(
+                        kind="control_dir_missing",
+                        severity="error",
+                        message=f"{where} names no control_directory",
+                    )
                 )
                 continue
             if subset.flip_aug:
                 findings.append(
-                    PairFinding(
-                        "control_flip_aug",
-                        "error",
-                        f"{where} sets flip_aug, which would mirror targets but not their controls; set it "
-                        "to false for edit pairs",
-                        [],
+                    LintFinding(
+                        kind="control_flip_aug",
+                        severity="error",
+                        message=f"{where} sets flip_aug, which would mirror targets but not their controls; "
+                        "set it to false for edit pairs",
                     )
                 )
             findings += lint_pairs(
                 image_dir=subset.image_dir,
                 control_dir=subset.control_dir,
                 bucket_of=_control_bucketing(dataset),
-                max_references=MAX_REFERENCES[family],
+                max_references=max_references,
                 where=where,
             )
+    return findings
+
+
+def lint_edit_pairs(config: DatasetConfigFile, *, family: ModelFamily) -> list[LintFinding]:
+    """The trainer's check: the family, then one 422 naming every pair error; warnings are logged."""
+    check_pair_family(config, family=family)
+    findings = pair_findings(config, max_references=MAX_REFERENCES.get(family, 0))
     errors = [finding.message for finding in findings if finding.severity == "error"]
     if errors:
         raise InvalidInputError("edit pairs: " + "; ".join(errors))
@@ -114,10 +132,10 @@ def lint_edit_pairs(config: DatasetConfigFile, *, family: ModelFamily) -> list[P
     return findings
 
 
-def check_family_and_pairs(
+def check_run_family(
     toml: Path, transformer: Path, shown: str, *, requested: ModelFamily | None
 ) -> ModelFamily:
-    """`/train`'s check: the run's family and, for a dataset with controls, its pair lint.
+    """`/train`'s check: the run's family, matched with whether the dataset has controls.
 
     A dataset without a control_directory is not resolved here: what only matters once training
     starts (a resolution, the image folders) stays the trainer's to check."""
@@ -129,5 +147,5 @@ def check_family_and_pairs(
         return family
     config = load_dataset_config(toml)
     family = pair_family(transformer, shown, requested=requested, config=config)
-    lint_edit_pairs(config, family=family)
+    check_pair_family(config, family=family)
     return family

@@ -146,8 +146,8 @@ def write_lora_file(
     step: int,
     epoch: int,
     dtype: torch.dtype,
-) -> None:
-    """The trained LoRA in run.json's `save_format`, with the metadata of this run at `step`."""
+) -> dict[str, str]:
+    """Write the trained LoRA in run.json's `save_format`; returns the metadata of this run at `step`."""
     metadata = lora_metadata(
         base_model=str(base_model),
         output_name=config.output_name,
@@ -175,6 +175,7 @@ def write_lora_file(
         metadata=metadata,
         config=transformer.config,
     )
+    return metadata
 
 
 def mark_best_checkpoint(path: Path) -> None:

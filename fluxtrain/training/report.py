@@ -117,6 +117,10 @@ class RunReport:
         self.events.emit("checkpoint", path=path, epoch=epoch, step=step, **extra)
         log.info("checkpoint %s (epoch %d, step %d)", path, epoch, step)
 
+    def contact_sheet(self, path: Path) -> None:
+        self.events.emit("contact_sheet", path=path)
+        log.info("contact sheet %s", path.name)
+
     def interrupted(self, *, step: int, epoch: int, state: Path | None) -> None:
         """`state` is the folder holding the step, None when nothing was trained and none exists."""
         self.events.emit("interrupted", step=step, epoch=epoch, **({"state": state} if state else {}))

@@ -19,8 +19,10 @@ from fluxtrain.rundir import RunDir, read_events
 from fluxtrain.training import distributed, flow, memory, state
 from fluxtrain.training.cache import load_batch, load_references
 from fluxtrain.training.config import TrainConfig
+from fluxtrain.training.contact_sheet import write_contact_sheet
 from fluxtrain.training.data import StepPlan, epoch_batches
 from fluxtrain.training.export import mark_best_checkpoint, write_lora_file
+from fluxtrain.training.lora_check import check_lora_file
 from fluxtrain.training.precision import run_precision
 from fluxtrain.training.report import RunReport
 from fluxtrain.training.sampling import render_samples
@@ -258,7 +260,7 @@ class Trainer:
 
     def save_lora(self, setup: Setup, path: Path, *, epoch: int) -> None:
         if self.accelerator.is_main_process:
-            write_lora_file(
+            metadata = write_lora_file(
                 path,
                 setup.transformer,
                 config=self.config,
@@ -267,6 +269,14 @@ class Trainer:
                 step=self.counter.step,
                 epoch=epoch,
                 dtype=self.precision.export,
+            )
+            check_lora_file(
+                path,
+                setup.transformer,
+                save_format=self.config.save_format,
+                rank=self.config.network_dim,
+                dtype=self.precision.export,
+                metadata=metadata,
             )
 
     def save_state(self) -> None:
@@ -285,7 +295,7 @@ class Trainer:
         return "interrupted"
 
     def finish(self, setup: Setup) -> str:
-        """Last samples when due, then the final LoRA file."""
+        """Last samples when due, the final LoRA file, then the contact sheet of every sample."""
         config, step = self.config, self.counter.step
         sampling = config.sample_prompts and (config.sample_every_n_steps or config.sample_every_n_epochs)
         if sampling and self.last_sample_step != step:
@@ -296,6 +306,10 @@ class Trainer:
         self.save_lora(setup, final, epoch=setup.plan.epochs_at(step))
         main = self.accelerator.is_main_process
         best = self.settle_best(final, loss) if loss is not None and main else None
+        if main:
+            sheet = write_contact_sheet(self.run_dir, config.output_name)
+            if sheet is not None:
+                self.report.contact_sheet(sheet)
         self.accelerator.wait_for_everyone()
         self.report.finished(final, step=step, epoch=setup.plan.epochs_at(step), best=best)
         return "finished"

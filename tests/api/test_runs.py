@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from fluxtrain.api.app import create_app
 from fluxtrain.settings import Settings
@@ -78,6 +79,7 @@ def test_train_runs_to_success_with_status_artifacts_and_events(api: TestClient,
         "outputs",
         "error",
         "waiting",
+        "warnings",
         "created_at",
         "started_at",
         "finished_at",
@@ -378,3 +380,24 @@ def test_log_follow_gets_the_unterminated_last_line_once_the_run_ended(
         log.write("Killed")
     follow = api.get(f"/runs/{run_id}/logs", params={"offset": offset}).json()
     assert follow["lines"] == ["Killed"] and follow["next_offset"] == offset + len("Killed")
+
+
+def test_contact_sheet_is_404_for_an_unknown_run_409_without_samples_then_listed(
+    api: TestClient, settings: Settings
+) -> None:
+    assert api.post("/runs/nope/contact-sheet").status_code == 404
+    run_id = api.post("/train", json={"output_name": "demo", "max_train_steps": 1}).json()["run_id"]
+    _wait(api, run_id, {"succeeded"})
+    refused = api.post(f"/runs/{run_id}/contact-sheet")  # the double's 000001-0.png is no sample name
+    assert refused.status_code == 409 and "no samples" in refused.json()["detail"]
+    samples = settings.runs_dir / run_id / "samples"
+    for step in (1, 2):
+        Image.new("RGB", (32, 32), (step * 100, 0, 0)).save(samples / f"demo_{step:06d}_00.png")
+    made = api.post(f"/runs/{run_id}/contact-sheet")
+    assert made.status_code == 200, made.text
+    assert made.json()["name"] == "demo-grid.jpg" and made.json()["kind"] == "contact_sheet"
+    files = {f["name"]: f["kind"] for f in api.get(f"/runs/{run_id}/artifacts").json()["files"]}
+    assert files["demo-grid.jpg"] == "contact_sheet" and files["demo_000002_00.png"] == "sample"
+    sheet = api.get(f"/runs/{run_id}/artifacts/demo-grid.jpg")
+    assert sheet.status_code == 200 and sheet.content[:2] == b"\xff\xd8"
+    assert made.json()["size"] == len(sheet.content)

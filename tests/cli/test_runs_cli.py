@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from PIL import Image
 
 from fluxtrain.api.app import create_app
 from fluxtrain.settings import Settings
@@ -165,3 +166,22 @@ def test_no_follow_prints_only_the_run_id_and_errors_go_to_stderr(service: str) 
     missing = _run_cli(service, "status", "nope")
     assert missing.returncode == 1
     assert missing.stdout == "" and "404" in missing.stderr
+
+
+def test_contact_sheet_writes_the_grid_and_downloads_it(
+    service: str, settings: Settings, tmp_path: Path
+) -> None:
+    body = {"output_name": "demo", "max_train_steps": 1}
+    run_id = httpx.post(f"{service}/train", json=body, timeout=10).json()["run_id"]
+    deadline = time.monotonic() + 30
+    while _status(service, run_id)["status"] != "succeeded":
+        assert time.monotonic() < deadline, "the run did not succeed"
+        time.sleep(0.1)
+    samples = settings.runs_dir / run_id / "samples"
+    samples.mkdir()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(samples / "demo_000001_00.png")
+    process = _cli(service, "contact-sheet", run_id, "--output", str(tmp_path / "grid.jpg"))
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, out
+    assert out.splitlines()[-1] == "demo-grid.jpg"
+    assert (tmp_path / "grid.jpg").read_bytes() == (samples / "demo-grid.jpg").read_bytes()

@@ -11,10 +11,11 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from fluxtrain.api.deps import SettingsDep
 from fluxtrain.runs import service
-from fluxtrain.runs.artifacts import artifact_path, list_artifacts
+from fluxtrain.runs.artifacts import artifact_path, list_artifacts, write_run_contact_sheet
 from fluxtrain.runs.db import Database, get_database
 from fluxtrain.runs.logs import read_log
 from fluxtrain.runs.schemas import (
+    Artifact,
     ArtifactList,
     LogLines,
     RunList,
@@ -113,6 +114,12 @@ def logs(
 def artifacts(run_id: str, settings: SettingsDep, db: DatabaseDep) -> ArtifactList:
     """LoRA files and samples a run has written, with their remote URLs once uploaded."""
     return list_artifacts(settings=settings, run=service.get_run(db=db, run_id=run_id))
+
+
+@router.post("/runs/{run_id}/contact-sheet", response_model=Artifact)
+def contact_sheet(run_id: str, settings: SettingsDep, db: DatabaseDep) -> Artifact:
+    """Write the run's contact sheet now: a row per prompt, a column per sampled step; 409 without samples."""
+    return write_run_contact_sheet(settings=settings, run=service.get_run(db=db, run_id=run_id))
 
 
 @router.get("/runs/{run_id}/artifacts/{name:path}", response_class=FileResponse)
