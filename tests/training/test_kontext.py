@@ -13,6 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
+from fluxtrain.errors import InvalidInputError
 from fluxtrain.training import flow
 from fluxtrain.training.config import load_config
 from fluxtrain.training.trainer import StopFlag, Trainer
@@ -157,3 +158,12 @@ def test_kontext_resume_continues_with_identical_losses(kontext_run: dict[str, A
     straight = [e["loss"] for e in helpers.step_events(runs["straight"])]
     resumed = [e["loss"] for e in helpers.step_events(runs["resumed"])]
     assert resumed == straight
+
+
+def test_the_trainer_refuses_a_target_without_its_control(kontext_run: dict[str, Any]) -> None:
+    root = kontext_run["root"]
+    toml = make_pairs(root / "broken", size=64)
+    (toml.parent / "images" / "control" / "b.jpg").unlink()
+    run = helpers.make_run(root / "broken-run", models=kontext_run["models"], toml=toml, cache=root / "cache")
+    with pytest.raises(InvalidInputError, match=r"edit pairs: .*target\(s\) have no control image .*b\.jpg"):
+        _train(run)
