@@ -49,3 +49,18 @@ def test_download_shows_a_progress_bar_with_rate_and_failures(
     assert "6/6" in result.output
     assert "img/s" in result.output
     assert "1 failed" in result.output
+
+
+def test_download_of_controls_stores_them_under_their_stems(
+    server: LoopbackServer, open_settings: Settings, png_bytes: bytes, monkeypatch
+) -> None:
+    monkeypatch.setattr(datasets_cli, "get_settings", lambda: open_settings)
+    source = server.add("/x/source.png", Reply(body=png_bytes))
+    command = ["download", "pairs", source, "--role", "control", "--control-for", "cat"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert (open_settings.datasets_dir / "pairs" / "control" / "cat.jpg").is_file()
+    missing = CliRunner().invoke(app, ["download", "pairs", source, "--role", "control"])
+    assert missing.exit_code == 2 and "control_for" in missing.output
+    bad = CliRunner().invoke(app, ["download", "pairs", source, "--role", "mask"])
+    assert bad.exit_code == 2 and "--role" in bad.output
