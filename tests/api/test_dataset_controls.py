@@ -89,3 +89,19 @@ def test_a_bare_stem_and_numbered_stems_pair_in_order_and_a_target_keeps_its_own
         "cat_0": ["cat_0.jpg", "cat_0_0.jpg"],
     }
     assert [p.name for p in pairing.unpaired] == ["bird_x.jpg"]
+
+
+def test_lint_endpoint_lists_pair_findings(open_client: TestClient, open_settings: Settings) -> None:
+    folder = open_settings.datasets_dir / "pairs"
+    folder.mkdir(parents=True)
+    (folder / "cat.jpg").write_bytes(png((1, 2, 3)))
+    (folder / "dog.jpg").write_bytes(png((3, 2, 1)))
+    (folder / "control").mkdir()
+    (folder / "control" / "cat.jpg").write_bytes(png((9, 9, 9)))
+    created = open_client.post("/create-dataset-config", json={"output_name": "pairs", "trigger_word": "zqx"})
+    assert created.status_code == 200, created.text
+
+    report = open_client.post("/datasets/pairs/lint").json()
+
+    [missing] = [f for f in report["findings"] if f["kind"] == "control_missing"]
+    assert missing["severity"] == "error" and missing["files"] == ["dog.jpg"]
