@@ -199,6 +199,8 @@ def test_the_form_comes_from_the_schema_and_shows_errors_beside_fields(tab: Tab,
         schema["properties"]["network_dim"]["default"]
     )
     assert page.locator("#train-learning_rate").get_attribute("min") == "0"
+    split = page.locator("#train-validation_split")  # a fraction or a count: no upper bound of 1
+    assert split.get_attribute("min") == "0" and split.get_attribute("max") is None
     models = page.locator("#model-files option").evaluate_all("options => options.map(o => o.value)")
     assert {"flux1-dev.sft", "ae.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors"} <= set(models)
     page.click("button[data-preset='48+ GB']")

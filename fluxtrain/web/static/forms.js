@@ -16,7 +16,20 @@ export async function requestSchema(name) {
 function plain(property) {
   const options = property.anyOf ?? [property];
   const concrete = options.filter((option) => option.type !== "null");
-  return { ...(concrete[0] ?? {}), nullable: options.length > concrete.length };
+  const nullable = options.length > concrete.length;
+  const numeric = (option) => option.type === "number" || option.type === "integer";
+  if (concrete.length > 1 && concrete.every(numeric)) {
+    // A union such as "a fraction or a count": one number input whose bounds admit every option.
+    const lows = concrete.map((option) => option.minimum ?? option.exclusiveMinimum);
+    const highs = concrete.map((option) => option.maximum ?? option.exclusiveMaximum);
+    return {
+      type: "number",
+      minimum: lows.includes(undefined) ? undefined : Math.min(...lows),
+      maximum: highs.includes(undefined) ? undefined : Math.max(...highs),
+      nullable,
+    };
+  }
+  return { ...(concrete[0] ?? {}), nullable };
 }
 
 function humanName(name) {
