@@ -166,14 +166,25 @@ class MemoryCheck(BaseModel):
     chosen: dict[str, bool | str] | None = None
 
 
+def _tokens(size: tuple[int, int]) -> int:
+    return (size[0] // PIXELS_PER_TOKEN_SIDE) * (size[1] // PIXELS_PER_TOKEN_SIDE)
+
+
+def _reference_tokens(spec: Any) -> int:
+    """Kontext's reference tokens per image: a control at its target's size, or at control_resolution."""
+    if not any(subset.control_dir is not None for subset in spec.subsets):
+        return 0
+    return _tokens(spec.control_resolution or spec.resolution)
+
+
 def step_size(toml_path: Path, *, guidance: bool) -> StepSize:
-    """The largest step of the dataset TOML: every bucket's area is at most its resolution's."""
+    """The largest step of the dataset TOML: every bucket's area is at most its resolution's; an
+    edit-pair dataset's reference tokens count as image tokens."""
     datasets = load_dataset_config(toml_path).datasets
     sizes = [
         StepSize(
             batch_size=spec.batch_size,
-            image_tokens=(spec.resolution[0] // PIXELS_PER_TOKEN_SIDE)
-            * (spec.resolution[1] // PIXELS_PER_TOKEN_SIDE),
+            image_tokens=_tokens(spec.resolution) + _reference_tokens(spec),
             text_tokens=TEXT_TOKENS[guidance],
             resolution=spec.resolution,
         )

@@ -218,3 +218,16 @@ def test_the_trainer_judges_its_gpu_before_loading_and_reports_the_choice(
     trainer.set_up()
     started = next(e for e in read_events(run / "events.jsonl") if e["event"] == "started")
     assert started["memory"] == check.model_dump()
+
+
+def test_an_edit_pair_dataset_counts_its_reference_tokens(tmp_path: Path) -> None:
+    toml = helpers.make_dataset(tmp_path / "data", size=128)
+    plain = memory.step_size(toml, guidance=True)
+    control = tmp_path / "data" / "images" / "control"
+    control.mkdir()
+    toml.write_text(
+        toml.read_text(encoding="utf-8") + f'  control_directory = "{control}"\n', encoding="utf-8"
+    )
+    paired = memory.step_size(toml, guidance=True)
+    assert paired.image_tokens == 2 * plain.image_tokens == 2 * 64
+    assert paired.text_tokens == plain.text_tokens
