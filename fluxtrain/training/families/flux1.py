@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fluxtrain.training import flow, model_files
+from fluxtrain.training import flow, model_files, sampling
 from fluxtrain.training.cache import FeatureCache, TextEncoders, encode_latents, open_cache
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.convert import ModuleRule, transformer_module_rules
@@ -24,7 +24,6 @@ from fluxtrain.training.flow import TimestepSampling
 from fluxtrain.training.lora import TARGET_PATTERN
 from fluxtrain.training.model_checks import transformer_has_guidance
 from fluxtrain.training.model_files import ModelFiles, resolve_model_files
-from fluxtrain.training.sampling import generate
 
 
 class Flux1:
@@ -95,7 +94,7 @@ class Flux1:
         device: torch.device,
         dtype: torch.dtype,
     ) -> Image.Image:
-        return generate(
+        return sampling.generate(
             transformer,
             vae,
             t5=text["t5"],
