@@ -12,6 +12,7 @@ the same URLs at the same total concurrency, re-encoding to JPEG quality 95 like
 
     .venv/bin/python bench/download.py [--n 1000] [--concurrency 32] [--latency 0] [--jpeg] \\
         [--img2dataset-python /tmp/i2d-venv/bin/python]
+    .venv/bin/python bench/download.py --side-by-side [--n 1000] --img2dataset-python /work/i2d/bin/python
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ import tempfile
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from PIL import Image
 
+from fluxtrain.datasets.image_workers import image_workers
 from fluxtrain.datasets.ingest import download_images
 from fluxtrain.settings import Settings
 
@@ -164,6 +167,7 @@ class Outcome:
     note: str = ""
     total_s: float | None = None
     kept: int | None = None
+    worker_cpu_s: float = 0.0
 
 
 class StageProbe:
@@ -172,7 +176,7 @@ class StageProbe:
 
     def __init__(self) -> None:
         self.fetch: dict[str, tuple[float, float]] = {}
-        self.store: dict[str, tuple[float, float, float]] = {}
+        self.commit: dict[str, tuple[float, float]] = {}
         self.done: dict[str, float] = {}
         self.loop_lag: list[float] = []
 
@@ -180,7 +184,7 @@ class StageProbe:
     def installed(self) -> Iterator[None]:
         from fluxtrain.datasets import ingest
 
-        fetch_bytes, store_image = ingest.fetch_bytes, ingest.store_image
+        fetch_bytes, commit_written = ingest.fetch_bytes, ingest.commit_written
 
         async def timed_fetch(client: Any, url: str, **kwargs: Any) -> Any:
             started = time.perf_counter()
@@ -189,18 +193,18 @@ class StageProbe:
             finally:
                 self.fetch[url] = (started, time.perf_counter())
 
-        def timed_store(book: Any, *, source: Any, **kwargs: Any) -> Any:
-            started, cpu = time.perf_counter(), time.thread_time()
+        def timed_commit(book: Any, *, source: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
             try:
-                return store_image(book, source=source, **kwargs)
+                return commit_written(book, source=source, **kwargs)
             finally:
-                self.store[source.url] = (started, time.perf_counter(), time.thread_time() - cpu)
+                self.commit[source.url] = (started, time.perf_counter())
 
-        ingest.fetch_bytes, ingest.store_image = timed_fetch, timed_store
+        ingest.fetch_bytes, ingest.commit_written = timed_fetch, timed_commit
         try:
             yield
         finally:
-            ingest.fetch_bytes, ingest.store_image = fetch_bytes, store_image
+            ingest.fetch_bytes, ingest.commit_written = fetch_bytes, commit_written
 
     def on_result(self, url: str, _path: str | None, _reason: str | None) -> None:
         self.done[url] = time.perf_counter()
@@ -212,14 +216,13 @@ class StageProbe:
             self.loop_lag.append(time.perf_counter() - started - 0.005)
 
     def report(self, *, concurrency: int, wall: float) -> None:
-        urls = [u for u in self.done if u in self.fetch and u in self.store]
+        urls = [u for u in self.done if u in self.fetch and u in self.commit]
         if not urls:
             return
         fetch = [self.fetch[u][1] - self.fetch[u][0] for u in urls]
-        queued = [self.store[u][0] - self.fetch[u][1] for u in urls]
-        store = [self.store[u][1] - self.store[u][0] for u in urls]
-        store_cpu = [self.store[u][2] for u in urls]
-        back = [self.done[u] - self.store[u][1] for u in urls]
+        worker = [self.commit[u][0] - self.fetch[u][1] for u in urls]
+        commit = [self.commit[u][1] - self.commit[u][0] for u in urls]
+        back = [self.done[u] - self.commit[u][1] for u in urls]
         slot = [self.done[u] - self.fetch[u][0] for u in urls]
         first = min(self.fetch[u][0] for u in urls)
         last = max(self.done.values())
@@ -235,9 +238,8 @@ class StageProbe:
 
         print("\nfluxtrain stage profile (each URL holds a concurrency slot from fetch start to result)")
         print(line("fetch (request to last byte)", fetch))
-        print(line("wait for an image worker", queued))
-        print(line("normalise + save (worker wall)", store))
-        print(line("normalise + save (worker CPU)", store_cpu))
+        print(line("image worker process (queue + work)", worker))
+        print(line("save file + manifest (thread)", commit))
         print(line("back on the event loop", back))
         print(line("slot held", slot))
         print(
@@ -293,8 +295,9 @@ def run_fluxtrain(
             if watcher:
                 watcher.cancel()
 
+    image_workers(settings.image_workers).start()
     requests_before, server_cpu_before = server.served.value, server.cpu_seconds()
-    cpu_before = _own_cpu_seconds()
+    cpu_before, workers_before = _own_cpu_seconds(), _worker_cpu(server)
     with probe.installed() if probe else nullcontext():
         started = time.perf_counter()
         if probe:
@@ -310,9 +313,11 @@ def run_fluxtrain(
         wall_s=wall,
         ok=len(result.files),
         failed=dict(result.failed),
-        cpu_s=_own_cpu_seconds() - cpu_before,
+        cpu_s=_own_cpu_seconds() - cpu_before + _cpu_since(workers_before, _worker_cpu(server)),
+        worker_cpu_s=_cpu_since(workers_before, _worker_cpu(server)),
         server_cpu_s=server.cpu_seconds() - server_cpu_before,
         requests=server.served.value - requests_before,
+        note=f"{settings.image_workers} image worker processes, started before the timer; cpu includes them",
         kept=_kept_count(workdir / "data" / "datasets" / "bench"),
     )
     if probe:
@@ -366,6 +371,22 @@ def run_fluxtrain_cli(
 def _own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _worker_cpu(server: ImageServer) -> dict[int, float]:
+    """CPU seconds by process of this process's descendants (the image workers), the server left out."""
+    found: dict[int, float] = {}
+    for child in psutil.Process().children(recursive=True):
+        if child.pid == server.process.pid:
+            continue
+        with suppress(psutil.Error):
+            times = child.cpu_times()
+            found[child.pid] = times.user + times.system
+    return found
+
+
+def _cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def _children_cpu_seconds() -> float:
@@ -473,12 +494,81 @@ def _report(outcome: Outcome, *, n: int, bound: float | None) -> None:
     print(
         f"{outcome.tool:<12} {outcome.wall_s:7.2f} s  {n / outcome.wall_s:7.1f} img/s  "
         f"{_versus_bound(outcome.wall_s, bound)}  ok {outcome.ok}/{n}{kept}  "
-        f"cpu {outcome.cpu_s:5.1f} s (server {outcome.server_cpu_s:4.1f} s)  requests {outcome.requests}"
+        f"cpu {outcome.cpu_s:5.1f} s (workers {outcome.worker_cpu_s:4.1f} s, "
+        f"server {outcome.server_cpu_s:4.1f} s)  requests {outcome.requests}"
     )
     if outcome.note:
         print(f"{'':<12} {outcome.note}")
     for url, reason in list(outcome.failed.items())[:5]:
         print(f"{'':<12} failed {url}: {reason}")
+
+
+@dataclass(frozen=True)
+class Regime:
+    label: str
+    latency: float
+    jpeg: bool
+    concurrency: int
+
+
+REGIMES = (
+    Regime("latency-bound (250 ms), PNG, concurrency 32", 0.25, False, 32),
+    Regime("CPU-bound (0 ms), PNG, concurrency 32", 0.0, False, 32),
+    Regime("clean JPEG (0 ms), concurrency 32", 0.0, True, 32),
+    Regime("250 ms, PNG, concurrency 64", 0.25, False, 64),
+    Regime("250 ms, PNG, concurrency 128", 0.25, False, 128),
+)
+
+
+def side_by_side(*, n: int, python: str | None) -> None:
+    """Every regime of REGIMES for both tools, then one table of them side by side."""
+    rows: list[tuple[Regime, float | None, Outcome, Outcome | None]] = []
+    for regime in REGIMES:
+        bound = n * regime.latency / regime.concurrency if regime.latency > 0 else None
+        print(f"\n== {regime.label} (load average {' '.join(f'{v:.2f}' for v in os.getloadavg())})")
+        with image_server(regime.latency, jpeg=regime.jpeg) as server:
+            suffix = "jpg" if regime.jpeg else "png"
+            urls = [f"http://127.0.0.1:{server.port}/img/{i:06d}.{suffix}" for i in range(n)]
+            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
+                ours = run_fluxtrain(
+                    server=server,
+                    urls=urls,
+                    concurrency=regime.concurrency,
+                    per_host=regime.concurrency,
+                    workdir=Path(tmp),
+                    profile=False,
+                    cprofile=False,
+                )
+            _report(ours, n=n, bound=bound)
+            theirs = None
+            if python:
+                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-") as tmp:
+                    theirs = run_img2dataset(
+                        python=python,
+                        server=server,
+                        urls=urls,
+                        concurrency=regime.concurrency,
+                        workdir=Path(tmp),
+                    )
+                _report(theirs, n=n, bound=bound)
+        rows.append((regime, bound, ours, theirs))
+    print(f"\nside by side, n={n} distinct {IMAGE_SIDE}x{IMAGE_SIDE} URLs, download phase")
+    print("| regime | latency bound | fluxtrain | img2dataset | fluxtrain / img2dataset |")
+    print("|---|---|---|---|---|")
+    for regime, bound, ours, theirs in rows:
+        bound_text = f"{bound:.2f} s" if bound else "none"
+
+        def cell(outcome: Outcome, bound: float | None = bound) -> str:
+            versus = f", {outcome.wall_s / bound:.2f}x the bound" if bound else ""
+            return (
+                f"{outcome.wall_s:.2f} s, {n / outcome.wall_s:.0f} img/s, "
+                f"{outcome.cpu_s / n * 1000:.1f} ms CPU/img{versus}"
+            )
+
+        ratio = f"**{theirs.wall_s / ours.wall_s:.2f}x**" if theirs else "-"
+        print(
+            f"| {regime.label} | {bound_text} | {cell(ours)} | {cell(theirs) if theirs else '-'} | {ratio} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,9 +590,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--profile", action="store_true", help="time fluxtrain's stages per URL")
     parser.add_argument("--cprofile", action="store_true", help="cProfile fluxtrain's event-loop thread")
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run every regime (latency-bound, CPU-bound, clean JPEG, concurrency 64 and 128) for both tools "
+        "and print one table; --n applies, the other options are the regimes'",
+    )
     args = parser.parse_args(argv)
     if args.latency < 0:
         parser.error("--latency must be >= 0")
+    if args.side_by_side:
+        python = None if args.skip_img2dataset else find_img2dataset_python(args.img2dataset_python)
+        print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; python {sys.version.split()[0]}")
+        side_by_side(n=args.n, python=python)
+        print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        return 0
     per_host = args.per_host or args.concurrency
     bound = args.n * args.latency / args.concurrency if args.latency > 0 else None
     python = None if args.skip_img2dataset else find_img2dataset_python(args.img2dataset_python)

@@ -75,6 +75,11 @@ class RunDir:
         return self.root / "uploads-state.json"
 
     @property
+    def lint_warnings(self) -> Path:
+        """The dataset lint's warnings at `/train`, written once by `runs` when the run is created."""
+        return self.root / "lint-warnings.json"
+
+    @property
     def artifact_dirs(self) -> tuple[Path, ...]:
         """Folders whose finished files are copied to remote storage."""
         return (self.output, self.samples)

@@ -7,6 +7,7 @@ newer setting carries the FLUXTRAIN_ prefix.
 from __future__ import annotations
 
 import ipaddress
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,7 +37,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(100_000_000, gt=0)
     download_concurrency: int = Field(32, ge=1, le=1024)
     download_per_host: int = Field(16, ge=1, le=1024, description="Requests open to one host at once.")
-    max_urls: int = Field(1000, ge=1)
+    max_urls: int = Field(10_000, ge=1, description="URLs one download request may hold.")
+    image_workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=256,
+        description="Worker processes that decode and encode downloaded images.",
+    )
     max_upload_bytes: int = Field(1_073_741_824, gt=0)
     ca_bundle: Path | None = Field(None, description="Extra CA certificates (PEM) trusted for HTTPS fetches.")
     api_key: SecretStr | None = None

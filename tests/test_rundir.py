@@ -87,12 +87,7 @@ def _append_many(path: str, tag: int) -> None:
         append_event(Path(path), "tick", tag=tag, number=number, pad="x" * 3000)
 
 
-def test_writers_in_threads_and_processes_never_interleave(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A spawned child unpickles `_append_many` by its module name, so the repository root (the parent
-    # of `tests/`) must be on the path it inherits; pytest's importlib mode does not put it there.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+def test_writers_in_threads_and_processes_never_interleave(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_append_many, args=(str(path), tag)) for tag in (1, 2)]

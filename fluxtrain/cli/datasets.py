@@ -1,18 +1,39 @@
-"""`fluxtrain download` and `fluxtrain datasets`: the same library calls the dataset endpoints make."""
+"""`fluxtrain download`, `fluxtrain datasets` and `fluxtrain lint`: the same library calls the dataset
+endpoints make."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
-from fluxtrain.cli.options import EXIT_BAD_INPUT, EXIT_FAILED, documented, fail
+from fluxtrain.cli.options import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    build_request,
+    documented,
+    fail,
+    with_model_options,
+)
 from fluxtrain.datasets.catalog import summarize_datasets
 from fluxtrain.datasets.ingest import DownloadResult, download_images
+from fluxtrain.datasets.lint import EXAMPLES, LintReport
+from fluxtrain.datasets.lint_service import LintRequest, lint_dataset
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.names import check_name
 from fluxtrain.settings import get_settings
@@ -21,6 +42,13 @@ from fluxtrain.settings import get_settings
 def _read_url_file(path: Path) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+class _RateColumn(ProgressColumn):
+    """URLs finished per second, rich's estimate over the last seconds."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f} img/s")
 
 
 def _failure_table(result: DownloadResult) -> Table:
@@ -57,6 +85,7 @@ def download(
         TextColumn("[bold]downloading"),
         BarColumn(),
         MofNCompleteColumn(),
+        _RateColumn(),
         TextColumn("{task.fields[failed]} failed"),
         TimeElapsedColumn(),
         console=console,
@@ -93,7 +122,56 @@ def datasets() -> None:
     Console().print(table)
 
 
+def _lint_table(report: LintReport) -> Table:
+    table = Table(title=f"dataset '{report.dataset}': {report.images} image(s)", show_lines=True)
+    table.add_column("severity")
+    table.add_column("kind")
+    table.add_column("files", overflow="fold")
+    table.add_column("message", overflow="fold")
+    for finding in report.findings:
+        colour = "red" if finding.severity == "error" else "yellow"
+        files = "\n".join(finding.files[:EXAMPLES])
+        if len(finding.files) > EXAMPLES:
+            files += f"\n(+{len(finding.files) - EXAMPLES} more)"
+        table.add_row(
+            f"[{colour}]{finding.severity}[/]", finding.kind, escape(files), escape(finding.message)
+        )
+    return table
+
+
+@documented
+@with_model_options(
+    LintRequest, names={"trigger_word": ("--trigger-word", "-t"), "enable_bucket": ("--bucket",)}
+)
+def lint(
+    name: str = typer.Argument(..., metavar="NAME", help="Dataset folder under $DATA_ROOT/datasets/."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    *,
+    fields: dict[str, Any],
+) -> None:
+    """Check dataset NAME's images and captions before training (with NAME.toml's settings when it
+    exists); exits 1 when it has errors (training would fail), 0 with warnings only."""
+    request = build_request(LintRequest, fields, labels={"enable_bucket": "--bucket"})
+    try:
+        report = lint_dataset(settings=get_settings(), name=name, request=request)
+    except FluxtrainError as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        console = Console()
+        if report.findings:
+            console.print(_lint_table(report))
+        console.print(
+            f"{report.images} image(s): {report.errors} error(s), {report.warnings} warning(s)",
+            highlight=False,
+        )
+    if report.errors:
+        raise typer.Exit(EXIT_FAILED)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `fluxtrain` app."""
     app.command()(download)
     app.command()(datasets)
+    app.command()(lint)

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column, Table
 
@@ -321,6 +322,8 @@ def _print_status(body: dict[str, Any]) -> None:
         console.print(f"  {output['name']}  {output['url'] or output['path']}")
     if body.get("waiting"):
         console.print(f"[yellow]{body['waiting']}[/]")
+    for warning in body.get("warnings", []):
+        console.print(f"[yellow]warning {warning['kind']}: {escape(warning['message'])}[/]", highlight=False)
     if body["error"]:
         console.print(f"[red]{body['error']}[/]")
     for line in body["logs"]:

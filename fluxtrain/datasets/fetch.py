@@ -17,7 +17,7 @@ import contextvars
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import httpcore
 import httpx
 
 from fluxtrain.datasets.addresses import IPNetwork, parse_ip, refusal_reason
+from fluxtrain.datasets.connections import OriginConnections
 from fluxtrain.errors import UnavailableError
 
 MAX_REDIRECTS = 5
@@ -178,7 +179,9 @@ def _httpx_errors() -> Iterator[None]:
 class _BodyStream(httpx.AsyncByteStream):
     """A response body read from httpcore, its errors turned into httpx errors."""
 
-    def __init__(self, stream: AsyncIterable[bytes], on_close: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, stream: AsyncIterable[bytes], on_close: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._stream = stream
         self._on_close = on_close
 
@@ -196,14 +199,14 @@ class _BodyStream(httpx.AsyncByteStream):
         finally:
             on_close, self._on_close = self._on_close, None
             if on_close is not None:
-                on_close()
+                await on_close()
 
 
 class _CheckedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport over an httpcore pool whose network backend checks every address.
+    """An httpx transport over per-origin httpcore connections whose network backend checks every address.
 
-    Built on the public httpcore pool rather than by replacing the private pool inside
-    httpx.AsyncHTTPTransport; proxies, HTTP/2 and unix sockets are deliberately not offered.
+    Built on httpcore's public connection class (`connections.OriginConnections` keeps them);
+    proxies, HTTP/2 and unix sockets are deliberately not offered.
     """
 
     def __init__(
@@ -215,12 +218,11 @@ class _CheckedTransport(httpx.AsyncBaseTransport):
         host_slots: HostSlots | None = None,
     ) -> None:
         self._host_slots = host_slots
-        self._pool = httpcore.AsyncConnectionPool(
+        self._connections = OriginConnections(
             ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=_CheckedBackend(allow),
+            max_idle=limits.max_keepalive_connections or 0,
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -237,27 +239,41 @@ class _CheckedTransport(httpx.AsyncBaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
+        origin = core_request.url.origin
         release = None
         if self._host_slots is not None:
             release = await self._host_slots.claim(request.url.host)
+        connection: httpcore.AsyncHTTPConnection | None = None
         try:
+            connection = await self._connections.take(origin)
             with _httpx_errors():
-                core_response = await self._pool.handle_async_request(core_request)
+                core_response = await connection.handle_async_request(core_request)
         except BaseException:
+            if connection is not None:
+                await self._connections.give_back(connection, origin)
             if release is not None:
                 release()
             raise
         assert isinstance(core_response.stream, AsyncIterable)
+        taken = connection
+
+        async def on_close() -> None:
+            try:
+                await self._connections.give_back(taken, origin)
+            finally:
+                if release is not None:
+                    release()
+
         return httpx.Response(
             status_code=core_response.status,
             headers=core_response.headers,
-            stream=_BodyStream(core_response.stream, on_close=release),
+            stream=_BodyStream(core_response.stream, on_close=on_close),
             extensions=core_response.extensions,
         )
 
     async def aclose(self) -> None:
         with _httpx_errors():
-            await self._pool.aclose()
+            await self._connections.aclose()
 
 
 def make_ssl_context(ca_bundle: Path | None = None) -> ssl.SSLContext:

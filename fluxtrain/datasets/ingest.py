@@ -1,9 +1,12 @@
 """Bringing images into a dataset: from URLs (concurrent, safe fetching) or from uploaded files.
 
-Fetching runs on the event loop; decoding, encoding and writing run in a shared thread pool, so
-the service keeps answering while a large batch is processed. A URL first waits for a slot on its
-host (FLUXTRAIN_DOWNLOAD_PER_HOST, released once its body is read), then for one of the batch's
-FLUXTRAIN_DOWNLOAD_CONCURRENCY slots (held until its image is stored); its timeout starts after both.
+Fetching runs on the event loop; a downloaded body's decoding, encoding and hashing run in worker
+processes (`image_workers`, FLUXTRAIN_IMAGE_WORKERS), which also write its JPEG under a temporary
+name; naming that file and recording its manifest entry run in a shared thread pool, so the
+service keeps answering while a large batch is processed. Uploads are normalised in that thread
+pool. A URL first waits for a slot on its host (FLUXTRAIN_DOWNLOAD_PER_HOST, released once its
+body is read), then for one of the batch's FLUXTRAIN_DOWNLOAD_CONCURRENCY slots (held until its
+image is stored); its timeout starts after both.
 """
 
 from __future__ import annotations
@@ -22,10 +25,18 @@ from typing import BinaryIO
 
 import httpx
 
-from fluxtrain.datasets import archive, ledger
+from fluxtrain.datasets import archive, ledger, progress
 from fluxtrain.datasets.addresses import IPNetwork
 from fluxtrain.datasets.fetch import FetchError, HostSlots, check_url, fetch_bytes, make_client
-from fluxtrain.datasets.images import ImageRejectedError, normalize_image
+from fluxtrain.datasets.image_workers import (
+    Prepared,
+    WorkerCrashedError,
+    Written,
+    image_workers,
+    prepare,
+    prepare_into,
+)
+from fluxtrain.datasets.images import ImageRejectedError
 from fluxtrain.datasets.store import dataset_dir
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.settings import Settings
@@ -50,22 +61,39 @@ def image_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(2, cpus), thread_name_prefix="fluxtrain-image")
 
 
-def store_image(
-    book: ledger.Ledger, *, source: ledger.Source, stem: str, data: bytes, max_pixels: int
-) -> Path:
-    """Normalise one image and commit it with its manifest entry; blocking, for the worker pool."""
-    saved = book.saved_upload(source)
-    if saved is not None:
-        return saved
-    image = normalize_image(data, max_pixels=max_pixels)
+def commit_prepared(book: ledger.Ledger, *, source: ledger.Source, stem: str, prepared: Prepared) -> Path:
+    """Write a normalised image and its manifest entry into the dataset; blocking, for the thread pool."""
+    image = prepared.image
     entry = {
-        "sha256": source.sha256 or hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
+        "sha256": prepared.sha256,
+        "bytes": prepared.size,
         "width": image.width,
         "height": image.height,
         "stored": image.stored,
     }
     return book.commit(source=source, stem=stem, jpeg=image.jpeg, entry=entry)
+
+
+def commit_written(book: ledger.Ledger, *, source: ledger.Source, stem: str, written: Written) -> Path:
+    """Name a JPEG a worker wrote and record its manifest entry; blocking, for the thread pool."""
+    entry = {
+        "sha256": written.sha256,
+        "bytes": written.size,
+        "width": written.width,
+        "height": written.height,
+        "stored": written.stored,
+    }
+    return book.commit_file(source=source, stem=stem, incoming=written.incoming, entry=entry)
+
+
+def store_image(
+    book: ledger.Ledger, *, source: ledger.Source, stem: str, data: bytes, max_pixels: int
+) -> Path:
+    """Normalise one image in this thread and commit it; blocking, for the thread pool."""
+    saved = book.saved_upload(source)
+    if saved is not None:
+        return saved
+    return commit_prepared(book, source=source, stem=stem, prepared=prepare(data, max_pixels))
 
 
 def _host_of(url: str, allow: Sequence[IPNetwork]) -> str | None:
@@ -78,7 +106,12 @@ def _host_of(url: str, allow: Sequence[IPNetwork]) -> str | None:
 
 def _reason_for(exc: Exception) -> str:
     if isinstance(
-        exc, FetchError | ImageRejectedError | archive.ArchiveEntryError | ledger.DatasetDeletedError
+        exc,
+        FetchError
+        | ImageRejectedError
+        | WorkerCrashedError
+        | archive.ArchiveEntryError
+        | ledger.DatasetDeletedError,
     ):
         return str(exc)
     if isinstance(exc, OSError):
@@ -117,12 +150,15 @@ async def download_images(
     if not urls:
         raise InvalidInputError("urls must not be empty")
     if len(urls) > settings.max_urls:
-        raise InvalidInputError(f"at most {settings.max_urls} URLs per request, got {len(urls)}")
+        raise InvalidInputError(
+            f"at most {settings.max_urls} URLs per request (FLUXTRAIN_MAX_URLS), got {len(urls)}"
+        )
     folder = dataset_dir(settings, name, must_exist=False)
     unique = list(dict.fromkeys(urls))
     result = DownloadResult()
     loop = asyncio.get_running_loop()
     executor = image_executor()
+    workers = image_workers(settings.image_workers)
     semaphore = asyncio.Semaphore(settings.download_concurrency)
     allow = settings.allow_networks
     host_slots = HostSlots(settings.download_per_host)
@@ -145,16 +181,21 @@ async def download_images(
                 except BaseException:
                     semaphore.release()
                     raise
-            store = partial(
-                store_image,
-                book,
-                source=ledger.Source(url=url),
-                stem=ledger.stem_for_url(url),
-                data=fetched.content,
-                max_pixels=settings.max_image_pixels,
-            )
             try:
-                saved = await loop.run_in_executor(executor, store)
+                try:
+                    written = await workers.run(
+                        prepare_into, folder, fetched.content, settings.max_image_pixels
+                    )
+                except FileNotFoundError as exc:
+                    raise ledger.DatasetDeletedError from exc
+                commit = partial(
+                    commit_written,
+                    book,
+                    source=ledger.Source(url=url),
+                    stem=ledger.stem_for_url(url),
+                    written=written,
+                )
+                saved = await loop.run_in_executor(executor, commit)
             finally:
                 semaphore.release()
             path = str(saved)
@@ -164,6 +205,7 @@ async def download_images(
             result.files[url] = path
         else:
             result.failed[url] = reason or "failed"
+        tracker.record(saved=path is not None)
         if on_result is not None:
             on_result(url, path, reason)
 
@@ -174,12 +216,17 @@ async def download_images(
         ca_bundle=settings.ca_bundle,
         host_slots=host_slots,
     )
-    async with client:
-        book = await loop.run_in_executor(executor, ledger.acquire, folder)
-        try:
-            await asyncio.gather(*(one(client, url, book) for url in unique))
-        finally:
-            await loop.run_in_executor(executor, _settle, book, result)
+    tracker = progress.start(name, len(unique))
+    try:
+        async with client:
+            book = await loop.run_in_executor(executor, ledger.acquire, folder)
+            try:
+                await loop.run_in_executor(executor, workers.start)
+                await asyncio.gather(*(one(client, url, book) for url in unique))
+            finally:
+                await loop.run_in_executor(executor, _settle, book, result)
+    finally:
+        progress.finish(tracker)
     return _in_order(unique, result)
 
 

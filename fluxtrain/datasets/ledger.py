@@ -61,6 +61,12 @@ class Source:
     upload: str | None = None
     sha256: str | None = None
 
+    def key(self) -> tuple[str, str] | None:
+        """What `Ledger`'s index finds this source's entry by; None when only a scan can."""
+        if self.url is not None:
+            return ("url", self.url)
+        return ("upload", self.sha256) if self.sha256 is not None else None
+
     def matches(self, entry: dict[str, Any]) -> bool:
         if self.url is not None:
             return entry.get("url") == self.url
@@ -82,6 +88,15 @@ class DatasetDeletedError(Exception):
         super().__init__("the dataset was deleted during the download")
 
 
+def _entry_key(entry: Any) -> tuple[str, str] | None:
+    if not isinstance(entry, dict):
+        return None
+    if entry.get("url") is not None:
+        return ("url", str(entry["url"]))
+    sha256 = entry.get("sha256")
+    return ("upload", str(sha256)) if "upload" in entry and sha256 is not None else None
+
+
 def _identity(folder: Path) -> tuple[int, int] | None:
     try:
         stat = os.stat(folder)
@@ -98,6 +113,22 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
+def write_incoming(folder: Path, jpeg: bytes) -> Path:
+    """`jpeg` in a hidden temporary file of `folder`, for `Ledger.commit_file` to name."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".tmp")
+    except FileNotFoundError as exc:
+        raise DatasetDeletedError from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), IMAGE_MODE)
+            handle.write(jpeg)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 @dataclass
 class Ledger:
     """What one process knows of a dataset folder; touched only under the dataset's lock."""
@@ -109,6 +140,21 @@ class Ledger:
     unflushed: bool = False
     last_flush: float = float("-inf")
     users: int = 0
+    _index: dict[tuple[str, str], str] | None = None
+
+    def _set_manifest(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+        self._index = None
+
+    def _lookup(self, key: tuple[str, str]) -> str | None:
+        """The first manifest entry's name under `key`, indexed so a 10,000-image batch scans no manifest."""
+        if self._index is None:
+            self._index = {}
+            for name, entry in self.manifest.items():
+                entry_key = _entry_key(entry)
+                if entry_key is not None:
+                    self._index.setdefault(entry_key, name)
+        return self._index.get(key)
 
     def alive(self) -> bool:
         """Whether the folder this ledger was opened on is still the dataset's folder."""
@@ -122,30 +168,35 @@ class Ledger:
         """Take in entries other processes recorded since this ledger last read or wrote the manifest."""
         stamp = _stamp(self.folder / MANIFEST_NAME)
         if stamp != self.disk_stamp:
-            self.manifest = {**read_manifest(self.folder), **self.manifest}
+            self._set_manifest({**read_manifest(self.folder), **self.manifest})
             self.disk_stamp = stamp
 
     def _write(self) -> None:
         present = {p.name for p in list_images(self.folder)}
-        self.manifest = {name: entry for name, entry in self.manifest.items() if name in present}
+        self._set_manifest({name: entry for name, entry in self.manifest.items() if name in present})
         write_manifest(self.folder, self.manifest)
         self.disk_stamp = _stamp(self.folder / MANIFEST_NAME)
         self.unflushed = False
         self.last_flush = time.monotonic()
 
     def _existing(self, source: Source) -> str | None:
+        key = source.key()
+        name = self._lookup(key) if key is not None else None
+        if name is not None and source.matches(self.manifest[name]) and (self.folder / name).is_file():
+            return name
         for name, entry in self.manifest.items():
             if isinstance(entry, dict) and source.matches(entry) and (self.folder / name).is_file():
                 return name
         return None
 
-    def _unrecorded_copy(self, stem: str, jpeg: bytes) -> str | None:
-        """A file under one of `stem`'s names that holds `jpeg` but has no manifest entry."""
+    def _unrecorded_copy(self, stem: str, incoming: Path) -> str | None:
+        """A file under one of `stem`'s names that holds `incoming`'s bytes but has no manifest entry."""
         candidate, counter = f"{stem}{IMAGE_SUFFIX}", 1
+        size = incoming.stat().st_size
         while candidate in self.manifest or (self.folder / candidate).exists():
             path = self.folder / candidate
             unrecorded = candidate not in self.manifest and path.is_file()
-            if unrecorded and path.stat().st_size == len(jpeg) and path.read_bytes() == jpeg:
+            if unrecorded and path.stat().st_size == size and path.read_bytes() == incoming.read_bytes():
                 return check_name(candidate, what="image file name")
             counter += 1
             candidate = f"{stem}-{counter}{IMAGE_SUFFIX}"
@@ -170,35 +221,37 @@ class Ledger:
         return None if name is None else self.folder / name
 
     def commit(self, *, source: Source, stem: str, jpeg: bytes, entry: dict[str, Any]) -> Path:
-        """Write `jpeg` under a temporary name, then pick its final name and rename it there.
+        """Write `jpeg` under a temporary name, then `commit_file` it."""
+        return self.commit_file(
+            source=source, stem=stem, incoming=write_incoming(self.folder, jpeg), entry=entry
+        )
+
+    def commit_file(self, *, source: Source, stem: str, incoming: Path, entry: dict[str, Any]) -> Path:
+        """Pick the final name of a finished temporary file (`write_incoming`) and rename it there.
 
         A URL seen before replaces its own file; an upload whose content is already saved keeps
         that file untouched and its temporary copy is dropped.
         """
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".incoming-", suffix=".tmp")
-        except FileNotFoundError as exc:
-            raise DatasetDeletedError from exc
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), IMAGE_MODE)
-                handle.write(jpeg)
             with dataset_lock(self.folder):
                 self._check_alive()
                 self._refresh()
                 name = self._existing(source)
                 if name is not None and source.url is None:
-                    Path(tmp).unlink()
+                    incoming.unlink()
                     return self.folder / name
-                name = name or self._unrecorded_copy(stem, jpeg) or self._free_name(stem)
+                name = name or self._unrecorded_copy(stem, incoming) or self._free_name(stem)
                 target = self.folder / name
-                os.replace(tmp, target)
+                os.replace(incoming, target)
                 self.manifest[name] = {**source.fields(), **entry}
+                key = source.key()
+                if self._index is not None and key is not None:
+                    self._index[key] = name
                 self.unflushed = True
                 if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                     self._write()
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            incoming.unlink(missing_ok=True)
             raise
         return target
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
+from fluxtrain.datasets.lint import LintFinding
 from fluxtrain.names import SafeName
 from fluxtrain.runs.table import as_utc
 from fluxtrain.training.config import TrainConfig
@@ -89,6 +90,9 @@ class RunStatusOut(BaseModel):
     error: str | None = None
     waiting: str | None = Field(
         None, description="Why a queued run has not started yet, while its launch is being retried."
+    )
+    warnings: list[LintFinding] = Field(
+        default_factory=list, description="What the dataset lint warned of when the run was created."
     )
     created_at: UtcDatetime
     started_at: UtcDatetime | None = None

@@ -15,6 +15,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fluxtrain.dataset_config.service import dataset_config_path
+from fluxtrain.datasets.lint_service import lint_run_dataset
 from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json
 from fluxtrain.model_paths import resolve_model_path
@@ -28,7 +29,7 @@ from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training import memory
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
-from fluxtrain.training.data import count_images, held_out_count
+from fluxtrain.training.data import check_training_images_left, count_images, held_out_count
 from fluxtrain.training.families.detect import model_fields
 from fluxtrain.training.model_checks import check_model, check_model_family
 
@@ -77,6 +78,8 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
         raise InvalidInputError(_validation_message(exc)) from exc
     if config.validation_split is not None:
         held_out_count(config.validation_split, count_images(toml))
+    if validation_toml is not None:
+        check_training_images_left(toml, validation_toml)
     if settings.executor == "local":
         _check_local_host(settings, config, gpus=getattr(request, "gpus", 1))
         config = _fit_local_memory(settings, config)
@@ -146,11 +149,15 @@ def create_run(
         if existing is not None:
             return existing
     config = resolve_config(settings=settings, request=request)
+    lint = lint_run_dataset(settings=settings, config=config, gpus=getattr(request, "gpus", 1))
+    if lint.errors:
+        raise InvalidInputError(f"dataset {lint.dataset} cannot be trained: {lint.error_message()}")
     run_id = uuid.uuid4().hex
     folder = run_dir(settings, run_id)
     folder.mkdir(parents=True)
     try:
         atomic_write_json(RunDir(folder).config, config.model_dump(mode="json"))
+        atomic_write_json(RunDir(folder).lint_warnings, [w.model_dump() for w in lint.warning_findings()])
         run = Run(
             id=run_id,
             output_name=config.output_name,

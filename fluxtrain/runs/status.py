@@ -7,6 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
+from fluxtrain.datasets.lint import LintFinding
 from fluxtrain.fsutil import tail_lines
 from fluxtrain.rundir import RunDir, first_event, parse_checkpoint_name, recent_events
 from fluxtrain.runs.log_filter import trainer_lines
@@ -20,6 +23,7 @@ _LOG_SCAN_LINES = 400
 # A validation loss older than the recent events (validation every few hundred steps) is looked for
 # this far back.
 _VALIDATION_SCAN_LINES = 20_000
+_FINDINGS = TypeAdapter(list[LintFinding])
 
 
 def run_dir(settings: Settings, run_id: str) -> Path:
@@ -98,6 +102,14 @@ def _waiting(run: Run) -> str | None:
     return f"could not start the trainer ({run.launch_error}); trying again at {retry_at}"
 
 
+def lint_warnings_of(run: RunDir) -> list[LintFinding]:
+    """The lint warnings kept with the run; none for a run created before lint, or a damaged file."""
+    try:
+        return _FINDINGS.validate_json(run.lint_warnings.read_bytes())
+    except (OSError, ValidationError):
+        return []
+
+
 def build_status(settings: Settings, run: Run, *, logs: list[str] | None = None) -> RunStatusOut:
     """The `/status` object; `logs` comes from the backend when it keeps them elsewhere."""
     folder = RunDir(run_dir(settings, run.id))
@@ -115,6 +127,7 @@ def build_status(settings: Settings, run: Run, *, logs: list[str] | None = None)
         outputs=outputs_of(folder, run.output_name, final_epoch),
         error=run.error,
         waiting=_waiting(run),
+        warnings=lint_warnings_of(folder),
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,

@@ -31,16 +31,28 @@ DEFAULT_MAX_TRAIN_STEPS = 1600
 RUN_PATHS = ("dataset_config", "models_root", "cache_dir")
 
 
-def _not_bool(value: object) -> object:
+def _fraction_or_count(value: object) -> object:
+    """Refuse what pydantic would quietly read as a count: true / false, and a number written with a
+    fraction part from 1 up (1.0 would hold out one image, not all of them)."""
     if isinstance(value, bool):
         raise ValueError("must be a fraction (0 < x < 1) or a count of images, not true or false")
+    written = value.strip() if isinstance(value, str) else value
+    if isinstance(written, float) or (isinstance(written, str) and not written.lstrip("+").isdigit()):
+        try:
+            number = float(written)
+        except ValueError:
+            return value
+        if number >= 1:
+            raise ValueError(
+                f"{value!r}: a fraction must be below 1 and a count of images is a whole number (1, not 1.0)"
+            )
     return value
 
 
 # A held-out share of the dataset: a fraction of its images, or a count of them (the request model
 # carries the annotation, so its check of true / false travels with it).
 ValidationSplit = Annotated[
-    Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=1)], BeforeValidator(_not_bool)
+    Annotated[float, Field(gt=0, lt=1)] | Annotated[int, Field(ge=1)], BeforeValidator(_fraction_or_count)
 ]
 # Subset keys that change an image's pixels at every step; latents are encoded once and cached.
 PER_STEP_PIXEL_KEYS = ("color_aug", "random_crop")

@@ -6,13 +6,15 @@ LoRA trains. One row per prompt index, one column per sampled step, oldest first
 labelled with its step and, when validation ran at that step, the validation loss of its
 `validation` event; each row with its prompt (from the `sample` events). Tiles are scaled down
 (never up) so the sheet stays within `MAX_SIDE` pixels a side. Pillow only, no torch: the runs
-layer writes a sheet on request from the same files.
+layer writes a sheet on request from the same files. A column is never narrower than its label, so
+small tiles are centred in it rather than the loss being cut off.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -91,9 +93,9 @@ def tile_size(first: Path, *, rows: int, columns: int, max_side: int) -> tuple[i
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def shown_steps(steps: list[int], *, max_side: int) -> list[int]:
-    """At most as many steps as `MIN_TILE`-wide columns fit, evenly spread, the first and last kept."""
-    limit = max(2, (max_side - ROW_LABEL_WIDTH) // MIN_TILE)
+def shown_steps(steps: list[int], *, max_side: int, min_column: int = MIN_TILE) -> list[int]:
+    """At most as many steps as `min_column`-wide columns fit, evenly spread, the first and last kept."""
+    limit = max(2, (max_side - ROW_LABEL_WIDTH) // min_column)
     if len(steps) <= limit:
         return steps
     return [steps[round(i * (len(steps) - 1) / (limit - 1))] for i in range(limit)]
@@ -138,17 +140,21 @@ def render_contact_sheet(
     """The sheet of `samples` (at least one): rows by prompt index, columns by step, labelled.
 
     Within `max_side` a side for up to 64 prompts (`TrainConfig.sample_prompts`' bound)."""
-    steps = shown_steps(sorted({step for step, _ in samples}), max_side=max_side)
+    font = ImageFont.load_default(size=FONT_SIZE)
+    all_steps = sorted({step for step, _ in samples})
+    label_width = max(
+        math.ceil(font.getlength(line)) for step in all_steps for line in column_label(step, losses.get(step))
+    )
+    steps = shown_steps(all_steps, max_side=max_side, min_column=max(MIN_TILE, label_width + 2 * PADDING))
     indices = sorted({index for _, index in samples})
     width, height = tile_size(samples[min(samples)], rows=len(indices), columns=len(steps), max_side=max_side)
-    sheet = Image.new(
-        "RGB", (ROW_LABEL_WIDTH + width * len(steps), HEADER_HEIGHT + height * len(indices)), BACKGROUND
-    )
-    font = ImageFont.load_default(size=FONT_SIZE)
+    column_width = max(width, label_width + 2 * PADDING)
+    size = (ROW_LABEL_WIDTH + column_width * len(steps), HEADER_HEIGHT + height * len(indices))
+    sheet = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     for column, step in enumerate(steps):
-        label = _label((width, HEADER_HEIGHT), column_label(step, losses.get(step)), font)
-        sheet.paste(label, (ROW_LABEL_WIDTH + column * width, 0))
+        label = _label((column_width, HEADER_HEIGHT), column_label(step, losses.get(step)), font)
+        sheet.paste(label, (ROW_LABEL_WIDTH + column * column_width, 0))
     for row, index in enumerate(indices):
         lines = _wrapped(draw, prompts.get(index, f"prompt {index}"), font, ROW_LABEL_WIDTH - 2 * PADDING)
         sheet.paste(_label((ROW_LABEL_WIDTH, height), lines, font), (0, HEADER_HEIGHT + row * height))
@@ -156,7 +162,8 @@ def render_contact_sheet(
             path = samples.get((step, index))
             tile = _tile(path, (width, height)) if path is not None else None
             if tile is not None:
-                sheet.paste(tile, (ROW_LABEL_WIDTH + column * width, HEADER_HEIGHT + row * height))
+                left = ROW_LABEL_WIDTH + column * column_width + (column_width - width) // 2
+                sheet.paste(tile, (left, HEADER_HEIGHT + row * height))
     return sheet
 
 

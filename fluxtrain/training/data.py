@@ -203,6 +203,31 @@ def count_images(toml_path: Path) -> int:
     )
 
 
+def check_training_images_left(toml_path: Path, held_out_toml: Path) -> None:
+    """Refuse a validation dataset that holds every training image (by content, as `hold_out` drops
+    them), so `/train` answers 422 instead of queueing a run that fails. Unreadable files are left
+    to the lint."""
+    training = _image_hashes(toml_path)
+    if training and training <= _image_hashes(held_out_toml):
+        raise InvalidInputError(
+            f"validation_dataset '{held_out_toml.stem}' holds every image of the training dataset and "
+            "leaves none to train on"
+        )
+
+
+def _image_hashes(toml_path: Path) -> set[str]:
+    config = load_dataset_config(toml_path)
+    hashes: set[str] = set()
+    for dataset in config.datasets:
+        for subset in dataset.subsets:
+            for path in _image_files(subset.image_dir) if subset.image_dir.is_dir() else []:
+                try:
+                    hashes.add(hashlib.sha256(path.read_bytes()).hexdigest())
+                except OSError:
+                    continue
+    return hashes
+
+
 def held_out_count(split: float | int, images: int) -> int:
     """How many of `images` a `validation_split` holds out: a count as given, a fraction of them rounded
     half up and at least one. A split that leaves no image to train on is refused."""

@@ -46,3 +46,13 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+    def settle(self) -> None:
+        """Ignore SIGTERM / SIGINT from here on: the run has ended and has nothing left to save.
+
+        At interpreter shutdown Python puts the default action back in place of a Python handler
+        (not of SIG_IGN), so a stop arriving during the second or two torch takes to tear down
+        would otherwise kill a finished trainer with 143, and its launcher would exit 1.
+        """
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

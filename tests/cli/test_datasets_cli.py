@@ -35,3 +35,17 @@ def test_download_refuses_a_bad_name_and_no_urls(open_settings: Settings, monkey
     empty = CliRunner().invoke(app, ["download", "ok"])
     assert empty.exit_code == 2
     assert "at least one URL" in empty.output
+
+
+def test_download_shows_a_progress_bar_with_rate_and_failures(
+    server: LoopbackServer, open_settings: Settings, png_bytes: bytes, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(datasets_cli, "get_settings", lambda: open_settings)
+    url_file = tmp_path / "urls.txt"
+    urls = [server.add(f"/p{index}.png", Reply(body=png_bytes)) for index in range(5)]
+    url_file.write_text("\n".join([*urls, server.url("/missing.png")]) + "\n")
+    result = CliRunner().invoke(app, ["download", "progress-set", "--file", str(url_file)])
+    assert result.exit_code == 1, result.output
+    assert "6/6" in result.output
+    assert "img/s" in result.output
+    assert "1 failed" in result.output

@@ -7,6 +7,7 @@ Tests import it as `from tests.datasets import support` (pytest's importlib mode
 from __future__ import annotations
 
 import io
+import os
 import socket
 import ssl
 import struct
@@ -176,3 +177,15 @@ def assert_baseline_jpeg(path: Path) -> tuple[int, int]:
         assert "exif" not in image.info
         image.load()
         return image.size
+
+
+CRASH_MARKER = b"make-the-worker-die"
+
+
+def prepare_or_die(folder: Path, data: bytes, max_pixels: int) -> object:
+    """`image_workers.prepare_into`, except that a body holding CRASH_MARKER kills the worker process."""
+    from fluxtrain.datasets.image_workers import prepare_into
+
+    if CRASH_MARKER in data:
+        os._exit(70)
+    return prepare_into(folder, data, max_pixels)

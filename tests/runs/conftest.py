@@ -20,6 +20,7 @@ from fluxtrain.runs.service import create_run, get_run
 from fluxtrain.runs.table import Run
 from fluxtrain.settings import Settings
 from fluxtrain.training.tiny import write_tiny_flux_files
+from tests.runs.service_doubles import write_trainable_dataset
 
 FAKE_TRAINER = r"""
 import json, signal, sys, time, pathlib
@@ -65,7 +66,7 @@ def run_settings(settings: Settings) -> Settings:
     """Settings whose data root holds dataset TOMLs and whose models root holds the four files."""
     settings.datasets_dir.mkdir(parents=True, exist_ok=True)
     for name in ("demo", "fail", "silent", "slow", "slow2", "other", "stubborn"):
-        (settings.datasets_dir / f"{name}.toml").write_text("[general]\n")
+        write_trainable_dataset(settings, name)
     settings.models_root.mkdir(parents=True, exist_ok=True)
     write_tiny_flux_files(settings.models_root)
     return settings

@@ -33,6 +33,7 @@ from fluxtrain.runs.table import Base, Lease, Run
 from fluxtrain.settings import Settings
 from tests.runs.conftest import FAKE_TRAINER
 from tests.runs.postgres_server import PostgresServer, free_port, server_bin_dir
+from tests.runs.service_doubles import write_trainable_dataset
 from tests.service_process import wait_healthy
 
 pytestmark = pytest.mark.timeout(240)
@@ -156,7 +157,7 @@ def replicas(tmp_path: Path, database_url: str) -> Iterator[tuple[Settings, Call
     )
     (tmp_path / "trainer.py").write_text(FAKE_TRAINER)
     settings.datasets_dir.mkdir(parents=True)
-    (settings.datasets_dir / "demo.toml").write_text("[general]\n")
+    write_trainable_dataset(settings, "demo")
     write_tiny_flux_files(settings.models_root)
     started: list[Service] = []
 
@@ -273,7 +274,7 @@ def test_database_gone_mid_run_loses_no_run(tmp_path: Path) -> None:
         )
         (tmp_path / "trainer.py").write_text(FAKE_TRAINER)
         settings.datasets_dir.mkdir(parents=True)
-        (settings.datasets_dir / "demo.toml").write_text("[general]\n")
+        write_trainable_dataset(settings, "demo")
         write_tiny_flux_files(settings.models_root)
         service = Service(tmp_path, url, "only")
         service.start()

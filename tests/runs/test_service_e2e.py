@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,6 +115,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         (images / f"img{index}.txt").write_text(f"zqx, a plain colour {index}")
     request = DatasetConfig(output_name="demo", trigger_word="zqx", num_repeats=1, resolution=1024)
     create_dataset_config(settings=svc.settings, request=request)
+    # Lint at /train passes the "broken" dataset (one good image); its folder is removed once the run
+    # is queued, so the trainer, not /train, finds it gone.
+    (root / "nowhere").mkdir()
+    shutil.copy(images / "img0.jpg", root / "nowhere")
     broken = svc.settings.datasets_dir / "broken.toml"
     broken.write_text(
         (svc.settings.datasets_dir / "demo.toml").read_text().replace(str(images), str(root / "nowhere"))
@@ -131,6 +136,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def test_train_to_success_while_a_second_run_waits_then_fails(service: Service) -> None:
     first = service.train(output_name="demo", max_train_epochs=2, save_every_n_epochs=1)
     second = service.train(output_name="broken-run", dataset="broken")
+    shutil.rmtree(service.root / "nowhere")
     running = service.wait(first, lambda b: b["progress"]["step"] >= 1)
     assert running["status"] == "running" and running["progress"]["total_steps"] == 4
     assert httpx.get(f"{service.url}/status/{second}").json()["status"] == "queued"

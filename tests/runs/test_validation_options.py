@@ -58,6 +58,8 @@ def test_validation_fields_reach_run_json(run_settings: Settings, db: Database) 
         ({"keep_best_only": True}, "keep_best_only needs validation_split or validation_dataset"),
         ({"validation_every_n_steps": 5}, "validation_every_n_steps needs validation_split"),
         ({"validation_dataset": "empty"}, "validation_dataset 'empty' lists no images"),
+        ({"validation_dataset": "three"}, "validation_dataset 'three' holds every image of the training"),
+        ({"validation_dataset": "copy"}, "validation_dataset 'copy' holds every image of the training"),
     ],
 )
 def test_validation_options_that_cannot_work_are_refused_before_a_run_exists(
@@ -66,6 +68,7 @@ def test_validation_options_that_cannot_work_are_refused_before_a_run_exists(
     _dataset(run_settings, "three", 3)
     _dataset(run_settings, "held", 1)
     _dataset(run_settings, "empty", 0)
+    _dataset(run_settings, "copy", 4)  # the same pictures as "three" under the same names, and one more
     with pytest.raises(InvalidInputError) as caught:
         _create(run_settings, db, **fields)
     assert needle in str(caught.value)
@@ -79,9 +82,11 @@ def test_train_answers_404_for_a_missing_validation_dataset_and_422_for_a_split(
     missing = client.post("/train", json={"output_name": "three", "validation_dataset": "nope"})
     assert missing.status_code == 404, missing.text
     assert "validation_dataset config 'nope.toml' not found" in missing.text
-    for split in (True, 1.5, 0, 3):
+    for split in (True, 1.5, 0, 3, 1.0, "2.0"):
         answer = client.post("/train", json={"output_name": "three", "validation_split": split})
         assert answer.status_code == 422, (split, answer.text)
+    whole = client.post("/train", json={"output_name": "three", "validation_split": 1.0})
+    assert "a count of images is a whole number (1, not 1.0)" in whole.text  # not quietly one image
     assert _no_run(run_settings)
 
 

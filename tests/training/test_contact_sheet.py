@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from fluxtrain.rundir import EventWriter, RunDir, append_event, parse_sample_name, read_events
 from fluxtrain.training import sampling
@@ -19,6 +19,7 @@ from fluxtrain.training.contact_sheet import (
     PADDING,
     ROW_LABEL_WIDTH,
     find_samples,
+    render_contact_sheet,
     shown_steps,
     write_contact_sheet,
 )
@@ -55,20 +56,24 @@ def test_grid_is_rows_by_columns_tiles_labelled_with_step_and_validation_loss(tm
     with Image.open(path) as sheet:
         sheet.load()
     assert sheet.format == "JPEG"
-    assert sheet.size == (ROW_LABEL_WIDTH + 3 * 64, HEADER_HEIGHT + 2 * 48)
+    # 64 px tiles are narrower than "val 0.5000": the columns widen to the label, so no digit is cut off
+    column = PADDING + int(ImageFont.load_default(size=FONT_SIZE).getlength("val 0.5000")) + PADDING
+    assert column > 64
+    assert sheet.size[0] >= ROW_LABEL_WIDTH + 3 * column and sheet.size[1] == HEADER_HEIGHT + 2 * 48
+    column = (sheet.size[0] - ROW_LABEL_WIDTH) // 3
     line = FONT_SIZE + PADDING
-    for column in range(3):
-        left = ROW_LABEL_WIDTH + column * 64
-        step_line = sheet.crop((left, 0, left + 64, PADDING + line))
-        loss_line = sheet.crop((left, PADDING + line, left + 64, HEADER_HEIGHT))
+    for index in range(3):
+        left = ROW_LABEL_WIDTH + index * column
+        step_line = sheet.crop((left, 0, left + column, PADDING + line))
+        loss_line = sheet.crop((left, PADDING + line, left + column, HEADER_HEIGHT))
         assert _ink(step_line) > 10
-        assert (_ink(loss_line) > 10) == (column != 1), column  # no validation at step 20
+        assert (_ink(loss_line) > 10) == (index != 1), index  # no validation at step 20
     for row in range(2):
         assert (
             _ink(sheet.crop((0, HEADER_HEIGHT + row * 48, ROW_LABEL_WIDTH, HEADER_HEIGHT + row * 48 + 20)))
             > 10
         )
-        left, top = ROW_LABEL_WIDTH + 2 * 64 + 8, HEADER_HEIGHT + row * 48 + 8
+        left, top = ROW_LABEL_WIDTH + 2 * column + (column - 64) // 2 + 8, HEADER_HEIGHT + row * 48 + 8
         tile = np.asarray(sheet.crop((left, top, left + 8, top + 8)), dtype=float)
         assert np.abs(tile.reshape(-1, 3).mean(axis=0) - COLOURS[row]).max() < 12
 
@@ -87,6 +92,14 @@ def test_many_large_samples_are_scaled_into_the_bound_and_no_samples_make_no_she
         assert max(sheet.size) <= 600
     spread = shown_steps(list(range(1, 10_001)), max_side=8192)
     assert len(spread) == (8192 - ROW_LABEL_WIDTH) // 32 and spread[0] == 1 and spread[-1] == 10_000
+    tile = next(iter(find_samples(run, "tiny").values()))
+    labelled = render_contact_sheet(
+        {(step, 0): tile for step in range(1, 10_001)},
+        losses={step: 1.2345 for step in range(1, 10_001)},
+        prompts={},
+        max_side=8192,
+    )
+    assert max(labelled.size) <= 8192  # columns as wide as their labels: fewer of them fit
 
 
 def test_a_run_samples_the_same_prompts_and_seeds_every_time_and_ends_with_a_sheet(

@@ -296,3 +296,27 @@ def test_a_trainer_started_by_hand_outlives_its_shell(tiny_models: Path, tmp_pat
         assert time.monotonic() < deadline, "the trainer neither finished nor stopped"
         time.sleep(0.1)
     assert events[-1]["event"] == "finished"
+
+
+LATE_SIGTERM = """
+import os, runpy, signal, sys, time
+
+class SigtermAtShutdown:
+    def __del__(self):  # runs while the interpreter tears its modules down, as torch's teardown does
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+
+holder = type(sys)("holder")
+holder.late = SigtermAtShutdown()
+sys.modules["holder"] = holder
+sys.argv = ["fluxtrain.training", sys.argv[1]]
+runpy.run_module("fluxtrain.training", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_sigterm_while_the_ended_trainer_shuts_down_keeps_its_exit_status(tmp_path: Path) -> None:
+    """Python restores the default SIGTERM action at shutdown: a finished run must not die with 143."""
+    command = [sys.executable, "-c", LATE_SIGTERM, str(tmp_path / "no-such-run")]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)  # main's own status: no run directory
+    assert "does not exist" in result.stderr

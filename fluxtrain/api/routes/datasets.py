@@ -1,11 +1,11 @@
-"""Dataset endpoints: the seed's `POST /download-images`, uploads, listing and deletion."""
+"""Dataset endpoints: the seed's `POST /download-images`, uploads, listing, lint and deletion."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, Body, File, UploadFile
 
 from fluxtrain.api.deps import SettingsDep
 from fluxtrain.api.schemas.datasets import (
@@ -14,11 +14,16 @@ from fluxtrain.api.schemas.datasets import (
     DatasetList,
     DownloadRequest,
     DownloadResponse,
+    DownloadsProgress,
+    RunningDownload,
     UploadResponse,
 )
+from fluxtrain.datasets import progress
 from fluxtrain.datasets.catalog import describe_dataset, summarize_datasets
 from fluxtrain.datasets.ingest import add_uploads, download_images
-from fluxtrain.datasets.store import delete_dataset
+from fluxtrain.datasets.lint import LintReport
+from fluxtrain.datasets.lint_service import LintRequest, lint_dataset
+from fluxtrain.datasets.store import dataset_dir, delete_dataset
 from fluxtrain.datasets.thumbnails import drop_thumbnails
 from fluxtrain.errors import TooLargeError
 
@@ -69,6 +74,40 @@ def list_datasets_route(settings: SettingsDep) -> DatasetList:
 def get_dataset_route(name: str, settings: SettingsDep) -> DatasetDetail:
     """The dataset's images, each with its caption and manifest entry."""
     return DatasetDetail.model_validate(asdict(describe_dataset(settings=settings, name=name)))
+
+
+@router.post("/datasets/{name}/lint", response_model=LintReport, responses=_NOT_FOUND)
+def lint_dataset_route(
+    name: str,
+    settings: SettingsDep,
+    body: Annotated[LintRequest | None, Body()] = None,  # type: ignore[valid-type]
+) -> LintReport:
+    """What would make training on the dataset fail (`error`) or go badly (`warning`), before any
+    run: image sizes against the buckets, duplicates, captions, T5 length, dataset size."""
+    return lint_dataset(settings=settings, name=name, request=body or LintRequest())
+
+
+@router.get("/datasets/{name}/downloads", response_model=DownloadsProgress, responses=_NOT_FOUND)
+def downloads_progress_route(name: str, settings: SettingsDep) -> DownloadsProgress:
+    """The counts of the downloads into the dataset running now; `running: false` when none is."""
+    running = progress.running(name)
+    if not running:
+        dataset_dir(settings, name)
+    return DownloadsProgress(
+        name=name,
+        running=bool(running),
+        downloads=[
+            RunningDownload(
+                total=item.total,
+                done=item.done,
+                saved=item.saved,
+                failed=item.failed,
+                started_at=item.started_at,
+                images_per_s=round(item.images_per_s, 1),
+            )
+            for item in running
+        ],
+    )
 
 
 @router.delete("/datasets/{name}", response_model=DatasetDeleted, responses=_NOT_FOUND)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -54,3 +55,18 @@ class DatasetDetail(BaseModel):
 class DatasetDeleted(BaseModel):
     message: str = "Dataset deleted"
     name: str
+
+
+class RunningDownload(BaseModel):
+    total: int = Field(description="Distinct URLs in the request.")
+    done: int = Field(description="URLs finished so far, saved or failed.")
+    saved: int
+    failed: int
+    started_at: datetime
+    images_per_s: float = Field(description="Saved images per second since the download started.")
+
+
+class DownloadsProgress(BaseModel):
+    name: str
+    running: bool = Field(description="Whether any download into the dataset is running now.")
+    downloads: list[RunningDownload] = Field(description="Running downloads, oldest first; empty when idle.")
