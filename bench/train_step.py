@@ -1,4 +1,4 @@
-"""Seconds per LoRA training step, peak memory and model FLOPs utilisation of the FLUX.1 transformer.
+"""Seconds per LoRA training step, peak memory and model FLOPs utilisation of a FLUX transformer.
 
 On a GPU it builds the full-size FLUX.1-dev architecture with random weights (same FLOPs as the
 real model, nothing to download); on the CPU the tiny test model. Each configuration trains a
@@ -17,7 +17,12 @@ object a line, as each row is measured). Each row also shows `fluxtrain.training
 `est GiB` is its allocated part (weights, LoRA with gradients and AdamW state, activations), to
 read against the measured peak allocated; `estimate_total_gib` adds the CUDA context and the
 allocator's margin.
+`--family flux2-klein-4b|flux2-klein-9b` does the same for FLUX.2 [klein] (full size on a GPU:
+the released block counts and widths, 128 latent channels, no guidance; the tiny klein model on the
+CPU), with klein's LoRA targets, 512 Qwen3 tokens and 4-axis ids; its FLOPs are counted by
+`flux2_forward_flops` and the memory estimate (FLUX.1's formula) is left out.
 
+    python bench/train_step.py --family flux2-klein-4b --resolutions 1024 --fp8-base on
     python bench/train_step.py                     # 512 and 1024, fp8_base and checkpointing on/off
     python bench/train_step.py --resolutions 1024 --steps 10 --peak-tflops 989
     python bench/train_step.py --fp8-base on --checkpointing on --json
@@ -38,15 +43,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
 from fluxtrain.training.config import TrainConfig
+from fluxtrain.training.families import flux2
+from fluxtrain.training.families.detect import FLUX2_VARIANTS
+from fluxtrain.training.families.klein import TARGET_PATTERN as KLEIN_TARGETS
 from fluxtrain.training.flow import image_ids, text_ids
-from fluxtrain.training.lora import add_lora
+from fluxtrain.training.lora import TARGET_PATTERN, add_lora
 from fluxtrain.training.memory import StepSize, TransformerShape, estimate_memory
 from fluxtrain.training.model_files import shipped_config
 from fluxtrain.training.optim import build_optimizer
 from fluxtrain.training.tiny import tiny_transformer_config
+from fluxtrain.training.tiny_flux2 import tiny_flux2_transformer_config
 
 TEXT_TOKENS = 512
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by device-name substring.
@@ -82,6 +91,77 @@ def build_transformer(device: torch.device) -> FluxTransformer2DModel:
             return FluxTransformer2DModel(**config)
     finally:
         torch.set_default_dtype(previous)
+
+
+def klein_config(family: str) -> dict[str, Any]:
+    """Flux2Transformer2DModel kwargs of a released [klein] size (128-wide heads, the rest the defaults)."""
+    variant = next(v for v in FLUX2_VARIANTS if v.family == family)
+    return {
+        "num_layers": variant.num_layers,
+        "num_single_layers": variant.num_single_layers,
+        "num_attention_heads": variant.hidden // 128,
+        "attention_head_dim": 128,
+        "joint_attention_dim": variant.joint_attention_dim,
+        "guidance_embeds": False,
+    }
+
+
+def build_flux2_transformer(family: str, device: torch.device) -> Flux2Transformer2DModel:
+    """Random-weight [klein] of the released size on a GPU, the tiny klein model on the CPU; bf16."""
+    config = klein_config(family) if device.type == "cuda" else tiny_flux2_transformer_config()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            return Flux2Transformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def flux2_forward_flops_parts(
+    config: Mapping[str, Any], *, image_tokens: int, text_tokens: int
+) -> tuple[int, int]:
+    """(embeddings, modulations and final layer; the blocks) FLOPs of one batch-1 Flux2Transformer2DModel
+    forward: no biases, one modulation per stream, SwiGLU MLPs of mlp_ratio x d (the input projection
+    twice as wide), single blocks' fused qkv + MLP input and fused attention + MLP output."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp = int(config["mlp_ratio"] * d)
+    n, t = image_tokens, text_tokens
+    joint = n + t
+
+    def linear(rows: int, fan_in: int, fan_out: int) -> int:
+        return 2 * rows * fan_in * fan_out
+
+    attention = 2 * linear(joint, d, joint)
+    outside = linear(1, config["timestep_guidance_channels"], d) + linear(1, d, d)
+    outside += 2 * linear(1, d, 6 * d) + linear(1, d, 3 * d)  # the shared modulations
+    outside += linear(n, config["in_channels"], d) + linear(t, config["joint_attention_dim"], d)
+    outside += linear(1, d, 2 * d) + linear(n, d, config["in_channels"])
+    double = sum(4 * linear(rows, d, d) + linear(rows, d, 2 * mlp) + linear(rows, mlp, d) for rows in (n, t))
+    double += attention
+    single = linear(joint, d, 3 * d + 2 * mlp) + linear(joint, d + mlp, d) + attention
+    return outside, config["num_layers"] * double + config["num_single_layers"] * single
+
+
+def flux2_forward_flops(config: Mapping[str, Any], *, image_tokens: int, text_tokens: int) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one batch-1 forward pass of Flux2Transformer2DModel."""
+    return sum(flux2_forward_flops_parts(config, image_tokens=image_tokens, text_tokens=text_tokens))
+
+
+def flux2_inputs(model: Flux2Transformer2DModel, resolution: int, device: torch.device) -> dict:
+    """Random patchified latents (128 channels, resolution / 16 per side) and 512 text tokens, bf16."""
+    side, config, dtype = resolution // 16, model.config, torch.bfloat16
+    grid = torch.zeros(1, config.in_channels, side, side, device=device)
+    hidden = torch.randn(1, TEXT_TOKENS, config.joint_attention_dim, device=device, dtype=dtype)
+    return {
+        "hidden_states": torch.randn(1, side * side, config.in_channels, device=device, dtype=dtype),
+        "encoder_hidden_states": hidden,
+        "timestep": torch.rand(1, device=device, dtype=dtype),
+        "img_ids": flux2.latent_ids(grid),
+        "txt_ids": flux2.text_ids(hidden),
+        "guidance": None,
+        "return_dict": False,
+    }
 
 
 def flux_forward_flops(config: Mapping[str, Any], *, image_tokens: int, text_tokens: int) -> int:
@@ -226,6 +306,7 @@ def main() -> None:
     parser.add_argument("--fp8-base", choices=("off", "on", "both"), default="both")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--family", choices=("flux1", "flux2-klein-4b", "flux2-klein-9b"), default="flux1")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
     parser.add_argument(
@@ -237,16 +318,26 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     peak = args.peak_tflops or (gpu_peak_tflops(device) if cuda else None)
     machine = torch.cuda.get_device_name(device) if cuda else f"CPU x{torch.get_num_threads()} threads"
+    klein = args.family != "flux1"
+    size = {
+        "flux1": "FLUX.1-dev",
+        "flux2-klein-4b": "FLUX.2 [klein] 4B",
+        "flux2-klein-9b": "FLUX.2 [klein] 9B",
+    }
     if not args.json:
-        print(f"# {machine}, {'FLUX.1-dev size' if cuda else 'tiny model'}, rank {args.rank}, batch 1, bf16")
+        built = f"{size[args.family]} size" if cuda else "tiny model"
+        print(f"# {machine}, {built}, rank {args.rank}, batch 1, bf16")
         print(
             f"{'res':>5} {'fp8':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'reserved':>9} "
             f"{'TFLOP/s':>8} {'MFU':>6} {'HFU':>6} {'est GiB':>8}"
         )
     profiled = False
     for fp8 in switch(args.fp8_base):
-        model = build_transformer(device)
-        params = add_lora(model, rank=args.rank, alpha=1.0, dtype=torch.float32, fp8_base=fp8)
+        model = build_flux2_transformer(args.family, device) if klein else build_transformer(device)
+        targets = KLEIN_TARGETS if klein else TARGET_PATTERN
+        params = add_lora(
+            model, rank=args.rank, alpha=1.0, dtype=torch.float32, fp8_base=fp8, targets=targets
+        )
         model.train()
         optimizer = build_optimizer(params, name="adamw", learning_rate=1e-4)
         for resolution, checkpointing in itertools.product(args.resolutions, switch(args.checkpointing)):
@@ -254,10 +345,14 @@ def main() -> None:
                 model.enable_gradient_checkpointing()
             else:
                 model.disable_gradient_checkpointing()
-            batch = inputs(model, resolution, device)
+            batch = (flux2_inputs if klein else inputs)(model, resolution, device)
             tokens = {"image_tokens": batch["hidden_states"].shape[1], "text_tokens": TEXT_TOKENS}
-            flops = flux_forward_flops(model.config, **tokens)
-            recomputed = recomputed_forward_flops(model.config, **tokens) if checkpointing else 0
+            if klein:
+                flops = flux2_forward_flops(model.config, **tokens)
+                recomputed = flux2_forward_flops_parts(model.config, **tokens)[1] if checkpointing else 0
+            else:
+                flops = flux_forward_flops(model.config, **tokens)
+                recomputed = recomputed_forward_flops(model.config, **tokens) if checkpointing else 0
             hardware_flops = 2 * flops + recomputed
             gc.collect()
             if cuda:
@@ -274,17 +369,20 @@ def main() -> None:
             hardware = hardware_flops / seconds / 1e12
             allocated, reserved = peak_memory_gib(device)
             measured = seconds == seconds  # NaN after an out-of-memory error
-            estimate = memory_estimate(
-                model,
-                resolution=resolution,
-                image_tokens=tokens["image_tokens"],
-                fp8=fp8,
-                checkpointing=checkpointing,
-                rank=args.rank,
-            )
-            estimated = (estimate.total - estimate.overhead) / 2**30
+            estimate = None
+            if not klein:
+                estimate = memory_estimate(
+                    model,
+                    resolution=resolution,
+                    image_tokens=tokens["image_tokens"],
+                    fp8=fp8,
+                    checkpointing=checkpointing,
+                    rank=args.rank,
+                )
+            estimated = (estimate.total - estimate.overhead) / 2**30 if estimate else float("nan")
             row = {
                 "machine": machine,
+                "family": args.family,
                 "resolution": resolution,
                 "fp8_base": fp8,
                 "gradient_checkpointing": checkpointing,
@@ -301,9 +399,9 @@ def main() -> None:
                 "warmup": args.warmup,
                 "rank": args.rank,
                 "out_of_memory": not measured,
-                "estimate_gib": round(estimated, 2),
-                "estimate_total_gib": round(estimate.total / 2**30, 2),
-                "estimate": estimate.gib(),
+                "estimate_gib": round(estimated, 2) if estimate else None,
+                "estimate_total_gib": round(estimate.total / 2**30, 2) if estimate else None,
+                "estimate": estimate.gib() if estimate else None,
             }
             if args.json:
                 print(json.dumps(row), flush=True)

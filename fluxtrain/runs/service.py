@@ -18,7 +18,7 @@ from fluxtrain.dataset_config.service import dataset_config_path
 from fluxtrain.datasets.lint_service import lint_run_dataset
 from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_json
-from fluxtrain.model_paths import MODEL_FIELDS, resolve_model_path
+from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.rundir import RunDir
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.local_backend import visible_gpus
@@ -31,6 +31,7 @@ from fluxtrain.training import memory
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
 from fluxtrain.training.data import check_training_images_left, count_images, held_out_count
 from fluxtrain.training.edit_pairs import MAX_REFERENCES, check_run_family
+from fluxtrain.training.families.detect import model_fields
 from fluxtrain.training.model_checks import check_model
 
 MAX_LIST_LIMIT = 1000
@@ -56,12 +57,13 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
         raise NotFoundError(f"dataset config '{toml.name}' not found in {settings.datasets_dir}")
     check_dataset_for_training(toml)
     validation_toml = _validation_dataset(settings, getattr(request, "validation_dataset", None))
-    for field in MODEL_FIELDS:
-        check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])
     transformer = resolve_model_path(settings.models_root, "pretrained_model", fields["pretrained_model"])
+    check_model("pretrained_model", transformer, fields["pretrained_model"])
     family = check_run_family(
         toml, transformer, fields["pretrained_model"], requested=fields.get("model_family")
     )
+    for field in model_fields(family):
+        check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])
     webhook = getattr(request, "webhook", None)
     if webhook:
         check_webhook(webhook, settings)

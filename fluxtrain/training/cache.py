@@ -5,6 +5,8 @@ and whether it is mirrored; a text entry by the caption and both text encoders' 
 the T5 length. Control images of edit pairs are latents like any other, keyed by their own
 content and size. Entries are safetensors files written atomically, so a second run on the same
 data (or a crashed first one) reuses every finished entry and loads no encoder at all.
+Encoders, file identities and entry contents come from the run's model family (`families/`);
+without one, FLUX.1's are used.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,10 +27,12 @@ from safetensors.torch import load_file, save
 
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.fsutil import atomic_write_bytes
-from fluxtrain.training import model_files
 from fluxtrain.training.buckets import Size, fit_to_bucket
 from fluxtrain.training.data import IMAGE_ERRORS, TrainingData
 from fluxtrain.training.model_files import ModelFiles
+
+if TYPE_CHECKING:
+    from fluxtrain.training.families.family import Family, FamilyFiles, TextEncoder
 
 log = logging.getLogger("fluxtrain.training")
 ENCODE_BATCH = 4
@@ -64,8 +69,9 @@ class TextEncoders:
         self.max_length = max_length
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T5 hidden states (B, L, D), CLIP pooled (B, 768)) in float32 on the CPU."""
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """T5 hidden states `t5` (B, L, D) in bf16 and CLIP's pooled output `pooled` (B, 768) in float32,
+        on the CPU, as they are cached."""
         clip_ids = self.clip_tokenizer(
             captions,
             padding="max_length",
@@ -78,7 +84,7 @@ class TextEncoders:
             captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.t5.device)
         hidden = self.t5(t5_ids, output_hidden_states=False).last_hidden_state
-        return hidden.float().cpu(), pooled.float().cpu()
+        return {"t5": hidden.float().cpu().to(torch.bfloat16), "pooled": pooled.float().cpu()}
 
 
 def image_tensor(path: Path, size: Size, *, flip: bool) -> torch.Tensor:
@@ -128,8 +134,17 @@ class FeatureCache:
         tensors = load_file(self.text_path(caption))
         return tensors["t5"].float(), tensors["pooled"]
 
-    def fill_latents(self, wanted: dict[LatentKey, Path], load_vae: Callable[[], object]) -> tuple[int, int]:
-        """Encode every missing latent; returns (encoded, from cache)."""
+    def load_text_features(self, caption: str) -> dict[str, torch.Tensor]:
+        """A caption's cached text features as stored (names and dtypes are the family's)."""
+        return load_file(self.text_path(caption))
+
+    def fill_latents(
+        self,
+        wanted: dict[LatentKey, Path],
+        load_vae: Callable[[], object],
+        encode: Callable[[object, torch.Tensor], torch.Tensor] = encode_latents,
+    ) -> tuple[int, int]:
+        """Encode every missing latent with `encode(vae, pixels)`; returns (encoded, from cache)."""
         missing = [key for key in wanted if not self.latent_path(key).exists()]
         if missing:
             vae = load_vae()
@@ -139,12 +154,12 @@ class FeatureCache:
                     by_size.setdefault(key.size, []).append(key)
                 for keys in by_size.values():
                     pixels = torch.stack([image_tensor(wanted[k], k.size, flip=k.flip) for k in keys])
-                    for key, latent in zip(keys, encode_latents(vae, pixels), strict=True):
+                    for key, latent in zip(keys, encode(vae, pixels), strict=True):
                         atomic_write_bytes(self.latent_path(key), save({"latent": latent.contiguous()}))
         return len(missing), len(wanted) - len(missing)
 
     def fill_texts(
-        self, captions: Iterable[str], load_encoders: Callable[[], TextEncoders]
+        self, captions: Iterable[str], load_encoders: Callable[[], TextEncoder]
     ) -> tuple[int, int]:
         """Encode every missing caption; returns (encoded, from cache)."""
         unique = list(dict.fromkeys(captions))
@@ -152,9 +167,9 @@ class FeatureCache:
         if missing:
             encoders = load_encoders()
             for chunk in _chunks(missing, ENCODE_BATCH):
-                hidden, pooled = encoders.encode(list(chunk))
-                for caption, h, p in zip(chunk, hidden, pooled, strict=True):
-                    tensors = {"t5": h.to(torch.bfloat16).contiguous(), "pooled": p.contiguous()}
+                features = encoders.encode(list(chunk))
+                for row, caption in enumerate(chunk):
+                    tensors = {name: value[row].contiguous() for name, value in features.items()}
                     atomic_write_bytes(self.text_path(caption), save(tensors))
         return len(missing), len(unique) - len(missing)
 
@@ -184,16 +199,24 @@ def training_captions(
     return captions + list(sample_prompts)
 
 
+def _family(family: Family | None) -> Family:
+    from fluxtrain.training.families.family import family_for
+
+    return family if family is not None else family_for("flux1")
+
+
 def cache_latents(
     cache: FeatureCache,
     data: TrainingData,
     *,
-    files: ModelFiles,
+    files: FamilyFiles,
     accelerator: Accelerator,
     dtype: torch.dtype,
+    family: Family | None = None,
 ) -> tuple[int, int]:
     """Encode the latents the cache lacks, each flip included (main process first, so other ranks
     only read); returns (encoded, from cache)."""
+    family = _family(family)
     wanted: dict[LatentKey, Path] = {}
     for image in data.images:
         for flip in (False, True) if image.flip_aug else (False,):
@@ -203,10 +226,10 @@ def cache_latents(
 
     def load_vae() -> object:
         log.info("loading autoencoder")
-        return model_files.load_autoencoder(files.ae, dtype=dtype, device=accelerator.device)
+        return family.load_autoencoder(files, dtype=dtype, device=accelerator.device)
 
     with accelerator.main_process_first():
-        counts = cache.fill_latents(wanted, load_vae)
+        counts = cache.fill_latents(wanted, load_vae, family.encode_latents)
         clear_device_cache(garbage_collection=True)
     return counts
 
@@ -215,33 +238,46 @@ def cache_texts(
     cache: FeatureCache,
     captions: list[str],
     *,
-    files: ModelFiles,
+    files: FamilyFiles,
     accelerator: Accelerator,
     dtype: torch.dtype,
+    family: Family | None = None,
 ) -> tuple[int, int]:
     """Encode the captions and prompts the cache lacks (main process first); returns (encoded, from cache)."""
+    family = _family(family)
 
-    def load_encoders() -> TextEncoders:
+    def load_encoders() -> TextEncoder:
         log.info("loading text encoders")
-        device = accelerator.device
-        clip, clip_tokenizer = model_files.load_clip(
-            files.clip_l, tokenizer_dir=files.clip_tokenizer, dtype=dtype, device=device
-        )
-        t5, t5_tokenizer = model_files.load_t5(
-            files.t5xxl, tokenizer_dir=files.t5_tokenizer, dtype=dtype, device=device
-        )
-        return TextEncoders(
-            clip=clip,
-            clip_tokenizer=clip_tokenizer,
-            t5=t5,
-            t5_tokenizer=t5_tokenizer,
-            max_length=cache.max_length,
+        return family.load_text_encoder(
+            files, dtype=dtype, device=accelerator.device, max_length=cache.max_length
         )
 
     with accelerator.main_process_first():
         counts = cache.fill_texts(captions, load_encoders)
         clear_device_cache(garbage_collection=True)
     return counts
+
+
+def load_features_batch(
+    cache: FeatureCache,
+    data: TrainingData,
+    indices: list[int],
+    *,
+    caption_dropout_rate: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(latents, text features stacked by name) of one batch, any family: the same draws from
+    `generator` as `load_batch`, so a FLUX.1 run trains on the same images, flips and captions."""
+    latents, texts = [], []
+    for index in indices:
+        image = data.images[index]
+        flip = image.flip_aug and bool(torch.rand(1, generator=generator) < 0.5)
+        latents.append(cache.load_latent(LatentKey(image.sha256, image.bucket, flip)))
+        drop = caption_dropout_rate > 0 and float(torch.rand(1, generator=generator)) < caption_dropout_rate
+        choice = int(torch.randint(len(image.captions), (1,), generator=generator))
+        texts.append(cache.load_text_features("" if drop else image.captions[choice]))
+    stacked = {name: torch.stack([text[name] for text in texts]) for name in texts[0]}
+    return torch.stack(latents), stacked
 
 
 def load_batch(
@@ -252,18 +288,11 @@ def load_batch(
     caption_dropout_rate: float,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, T5 states, CLIP pooled) of one batch, with flips and captions drawn from `generator`."""
-    latents, hidden, pooled = [], [], []
-    for index in indices:
-        image = data.images[index]
-        flip = image.flip_aug and bool(torch.rand(1, generator=generator) < 0.5)
-        latents.append(cache.load_latent(LatentKey(image.sha256, image.bucket, flip)))
-        drop = caption_dropout_rate > 0 and float(torch.rand(1, generator=generator)) < caption_dropout_rate
-        choice = int(torch.randint(len(image.captions), (1,), generator=generator))
-        t5, clip = cache.load_text("" if drop else image.captions[choice])
-        hidden.append(t5)
-        pooled.append(clip)
-    return torch.stack(latents), torch.stack(hidden), torch.stack(pooled)
+    """(latents, T5 states in float32, CLIP pooled) of one FLUX.1 batch (`load_features_batch`)."""
+    latents, text = load_features_batch(
+        cache, data, indices, caption_dropout_rate=caption_dropout_rate, generator=generator
+    )
+    return latents, text["t5"].float(), text["pooled"]
 
 
 def load_references(cache: FeatureCache, data: TrainingData, indices: list[int]) -> torch.Tensor | None:

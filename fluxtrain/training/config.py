@@ -67,6 +67,11 @@ class TrainConfig(BaseModel):
     clip_l: str = Field("clip_l.safetensors", description="CLIP-L text encoder, under the models folder.")
     t5xxl: str = Field("t5xxl_fp16.safetensors", description="T5-XXL text encoder, under the models folder.")
     ae: str = Field("ae.sft", description="Autoencoder, under the models folder.")
+    text_encoder: str = Field(
+        "qwen_3_4b.safetensors",
+        description="FLUX.2 text encoder (Qwen3 for [klein]): a single file or a model folder, under the "
+        "models folder; FLUX.1 runs use clip_l and t5xxl instead.",
+    )
     model_family: ModelFamily | None = Field(
         None, description="Model family; default: detected from the transformer file's keys and shapes."
     )
@@ -94,7 +99,11 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["no", "bf16"] | None = None
     gradient_checkpointing: bool = True
     fp8_base: bool = False
-    timestep_sampling: Literal["shift", "sigmoid", "uniform"] = "shift"
+    timestep_sampling: Literal["shift", "sigmoid", "uniform", "flux2_shift"] | None = Field(
+        None,
+        description="How training draws timesteps; default: the family's (FLUX.1 'shift', FLUX.2 "
+        "'flux2_shift', the resolution-dependent shift).",
+    )
     discrete_flow_shift: float = Field(3.1582, gt=0)
     sigmoid_scale: float = Field(1.0, gt=0)
     guidance_scale: float = Field(1.0, ge=0)
@@ -102,7 +111,11 @@ class TrainConfig(BaseModel):
     sample_prompts: list[str] = Field(default_factory=list, max_length=64)
     sample_every_n_steps: int | None = Field(None, ge=1)
     sample_every_n_epochs: int | None = Field(None, ge=1)
-    save_format: Literal["diffusers", "kohya"] = "diffusers"
+    save_format: Literal["diffusers", "kohya", "bfl"] = Field(
+        "diffusers",
+        description="LoRA layout: diffusers (`transformer.*`), kohya (`lora_unet_*` with `.alpha`) or "
+        "bfl (`diffusion_model.*`, ComfyUI).",
+    )
     sample_steps: int = Field(20, ge=1, le=200, description="Denoising steps of each sample image.")
     sample_guidance_scale: float = Field(3.5, ge=0, description="Distilled guidance of sample images (dev).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")

@@ -8,14 +8,18 @@ trained without an alpha entry.
 `.lora_down.weight`, `.lora_up.weight` and `.alpha`. BFL fuses q, k, v (and single blocks' MLP
 input) into one Linear, so those groups are written as one LoRA of rank k x r: the down weights
 stacked, the up weights block-diagonal and alpha x k, which is exactly the same update.
+`bfl` layout (ComfyUI): the same fused groups under `diffusion_model.<BFL module>.lora_A/B.weight`
+with the scale folded into lora_B, as in the diffusers layout.
+Which BFL module a diffusers module is part of comes from the model family's `module_rules`
+(FLUX.1's `convert.transformer_module_rules` when none is given).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -23,9 +27,12 @@ from safetensors.torch import load_file, save
 
 from fluxtrain.fsutil import atomic_write_bytes
 from fluxtrain.training.config import TrainConfig
-from fluxtrain.training.convert import diffusers_module_to_bfl, kohya_lora_name
+from fluxtrain.training.convert import ModuleRule, diffusers_module_to_bfl, kohya_lora_name
 from fluxtrain.training.data import TrainingData
 from fluxtrain.training.lora import lora_state_dict
+
+if TYPE_CHECKING:
+    from fluxtrain.training.families.family import Family
 
 BEST_CHECKPOINT_KEY = "best_checkpoint"
 _LORA_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
@@ -43,10 +50,25 @@ def diffusers_state_dict(
     return out
 
 
-def kohya_state_dict(
-    lora: dict[str, torch.Tensor], *, alpha: float, dtype: torch.dtype, config: Mapping[str, Any]
-) -> dict[str, torch.Tensor]:
-    """peft weights to kohya's lora_unet_* layout with fused qkv / linear1; `config` is the transformer's."""
+def _rule_lookup(rules: list[ModuleRule]) -> Callable[[str, Mapping[str, Any]], tuple[str, int | None, Any]]:
+    """`diffusers_module_to_bfl` for any family: (BFL module, slice index, the fused slices)."""
+    where = {module: (rule, index) for rule in rules for index, module in enumerate(rule.diffusers)}
+
+    def lookup(module: str, config: Mapping[str, Any]) -> tuple[str, int | None, Any]:
+        if module not in where or where[module][0].swap_halves:
+            raise ValueError(f"{module} has no BFL module a LoRA can be named after")
+        rule, index = where[module]
+        fused = len(rule.diffusers) > 1
+        return rule.bfl, index if fused else None, rule.diffusers if fused else None
+
+    return lookup
+
+
+def _fused_groups(
+    lora: dict[str, torch.Tensor], config: Mapping[str, Any], rules: list[ModuleRule] | None
+) -> list[tuple[str, list[dict[str, torch.Tensor]]]]:
+    """The LoRA's (A, B) pairs grouped by the BFL module they are part of, in fused order."""
+    to_bfl = diffusers_module_to_bfl if rules is None else _rule_lookup(rules)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in lora.items():
         match = _LORA_KEY.match(key)
@@ -56,18 +78,51 @@ def kohya_state_dict(
     fused: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     parts: dict[str, int] = {}
     for module, weights in modules.items():
-        bfl, index, sizes = diffusers_module_to_bfl(module, config)
+        bfl, index, sizes = to_bfl(module, config)
         fused.setdefault(bfl, {})[index or 0] = weights
         parts[bfl] = len(sizes) if sizes else 1
-    out: dict[str, torch.Tensor] = {}
+    groups = []
     for bfl, pieces in sorted(fused.items()):
         if len(pieces) != parts[bfl]:
             raise ValueError(f"{bfl} is fused from {parts[bfl]} modules; the LoRA covers {len(pieces)}")
-        ordered = [pieces[i] for i in range(parts[bfl])]
+        groups.append((bfl, [pieces[i] for i in range(parts[bfl])]))
+    return groups
+
+
+def kohya_state_dict(
+    lora: dict[str, torch.Tensor],
+    *,
+    alpha: float,
+    dtype: torch.dtype,
+    config: Mapping[str, Any],
+    rules: list[ModuleRule] | None = None,
+) -> dict[str, torch.Tensor]:
+    """peft weights to kohya's lora_unet_* layout with fused qkv / linear1; `config` is the transformer's."""
+    out: dict[str, torch.Tensor] = {}
+    for bfl, ordered in _fused_groups(lora, config, rules):
         name = kohya_lora_name(bfl)
         out[f"{name}.lora_down.weight"] = torch.cat([w["A"] for w in ordered], dim=0).to(dtype).contiguous()
         out[f"{name}.lora_up.weight"] = torch.block_diag(*[w["B"] for w in ordered]).to(dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha * len(ordered), dtype=dtype)
+    return out
+
+
+def bfl_state_dict(
+    lora: dict[str, torch.Tensor],
+    *,
+    rank: int,
+    alpha: float,
+    dtype: torch.dtype,
+    config: Mapping[str, Any],
+    rules: list[ModuleRule] | None = None,
+) -> dict[str, torch.Tensor]:
+    """peft weights to ComfyUI's `diffusion_model.<BFL module>.lora_A/B.weight`, scale folded into B."""
+    out: dict[str, torch.Tensor] = {}
+    for bfl, ordered in _fused_groups(lora, config, rules):
+        down = torch.cat([w["A"] for w in ordered], dim=0)
+        up = torch.block_diag(*[w["B"] for w in ordered]) * (alpha / rank)
+        out[f"diffusion_model.{bfl}.lora_A.weight"] = down.to(dtype).contiguous()
+        out[f"diffusion_model.{bfl}.lora_B.weight"] = up.to(dtype).contiguous()
     return out
 
 
@@ -88,12 +143,16 @@ def lora_metadata(
     num_images: int,
     save_format: str,
     guidance: bool,
+    architecture: tuple[str, str] | None = None,
 ) -> dict[str, str]:
-    """safetensors metadata, named as kohya's sd-scripts (ss_*) and the SAI model spec name them."""
+    """safetensors metadata, named as kohya's sd-scripts (ss_*) and the SAI model spec name them.
+
+    `architecture` is the family's (ss_base_model_version, modelspec.architecture); default FLUX.1's."""
     width, height = resolution
+    version, spec = architecture or ("flux1", f"flux-1-{'dev' if guidance else 'schnell'}/lora")
     return {
         "ss_network_module": "networks.lora_flux",
-        "ss_base_model_version": "flux1",
+        "ss_base_model_version": version,
         "ss_sd_model_name": Path(base_model).name,
         "ss_output_name": output_name,
         "ss_network_dim": str(rank),
@@ -109,7 +168,7 @@ def lora_metadata(
         "ss_trigger_word": ", ".join(trigger_words),
         "fluxtrain_format": save_format,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"flux-1-{'dev' if guidance else 'schnell'}/lora",
+        "modelspec.architecture": spec,
         "modelspec.implementation": "https://github.com/black-forest-labs/flux",
         "modelspec.title": output_name,
         "modelspec.resolution": f"{width}x{height}",
@@ -127,10 +186,13 @@ def save_lora(
     dtype: torch.dtype,
     metadata: dict[str, str],
     config: Mapping[str, Any],
+    rules: list[ModuleRule] | None = None,
 ) -> None:
-    """Write the LoRA in `save_format` to `path` (temporary file, then rename)."""
+    """Write the LoRA in `save_format` to `path` (temporary file, then rename); `rules` as `_fused_groups`."""
     if save_format == "kohya":
-        tensors = kohya_state_dict(lora, alpha=alpha, dtype=dtype, config=config)
+        tensors = kohya_state_dict(lora, alpha=alpha, dtype=dtype, config=config, rules=rules)
+    elif save_format == "bfl":
+        tensors = bfl_state_dict(lora, rank=rank, alpha=alpha, dtype=dtype, config=config, rules=rules)
     else:
         tensors = diffusers_state_dict(lora, rank=rank, alpha=alpha, dtype=dtype)
     atomic_write_bytes(path, save(tensors, metadata=metadata))
@@ -146,6 +208,7 @@ def write_lora_file(
     step: int,
     epoch: int,
     dtype: torch.dtype,
+    family: Family | None = None,
 ) -> dict[str, str]:
     """Write the trained LoRA in run.json's `save_format`; returns the metadata of this run at `step`."""
     metadata = lora_metadata(
@@ -164,6 +227,7 @@ def write_lora_file(
         num_images=len(data.images),
         save_format=config.save_format,
         guidance=bool(transformer.config.guidance_embeds),
+        architecture=family.architecture(transformer.config) if family else None,
     )
     save_lora(
         path,
@@ -174,6 +238,7 @@ def write_lora_file(
         dtype=dtype,
         metadata=metadata,
         config=transformer.config,
+        rules=family.module_rules(transformer.config) if family else None,
     )
     return metadata
 

@@ -8,16 +8,26 @@ noise: t = sigmoid(scale * n), n ~ N(0, 1), then t' = s t / (1 + (s - 1) t).
 FLUX.1 Kontext appends a reference image's packed latent tokens after the noisy ones, with ids
 (1, row, column) on its own grid (FluxKontextPipeline's), and only the noisy tokens' prediction
 is kept.
+
+`flux2_shift` (FLUX.2's default) draws t the same way but takes the shift from the image size, as
+the FLUX.2 pipelines shift their sampling schedule: mu is linear in the image's token count N
+and in the number of sampling steps S (BFL's empirical fit, diffusers' `compute_empirical_mu`):
+    m10 = 8.73809524e-05 N + 1.89833333,  m200 = 1.6927e-04 N + 0.45666666,
+    mu = m200 + (S - 200) (m200 - m10) / 190    (mu = m200 for N > 4300),
+and s = exp(mu), which is the scheduler's exponential time shift e^mu / (e^mu + 1/t - 1). Training
+uses S = FLUX2_SHIFT_STEPS, the pipelines' default step count.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-TimestepSampling = Literal["shift", "sigmoid", "uniform"]
+TimestepSampling = Literal["shift", "sigmoid", "uniform", "flux2_shift"]
+FLUX2_SHIFT_STEPS = 50
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -56,12 +66,26 @@ def sample_timesteps(
     shift: float,
     sigmoid_scale: float,
     generator: torch.Generator,
+    image_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Draw t in (0, 1) per sample, on the CPU generator's device."""
+    """Draw t in (0, 1) per sample, on the CPU generator's device; `flux2_shift` needs `image_tokens`."""
     if method == "uniform":
         return torch.rand(batch, generator=generator)
     t = torch.sigmoid(sigmoid_scale * torch.randn(batch, generator=generator))
+    if method == "flux2_shift":
+        if image_tokens is None:
+            raise ValueError("flux2_shift sampling needs the image's token count")
+        return shift_timesteps(t, math.exp(flux2_mu(image_tokens, FLUX2_SHIFT_STEPS)))
     return shift_timesteps(t, shift) if method == "shift" else t
+
+
+def flux2_mu(image_tokens: int, steps: int) -> float:
+    """FLUX.2's schedule shift mu for an image of `image_tokens` tokens sampled in `steps` steps."""
+    m200 = 1.6927e-04 * image_tokens + 0.45666666
+    if image_tokens > 4300:
+        return m200
+    m10 = 8.73809524e-05 * image_tokens + 1.89833333
+    return m200 + (steps - 200) * (m200 - m10) / 190.0
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:

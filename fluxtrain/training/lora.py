@@ -13,6 +13,7 @@ linear1 and linear2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,13 +54,19 @@ TARGET_PATTERN = (
 )
 
 
-def lora_config(*, rank: int, alpha: float) -> LoraConfig:
-    """peft's config for our targets; scale alpha / rank as kohya's networks use it."""
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_PATTERN, init_lora_weights=True)
+def lora_config(*, rank: int, alpha: float, targets: str = TARGET_PATTERN) -> LoraConfig:
+    """peft's config for `targets` (FLUX.1's by default); scale alpha / rank as kohya's networks use it."""
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
 
 
 def add_lora(
-    transformer: ModelMixin, *, rank: int, alpha: float, dtype: torch.dtype, fp8_base: bool = False
+    transformer: ModelMixin,
+    *,
+    rank: int,
+    alpha: float,
+    dtype: torch.dtype,
+    fp8_base: bool = False,
+    targets: str = TARGET_PATTERN,
 ) -> list[torch.nn.Parameter]:
     """Freeze the transformer, attach the adapter and return its (only) trainable parameters.
 
@@ -74,7 +81,7 @@ def add_lora(
     if any(p.dtype in FLOAT8_DTYPES for p in transformer.parameters()):
         raise ValueError("the transformer already stores float8 weights: load it unquantized, pass fp8_base")
     transformer.requires_grad_(False)
-    transformer.add_adapter(lora_config(rank=rank, alpha=alpha), adapter_name=ADAPTER_NAME)
+    transformer.add_adapter(lora_config(rank=rank, alpha=alpha, targets=targets), adapter_name=ADAPTER_NAME)
     params = []
     for name, param in transformer.named_parameters():
         if "lora_" in name:
@@ -116,15 +123,20 @@ def load_lora_transformer(
     fp8_base: bool,
     gradient_checkpointing: bool,
     device: torch.device | str = "cpu",
+    load: Callable[..., ModelMixin] = load_transformer,
+    targets: str = TARGET_PATTERN,
 ) -> tuple[FluxTransformer2DModel, list[torch.nn.Parameter]]:
     """The frozen transformer with the LoRA attached, in training mode, and the LoRA's parameters.
 
     With fp8_base the file is loaded unquantized in the bf16 compute dtype and only moved to float8
     storage after peft has built the adapter (see `add_lora`); all of that happens in host memory,
     so the device never holds the bf16 weights (FLUX.1-dev's 24 GB would not fit a 24 GB card).
+    `load(path, dtype=)` and `targets` are the model family's (FLUX.1's by default).
     """
-    transformer = load_transformer(path, dtype=FP8_COMPUTE_DTYPE if fp8_base else base_dtype)
-    params = add_lora(transformer, rank=rank, alpha=alpha, dtype=lora_dtype, fp8_base=fp8_base)
+    transformer = load(path, dtype=FP8_COMPUTE_DTYPE if fp8_base else base_dtype)
+    params = add_lora(
+        transformer, rank=rank, alpha=alpha, dtype=lora_dtype, fp8_base=fp8_base, targets=targets
+    )
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(device).train()

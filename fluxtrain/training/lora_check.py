@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from fluxtrain.rundir import rejected_lora
-from fluxtrain.training.convert import kohya_lora_name, transformer_module_rules
+from fluxtrain.training.convert import ModuleRule, kohya_lora_name, transformer_module_rules
 from fluxtrain.training.lora import ADAPTER_NAME
 
 log = logging.getLogger("fluxtrain.training")
@@ -45,6 +45,7 @@ PROBE_SEED = 0
 UPDATE_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 _DIFFUSERS_KEY = re.compile(r"^transformer\.(.+)\.lora_([AB])\.weight$")
 _KOHYA_KEY = re.compile(r"^(lora_unet_.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_BFL_KEY = re.compile(r"^diffusion_model\.(.+)\.lora_([AB])\.weight$")
 
 
 class LoraCheckError(RuntimeError):
@@ -87,17 +88,49 @@ def read_diffusers_pairs(path: Path, tensors: Mapping[str, Tensor], modules: Set
     return pairs
 
 
+def read_bfl_pairs(
+    path: Path, tensors: Mapping[str, Tensor], modules: Set[str], rules: list[ModuleRule]
+) -> list[LoraPair]:
+    """The pairs of a BFL-layout file (`diffusion_model.<BFL module>.lora_A/B.weight`, scale folded)."""
+    modules_by_name = {rule.bfl: rule.diffusers for rule in rules}
+    halves: dict[str, dict[str, Tensor]] = {}
+    for key in sorted(tensors):
+        match = _BFL_KEY.match(key)
+        if match is None or match.group(1) not in modules_by_name:
+            raise _fail(path, key, "not a BFL LoRA tensor of a transformer module of this model")
+        outside = [module for module in modules_by_name[match.group(1)] if module not in modules]
+        if outside:
+            raise _fail(path, key, f"{outside[0]} is not a LoRA-trained Linear of this model")
+        halves.setdefault(match.group(1), {})[match.group(2)] = tensors[key]
+    pairs = []
+    for name, weights in halves.items():
+        for half in ("A", "B"):
+            if half not in weights:
+                raise _fail(
+                    path, f"diffusion_model.{name}.lora_{half}.weight", "missing (its pair is in the file)"
+                )
+        pairs.append(
+            LoraPair(f"diffusion_model.{name}", modules_by_name[name], weights["A"], weights["B"], 1.0)
+        )
+    return pairs
+
+
 def read_kohya_pairs(
-    path: Path, tensors: Mapping[str, Tensor], modules: Set[str], config: Mapping[str, object]
+    path: Path,
+    tensors: Mapping[str, Tensor],
+    modules: Set[str],
+    config: Mapping[str, object],
+    rules: list[ModuleRule] | None = None,
 ) -> list[LoraPair]:
     """The pairs of a kohya-layout file on `modules` (BFL names, fused groups as one pair, alpha / rank).
 
-    `config` is the transformer's, for its block counts."""
-    rules = transformer_module_rules(
-        num_double=int(config["num_layers"]),  # type: ignore[call-overload]
-        num_single=int(config["num_single_layers"]),  # type: ignore[call-overload]
-        guidance=bool(config["guidance_embeds"]),
-    )
+    `config` is the transformer's, for its block counts; `rules` the family's (FLUX.1's by default)."""
+    if rules is None:
+        rules = transformer_module_rules(
+            num_double=int(config["num_layers"]),  # type: ignore[call-overload]
+            num_single=int(config["num_single_layers"]),  # type: ignore[call-overload]
+            guidance=bool(config["guidance_embeds"]),
+        )
     modules_by_name = {kohya_lora_name(rule.bfl): rule.diffusers for rule in rules}
     parts: dict[str, dict[str, Tensor]] = {}
     for key in sorted(tensors):
@@ -141,7 +174,7 @@ def _check_shapes(path: Path, pair: LoraPair, layers: dict[str, LoraLayer], *, r
     out_features = sum(base.out_features for base in bases)
     down_name, up_name = (
         (f"{pair.key}.lora_A.weight", f"{pair.key}.lora_B.weight")
-        if pair.key.startswith("transformer.")
+        if pair.key.startswith(("transformer.", "diffusion_model."))
         else (f"{pair.key}.lora_down.weight", f"{pair.key}.lora_up.weight")
     )
     for name, tensor, expected in (
@@ -205,14 +238,19 @@ def check_lora_file(
     rank: int,
     dtype: torch.dtype,
     metadata: Mapping[str, str],
+    rules: list[ModuleRule] | None = None,
 ) -> None:
     """Read `path` back and check it against the trained `transformer`; raises LoraCheckError.
+
+    `rules` are the model family's BFL <-> diffusers modules (FLUX.1's by default), for kohya and bfl files.
 
     A file that fails is moved to a hidden name (`rundir.rejected_lora`): kept for a look, but
     never listed, uploaded or taken for the run's final LoRA.
     """
     try:
-        _check(path, transformer, save_format=save_format, rank=rank, dtype=dtype, metadata=metadata)
+        _check(
+            path, transformer, save_format=save_format, rank=rank, dtype=dtype, metadata=metadata, rules=rules
+        )
     except LoraCheckError as exc:
         kept = rejected_lora(path)
         path.replace(kept)
@@ -227,6 +265,7 @@ def _check(
     rank: int,
     dtype: torch.dtype,
     metadata: Mapping[str, str],
+    rules: list[ModuleRule] | None = None,
 ) -> None:
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -245,7 +284,15 @@ def _check(
     tensors = {key: tensor.float() for key, tensor in tensors.items()}  # once: the checks run in float32
     layers = lora_layers(transformer)
     if save_format == "kohya":
-        pairs = read_kohya_pairs(path, tensors, layers.keys(), transformer.config)  # type: ignore[arg-type]
+        pairs = read_kohya_pairs(path, tensors, layers.keys(), transformer.config, rules)  # type: ignore[arg-type]
+    elif save_format == "bfl":
+        if rules is None:
+            rules = transformer_module_rules(
+                num_double=int(transformer.config["num_layers"]),  # type: ignore[index]
+                num_single=int(transformer.config["num_single_layers"]),  # type: ignore[index]
+                guidance=bool(transformer.config["guidance_embeds"]),  # type: ignore[index]
+            )
+        pairs = read_bfl_pairs(path, tensors, layers.keys(), rules)
     else:
         pairs = read_diffusers_pairs(path, tensors, layers.keys())
     covered: set[str] = set()

@@ -48,7 +48,7 @@ from fluxtrain.dataset_config.toml_file import load_dataset_config
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.training.config import TrainConfig
-from fluxtrain.training.model_checks import transformer_config
+from fluxtrain.training.model_checks import check_transformer, transformer_config
 
 GIB = 2**30
 PIXELS_PER_TOKEN_SIDE = 16  # the autoencoder's 8x, then 2x2 packing
@@ -324,6 +324,8 @@ def check_run_memory(
     if available_bytes is None or config.models_root is None or config.dataset_config is None:
         return config, None
     path = resolve_model_path(config.models_root, "pretrained_model", config.pretrained_model)
+    if check_transformer(path, config.pretrained_model).family != "flux1":
+        return config, None  # the estimate's formula is FLUX.1's; other families are not judged yet
     shape = TransformerShape.from_config(transformer_config(path, config.pretrained_model))
     try:
         step = step_size(config.dataset_config, guidance=shape.guidance)

@@ -33,6 +33,7 @@ COMPONENT_SUBFOLDERS = {
     "ae": "vae",
     "clip_l": "text_encoder",
     "t5xxl": "text_encoder_2",
+    "text_encoder": "text_encoder",
 }
 MAX_CONFIG_BYTES = 1 << 20
 

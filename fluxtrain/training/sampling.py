@@ -3,14 +3,16 @@
 The denoising loop is FluxPipeline's (FlowMatchEulerDiscreteScheduler with FLUX.1's
 resolution-dependent shift for dev, none for schnell) written out, so it runs on the training
 transformer whatever its storage dtype and needs no text encoder: the prompts' T5 and CLIP
-outputs come from the feature cache. An edit-pair (Kontext) run renders with the first training
-image's reference latent appended, as FluxKontextPipeline does.
+outputs come from the feature cache. `render_samples` renders through the run's model family
+(`Family.generate`); `generate` here is FLUX.1's. An edit-pair (Kontext) run renders with the
+first training image's reference latent appended, as FluxKontextPipeline does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,12 +23,13 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
 from fluxtrain.rundir import RunDir
-from fluxtrain.training import model_files
 from fluxtrain.training.buckets import Size
 from fluxtrain.training.cache import FeatureCache
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.flow import image_ids, pack_latents, text_ids, unpack_latents
-from fluxtrain.training.model_files import ModelFiles
+
+if TYPE_CHECKING:
+    from fluxtrain.training.families.family import Family
 
 
 def flux_scheduler(*, guidance_distilled: bool) -> FlowMatchEulerDiscreteScheduler:
@@ -104,11 +107,6 @@ def generate(
     return Image.fromarray(array)
 
 
-def load_sample_autoencoder(files: ModelFiles, *, dtype: torch.dtype) -> torch.nn.Module:
-    """The autoencoder that decodes samples, kept in host memory between renders."""
-    return model_files.load_autoencoder(files.ae, dtype=dtype, device="cpu")
-
-
 def render_samples(
     transformer: torch.nn.Module,
     vae: torch.nn.Module,
@@ -120,6 +118,7 @@ def render_samples(
     run: RunDir,
     accelerator: Accelerator,
     dtype: torch.dtype,
+    family: Family,
     reference: torch.Tensor | None = None,
 ) -> Iterator[tuple[Path, str]]:
     """Render every sample prompt with the current weights, yielding (file, prompt) as each is saved.
@@ -130,13 +129,11 @@ def render_samples(
     vae.to(device)
     width, height = resolution
     for index, prompt in enumerate(config.sample_prompts):
-        t5, pooled = cache.load_text(prompt)
         with accelerator.autocast():
-            image = generate(
+            image = family.generate(
                 transformer,
                 vae,
-                t5=t5,
-                pooled=pooled,
+                text=cache.load_text_features(prompt),
                 width=width,
                 height=height,
                 steps=config.sample_steps,

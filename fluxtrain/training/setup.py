@@ -2,7 +2,9 @@
 
 Read the dataset and plan the steps, fill the latent and text caches (encoders loaded only for
 what is missing, then dropped), load the transformer with its LoRA, the optimizer and schedule,
-and resume from `state/` when a previous process left one. A stop request is honoured between
+and resume from `state/` when a previous process left one. What differs between model families (how
+files load, features are made, the LoRA's targets) is the run's `Family`, chosen from the
+transformer file. A stop request is honoured between
 these phases: with real FLUX weights caching and loading take minutes, longer than the runs layer
 waits after SIGTERM before it kills the process.
 """
@@ -18,24 +20,22 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import FluxTransformer2DModel
 from torch.optim.lr_scheduler import LRScheduler
 
 from fluxtrain.dataset_config.toml_file import load_dataset_config
+from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.training import cache as feature_cache
 from fluxtrain.training import state
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.data import StepPlan, TrainingData, hold_out, load_training_data, plan_steps
 from fluxtrain.training.distributed import exclude_frozen_from_ddp
 from fluxtrain.training.edit_pairs import lint_edit_pairs, pair_family
+from fluxtrain.training.families.family import Family, FamilyFiles, family_for
 from fluxtrain.training.lora import load_lora_transformer
 from fluxtrain.training.memory import MemoryCheck
-from fluxtrain.training.model_checks import transformer_has_guidance
-from fluxtrain.training.model_files import ModelFiles, resolve_model_files
 from fluxtrain.training.optim import build_optimizer, build_scheduler
 from fluxtrain.training.precision import Precision
 from fluxtrain.training.report import RunReport
-from fluxtrain.training.sampling import load_sample_autoencoder
 from fluxtrain.training.validation import ValidationLoss
 
 log = logging.getLogger("fluxtrain.training")
@@ -46,16 +46,17 @@ class Setup:
     """What a run trains with."""
 
     data: TrainingData
-    files: ModelFiles
+    files: FamilyFiles
     plan: StepPlan
     cache: feature_cache.FeatureCache
-    transformer: FluxTransformer2DModel  # the model itself: its LoRA, its config, samples
+    transformer: torch.nn.Module  # the model itself: its LoRA, its config, samples
     model: torch.nn.Module  # the same as accelerate prepared it, for training steps
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     sample_vae: torch.nn.Module | None
     state_step: int | None  # the step `state/` held when the run started; None without one
+    family: Family  # how the run's model family loads, encodes and predicts
     validation: ValidationLoss | None = None  # the held-out images, when the run validates
 
 
@@ -85,12 +86,12 @@ def set_up(
     data, held_out = hold_out(
         load_training_data(config.dataset_config, enable_bucket=config.enable_bucket), config
     )
-    files = resolve_model_files(config, models_root)
     dataset = load_dataset_config(config.dataset_config)
-    family = pair_family(
-        files.transformer, config.pretrained_model, requested=config.model_family, config=dataset
-    )
-    lint_edit_pairs(dataset, family=family)
+    transformer = resolve_model_path(models_root, "pretrained_model", config.pretrained_model)
+    name = pair_family(transformer, config.pretrained_model, requested=config.model_family, config=dataset)
+    lint_edit_pairs(dataset, family=name)
+    family = family_for(name)
+    files = family.resolve_files(config, models_root)
     plan = plan_steps(data, config, num_processes=accelerator.num_processes)
     report.started(
         output_name=config.output_name,
@@ -102,9 +103,8 @@ def set_up(
         validation_images=len(held_out.images) if held_out else None,
         memory=memory,
     )
-    guided = transformer_has_guidance(files.transformer, config.pretrained_model)
     cache_started = time.monotonic()
-    cache = feature_cache.open_cache(cache_root, files, max_length=512 if guided else 256)
+    cache = family.open_cache(cache_root, files, config)
     state_step = state.saved_step(state_dir)
     if state_step is not None:
         state.check_state_matches(state_dir, config)
@@ -116,7 +116,7 @@ def set_up(
     honour_stop()
     cached = replace(data, images=data.images + held_out.images) if held_out else data
     latents = feature_cache.cache_latents(
-        cache, cached, files=files, accelerator=accelerator, dtype=precision.autoencoder
+        cache, cached, files=files, accelerator=accelerator, dtype=precision.autoencoder, family=family
     )
     honour_stop()
     captions = feature_cache.training_captions(
@@ -125,12 +125,14 @@ def set_up(
     if held_out:
         captions += [image.captions[0] for image in held_out.images]
     texts = feature_cache.cache_texts(
-        cache, captions, files=files, accelerator=accelerator, dtype=precision.encoder
+        cache, captions, files=files, accelerator=accelerator, dtype=precision.encoder, family=family
     )
     report.caching(latents, texts, seconds=time.monotonic() - cache_started)
     honour_stop()
     sample_vae = (
-        load_sample_autoencoder(files, dtype=precision.autoencoder) if config.sample_prompts else None
+        family.load_autoencoder(files, dtype=precision.autoencoder, device="cpu")
+        if config.sample_prompts
+        else None
     )
     honour_stop()
     transformer, params = load_lora_transformer(
@@ -142,6 +144,8 @@ def set_up(
         fp8_base=config.fp8_base,
         gradient_checkpointing=config.gradient_checkpointing,
         device=accelerator.device,
+        load=family.load_transformer,
+        targets=family.lora_targets,
     )
     optimizer = build_optimizer(params, name=config.optimizer, learning_rate=config.learning_rate)
     scheduler = build_scheduler(
@@ -173,5 +177,6 @@ def set_up(
         scheduler=scheduler,
         sample_vae=sample_vae,
         state_step=state_step,
-        validation=ValidationLoss(held_out, cache, seed=config.seed) if held_out else None,
+        validation=ValidationLoss(held_out, cache, seed=config.seed, family=family) if held_out else None,
+        family=family,
     )

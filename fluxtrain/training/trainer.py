@@ -17,7 +17,7 @@ import torch
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.rundir import RunDir, read_events
 from fluxtrain.training import distributed, flow, memory, state
-from fluxtrain.training.cache import load_batch, load_references
+from fluxtrain.training.cache import load_features_batch, load_references
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.contact_sheet import write_contact_sheet
 from fluxtrain.training.data import StepPlan, epoch_batches
@@ -152,7 +152,8 @@ class Trainer:
         """One optimizer step on the batch `indices`; returns the loss averaged over processes."""
         config, accelerator = self.config, self.accelerator
         generator = step_generator(config.seed, self.counter.step, accelerator.process_index)
-        x0, hidden, pooled = load_batch(
+        family = setup.family
+        x0, text = load_features_batch(
             setup.cache,
             setup.data,
             indices,
@@ -163,25 +164,25 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=generator)
         t = flow.sample_timesteps(
             x0.shape[0],
-            method=config.timestep_sampling,
+            method=config.timestep_sampling or family.timestep_sampling,
             shift=config.discrete_flow_shift,
             sigmoid_scale=config.sigmoid_scale,
             generator=generator,
+            image_tokens=family.pack(x0[:1]).shape[1],
         )
         device = self.device
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         with accelerator.autocast():
-            prediction = flow.predict_velocity(
+            prediction = family.predict_velocity(
                 setup.model,
                 flow.noisy_latents(x0, noise, t),
                 t,
-                hidden,
-                pooled,
+                text,
                 guidance=self.guidance(setup),
                 dtype=self.precision.compute,
                 reference=reference,
             )
-        loss = flow.flow_loss(prediction, flow.pack_latents(x0), flow.pack_latents(noise))
+        loss = flow.flow_loss(prediction, family.pack(x0), family.pack(noise))
         accelerator.backward(loss)
         if config.max_grad_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(setup.params, config.max_grad_norm)
@@ -254,6 +255,7 @@ class Trainer:
             accelerator=self.accelerator,
             dtype=self.precision.compute,
             reference=load_references(setup.cache, setup.data, [0]),
+            family=setup.family,
         ):
             self.report.sample(path, prompt=prompt, step=step)
         self.last_sample_step = step
@@ -269,6 +271,7 @@ class Trainer:
                 step=self.counter.step,
                 epoch=epoch,
                 dtype=self.precision.export,
+                family=setup.family,
             )
             check_lora_file(
                 path,
@@ -277,6 +280,7 @@ class Trainer:
                 rank=self.config.network_dim,
                 dtype=self.precision.export,
                 metadata=metadata,
+                rules=setup.family.module_rules(setup.transformer.config),
             )
 
     def save_state(self) -> None:

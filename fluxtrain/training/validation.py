@@ -30,11 +30,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
-from diffusers import FluxTransformer2DModel
 
 from fluxtrain.training import flow
 from fluxtrain.training.cache import FeatureCache, LatentKey, load_references
 from fluxtrain.training.data import TrainingData
+from fluxtrain.training.families.family import Family, family_for
 
 VALIDATION_TIMESTEPS = (0.25, 0.5, 0.75, 1.0)
 
@@ -50,8 +50,7 @@ class ValidationResult:
 class _HeldOutImage:
     latent: torch.Tensor  # (1, C, H, W)
     noise: torch.Tensor  # (1, C, H, W), drawn once
-    hidden: torch.Tensor  # (1, L, D), bf16 as cached
-    pooled: torch.Tensor  # (1, 768)
+    text: dict[str, torch.Tensor]  # the caption's features, batched (1, ...), exactly as cached
     reference: torch.Tensor | None  # (1, C, h, w): Kontext's reference latent; None without edit pairs
 
 
@@ -64,22 +63,22 @@ def noise_generator(seed: int, image_sha256: str) -> torch.Generator:
 class ValidationLoss:
     """The held-out images' fixed inputs, read from the caches once, and the loss of a model on them."""
 
-    def __init__(self, held_out: TrainingData, cache: FeatureCache, *, seed: int) -> None:
+    def __init__(
+        self, held_out: TrainingData, cache: FeatureCache, *, seed: int, family: Family | None = None
+    ) -> None:
+        self.family = family if family is not None else family_for("flux1")
         self.images: list[_HeldOutImage] = []
         for index, image in enumerate(held_out.images):
             latent = cache.load_latent(LatentKey(image.sha256, image.bucket, False))[None]
             reference = load_references(cache, held_out, [index])
-            hidden, pooled = cache.load_text(image.captions[0])
+            text = {name: value[None] for name, value in cache.load_text_features(image.captions[0]).items()}
             noise = torch.randn(latent.shape, generator=noise_generator(seed, image.sha256))
-            # T5 states are cached in bf16: kept so (exactly) rather than as load_text's float32 copy.
-            self.images.append(
-                _HeldOutImage(latent, noise, hidden[None].to(torch.bfloat16), pooled[None], reference)
-            )
+            self.images.append(_HeldOutImage(latent, noise, text, reference))
 
     @torch.no_grad()
     def measure(
         self,
-        transformer: FluxTransformer2DModel,
+        transformer: torch.nn.Module,
         *,
         base: bool,
         guidance: float | None,
@@ -119,17 +118,14 @@ class ValidationLoss:
             x0, noise = image.latent.to(device), image.noise.to(device)
             t = torch.full((1,), t_value, device=device)
             with autocast():
-                prediction = flow.predict_velocity(
+                prediction = self.family.predict_velocity(
                     transformer,
                     flow.noisy_latents(x0, noise, t),
                     t,
-                    image.hidden,
-                    image.pooled,
+                    image.text,
                     guidance=guidance,
                     dtype=dtype,
                     reference=image.reference,
                 )
-            per_image.append(
-                float(flow.flow_loss(prediction, flow.pack_latents(x0), flow.pack_latents(noise)))
-            )
+            per_image.append(float(flow.flow_loss(prediction, self.family.pack(x0), self.family.pack(noise))))
         return statistics.fmean(per_image)

@@ -46,3 +46,23 @@ def test_flux_dev_sizes(bench: ModuleType) -> None:
     assert bench.flux_forward_flops(config, image_tokens=4096, text_tokens=512) == pytest.approx(
         74.38e12, rel=1e-3
     )
+
+
+def test_flux2_forward_flops_match_torch_counting_every_matmul(bench: ModuleType) -> None:
+    from diffusers import Flux2Transformer2DModel
+
+    from fluxtrain.training.tiny_flux2 import tiny_flux2_transformer_config
+
+    config = tiny_flux2_transformer_config()
+    model = Flux2Transformer2DModel(**config).eval()
+    batch = {
+        k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in bench.flux2_inputs(model, 64, torch.device("cpu")).items()
+    }
+    assert batch["hidden_states"].shape[1] == 16 and batch["encoder_hidden_states"].shape[1] == 512
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**batch)
+    expected = bench.flux2_forward_flops(model.config, image_tokens=16, text_tokens=512)
+    assert counter.get_total_flops() == expected
+    klein = bench.klein_config("flux2-klein-4b")
+    assert (klein["num_layers"], klein["num_single_layers"], klein["num_attention_heads"]) == (5, 20, 24)
