@@ -73,7 +73,6 @@ TARGET_PATTERN = (
 )
 
 
-@dataclass(frozen=True)
 def refuse_reference(reference: torch.Tensor | None) -> None:
     """FLUX.2 edit pairs (reference ids on the time axis, 10 + 10 i) are not trained yet; the runs
     layer refuses a klein run on a dataset with controls, so this guards hand-written run directories."""
@@ -81,6 +80,7 @@ def refuse_reference(reference: torch.Tensor | None) -> None:
         raise InvalidInputError("FLUX.2 [klein] does not train on edit pairs (control images) yet")
 
 
+@dataclass(frozen=True)
 class KleinFiles:
     """A klein run's transformer, autoencoder and text encoder, and its tokenizer folder."""
 
