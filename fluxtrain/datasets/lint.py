@@ -154,14 +154,7 @@ def subsets_of(
     """The resolved TOML's subsets; files are named relative to `dataset_folder` when inside it."""
     subsets = []
     for d_index, dataset in enumerate(config.datasets):
-        spec = BucketSpec(
-            resolution=dataset.resolution,
-            enable=dataset.enable_bucket if enable_bucket is None else enable_bucket,
-            min_reso=dataset.min_bucket_reso,
-            max_reso=dataset.max_bucket_reso,
-            steps=dataset.bucket_reso_steps,
-            no_upscale=dataset.bucket_no_upscale,
-        )
+        spec = BucketSpec.of(dataset, enable=enable_bucket)
         for s_index, subset in enumerate(dataset.subsets):
             subsets.append(
                 LintSubset(

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from fluxtrain.dataset_config.schema import DatasetSpec
 
 Size = tuple[int, int]
 
@@ -24,6 +28,18 @@ class BucketSpec:
     max_reso: int = 1024
     steps: int = 64
     no_upscale: bool = False
+
+    @classmethod
+    def of(cls, dataset: DatasetSpec, *, enable: bool | None = None) -> BucketSpec:
+        """The bucketing a TOML's dataset section asks for (`enable` overrides its enable_bucket)."""
+        return cls(
+            resolution=dataset.resolution,
+            enable=dataset.enable_bucket if enable is None else enable,
+            min_reso=dataset.min_bucket_reso,
+            max_reso=dataset.max_bucket_reso,
+            steps=dataset.bucket_reso_steps,
+            no_upscale=dataset.bucket_no_upscale,
+        )
 
     @property
     def max_area(self) -> int:

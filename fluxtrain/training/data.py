@@ -128,14 +128,7 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
     trigger_words: list[str] = []
     digest = hashlib.sha256()
     for d_index, dataset in enumerate(config.datasets):
-        spec = BucketSpec(
-            resolution=dataset.resolution,
-            enable=dataset.enable_bucket if enable_bucket is None else enable_bucket,
-            min_reso=dataset.min_bucket_reso,
-            max_reso=dataset.max_bucket_reso,
-            steps=dataset.bucket_reso_steps,
-            no_upscale=dataset.bucket_no_upscale,
-        )
+        spec = BucketSpec.of(dataset, enable=enable_bucket)
         if any(side % 16 for side in dataset.resolution) or (spec.enable and spec.steps % 16):
             raise InvalidInputError(
                 f"datasets[{d_index}]: resolution and bucket_reso_steps must be multiples of 16 for FLUX.1"

@@ -30,18 +30,6 @@ MAX_REFERENCES: dict[str, int] = {"flux1-kontext": 1}
 """Families that train on edit pairs, with the most control images one target may have."""
 
 
-def bucket_spec(dataset: DatasetSpec, *, enable: bool | None = None) -> BucketSpec:
-    """The bucketing a dataset section asks for (`enable` overrides its enable_bucket)."""
-    return BucketSpec(
-        resolution=dataset.resolution,
-        enable=dataset.enable_bucket if enable is None else enable,
-        min_reso=dataset.min_bucket_reso,
-        max_reso=dataset.max_bucket_reso,
-        steps=dataset.bucket_reso_steps,
-        no_upscale=dataset.bucket_no_upscale,
-    )
-
-
 def has_controls(config: DatasetConfigFile) -> bool:
     return any(subset.control_dir is not None for dataset in config.datasets for subset in dataset.subsets)
 
@@ -59,7 +47,7 @@ def pair_family(
 def _control_bucketing(dataset: DatasetSpec) -> Callable[[int, int], Size] | None:
     if dataset.control_resolution is not None or dataset.no_resize_control:
         return None
-    return partial(choose_bucket, bucket_spec(dataset))
+    return partial(choose_bucket, BucketSpec.of(dataset))
 
 
 def _refuse_unpaired(family: ModelFamily, name: str) -> None:
