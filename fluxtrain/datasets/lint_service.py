@@ -63,7 +63,7 @@ LintRequest: type[BaseModel] = create_model(
 
 @lru_cache(maxsize=8)
 def _tokenizer(folder: str, _stamp: int) -> TokenCounter:
-    from fluxtrain.training.model_files import load_tokenizer
+    from fluxtrain.training.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("t5xxl", Path(folder))
     return lambda captions: [len(ids) for ids in tokenizer(captions, verbose=False)["input_ids"]]
@@ -74,7 +74,7 @@ def _token_options(models_root: Path, pretrained_model: str, **run: object) -> L
     path out of the models folder or a file that is no transformer is refused) and a counter of the
     tokenizer the trainer would load."""
     from fluxtrain.training.model_checks import transformer_has_guidance
-    from fluxtrain.training.model_files import tokenizer_dir
+    from fluxtrain.training.tokenizers import tokenizer_dir
 
     try:
         path = resolve_model_path(models_root, "pretrained_model", pretrained_model)

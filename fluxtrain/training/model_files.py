@@ -8,9 +8,7 @@ from the configs shipped in `model_configs/`. Nothing is fetched from a hub when
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -24,7 +22,6 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import (
-    AutoTokenizer,
     CLIPTextConfig,
     CLIPTextModel,
     PreTrainedTokenizerBase,
@@ -41,11 +38,11 @@ from fluxtrain.training.convert import (
     infer_vae_config,
 )
 from fluxtrain.training.model_checks import SINGLE_FILE_SUFFIXES, check_model, check_model_family
+from fluxtrain.training.tokenizers import load_tokenizer, tokenizer_dir
 
 if TYPE_CHECKING:
     from fluxtrain.training.config import TrainConfig
 
-TOKENIZER_HUB_IDS = {"clip_l": "openai/clip-vit-large-patch14", "t5xxl": "google/t5-v1_1-xxl"}
 CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "cond_stage_model.transformer.", "text_model.")
 T5_PREFIXES = ("text_encoders.t5xxl.transformer.",)
 
@@ -61,11 +58,6 @@ def make_scheduler(*, schnell: bool = False) -> FlowMatchEulerDiscreteScheduler:
     """FLUX.1's sampler: dev shifts timesteps with the image size, schnell does not."""
     config = shipped_config("scheduler_schnell" if schnell else "scheduler")
     return FlowMatchEulerDiscreteScheduler(**{k: v for k, v in config.items() if not k.startswith("_")})
-
-
-def tokenizer_dir(models_root: Path, kind: str) -> Path:
-    """Where the tokenizer of a text encoder lives under the models root: tokenizers/{clip_l,t5xxl}."""
-    return models_root / "tokenizers" / kind
 
 
 def _read_single_file(path: Path) -> dict[str, Tensor]:
@@ -217,35 +209,6 @@ def t5_config_from_shapes(sd: Mapping[str, Tensor]) -> T5Config:
         feed_forward_proj="gated-gelu" if gated else "relu",
     )
     return T5Config(**values)
-
-
-def _network_available() -> bool:
-    offline_flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    if any(flag not in ("", "0") for flag in offline_flags):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=3):
-            return True
-    except OSError:
-        return False
-
-
-def load_tokenizer(kind: str, folder: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in `folder`; else the hub's where there is a network; else NotFoundError."""
-    if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    hub_id = TOKENIZER_HUB_IDS[kind]
-    if _network_available():
-        try:
-            return AutoTokenizer.from_pretrained(hub_id)
-        except OSError as exc:
-            raise NotFoundError(
-                f"{kind} tokenizer folder {folder} is missing and {hub_id} failed: {exc}"
-            ) from exc
-    raise NotFoundError(
-        f"{kind} tokenizer folder {folder} is missing (no network to fetch {hub_id}); "
-        f"save the tokenizer there, e.g. with `fluxtrain dev tiny-models` for tests"
-    )
 
 
 def _default_tokenizer_dir(path: Path, kind: str, pipeline_subfolder: str) -> Path:
