@@ -13,10 +13,11 @@ dev_app = typer.Typer(help="Developer tools: tiny local models for tests and the
 def tiny_models(
     out_dir: Path = typer.Argument(..., help="Folder to write into; use it as FS_PATH (the models root)."),
 ) -> None:
-    """Write tiny randomly initialised Florence-2, FLUX.1 and FLUX.2 [klein] models in their real formats."""
+    """Write tiny randomly initialised Florence-2, FLUX.1, FLUX.2 [klein] and [dev] models in real formats."""
     from fluxtrain.captioning.tiny import write_tiny_florence2
     from fluxtrain.training.tiny import write_tiny_flux_files
     from fluxtrain.training.tiny_flux2 import write_tiny_flux2_files
+    from fluxtrain.training.tiny_flux2_dev import write_tiny_flux2_dev_files
 
     out_dir.mkdir(parents=True, exist_ok=True)
     florence = write_tiny_florence2(out_dir)
@@ -26,6 +27,8 @@ def tiny_models(
         typer.echo(f"{role}: {path}")
     for role, path in write_tiny_flux2_files(out_dir).items():
         typer.echo(f"FLUX.2 {role}: {path}")
+    for role, path in write_tiny_flux2_dev_files(out_dir).items():
+        typer.echo(f"FLUX.2 [dev] {role}: {path}")
     typer.echo(f"Use FS_PATH={out_dir.resolve()} so /train finds the seed's default file names.")
 
 

@@ -116,6 +116,10 @@ def family_for(name: ModelFamily) -> Family:
         from fluxtrain.training.families.klein import Klein
 
         return Klein(name)
+    if name == "flux2-dev":
+        from fluxtrain.training.families.flux2_dev import Flux2Dev
+
+        return Flux2Dev(name)
     raise ValueError(f"no trainer for model family {name!r}")
 
 

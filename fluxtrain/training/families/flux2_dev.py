@@ -1,0 +1,316 @@
+"""FLUX.2 [dev] as a `Family`: klein's transformer, autoencoder, latents, ids and LoRA targets, with
+Mistral Small 3.x text features and a distilled guidance constant.
+
+Text (as `Flux2Pipeline._get_mistral_3_small_prompt_embeds`): each prompt as a user turn after
+BFL's system message, rendered by the tokenizer's chat template without a generation prompt,
+padded to 512 tokens, hidden layers 10/20/30 stacked. Only the language model is loaded (the
+pipeline's Mistral3ForConditionalGeneration runs nothing else on text), and only its first 30
+layers without the final norm: `hidden_states[30]` is the raw output of layer 29 in the full
+40-layer model, so the result is the same, a quarter cheaper, and ComfyUI's 30-layer pruned file
+(`final_norm` off) loads too. Files: the text encoder (`text_encoder` field) as a Hugging Face
+folder (Mistral3 or Mistral, sharded or not) or one file (ComfyUI's
+`mistral_3_small_flux2_bf16.safetensors` / `_fp8`), bf16 or fp8; its tokenizer and chat template
+(the FLUX.2-dev repository's `tokenizer/` folder) from `FS_PATH/tokenizers/mistral3`. Guidance: the
+run's `guidance_scale` as a constant, through the transformer's guidance embedding.
+Shapes cannot say the attention head width, rope theta or norm epsilon: Mistral Small 3.x's are used
+for a single file; a folder's config.json says them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from safetensors import safe_open
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoTokenizer, MistralConfig, MistralModel, PreTrainedTokenizerBase
+
+from fluxtrain.errors import InvalidInputError, NotFoundError
+from fluxtrain.training.config import TrainConfig
+from fluxtrain.training.families import flux2
+from fluxtrain.training.families.detect import block_count
+from fluxtrain.training.families.family import TextFeatures
+from fluxtrain.training.families.klein import Klein, KleinFiles, refuse_reference
+from fluxtrain.training.flow import flux2_mu
+from fluxtrain.training.model_checks import SINGLE_FILE_SUFFIXES
+from fluxtrain.training.model_files import _assign_weights, _component_folder, _dequantize
+
+DEV_TEXT_LAYERS = flux2.TEXT_LAYERS["flux2-dev"]
+ENCODER_LAYERS = max(DEV_TEXT_LAYERS)
+"""Layers run: hidden state k is the input of layer k, so layer 30 and above never matter."""
+MISTRAL_TOKENIZER = "mistral3"
+MISTRAL_HEAD_DIM = 128
+MISTRAL_DEFAULTS = {"rope_theta": 1_000_000_000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072}
+MISTRAL_PREFIXES = (
+    "model.language_model.",  # Mistral3ForConditionalGeneration, transformers 5
+    "language_model.model.",  # Mistral3ForConditionalGeneration, transformers 4 (the FLUX.2-dev repo)
+    "text_encoders.mistral3_24b.transformer.model.",  # a ComfyUI checkpoint's text encoder
+    "model.",  # MistralForCausalLM, ComfyUI's text encoder files
+)
+SYSTEM_MESSAGE = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on "
+    "object relationships, object\nattribution and actions without speculation."
+)
+"""BFL's system message for FLUX.2 [dev] prompts (flux2 `system_messages.py`), as diffusers has it."""
+
+
+def load_mistral_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """Mistral's tokenizer with its chat template, from `folder` only: the tokenizer of the
+    PixtralProcessor folder `Flux2Pipeline` loads, which is all a text prompt runs through (so no
+    image processor, nor torchvision, is needed)."""
+    if not (folder / "tokenizer_config.json").is_file():
+        raise NotFoundError(
+            f"Mistral tokenizer folder {folder} is missing: save FLUX.2 [dev]'s tokenizer there (the "
+            "FLUX.2-dev repository's tokenizer/ folder: tokenizer.json, tokenizer_config.json and its chat "
+            "template), e.g. with `fluxtrain dev tiny-models` for tests"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise InvalidInputError(
+            f"Mistral tokenizer folder {folder} has no chat template (chat_template.jinja or "
+            "tokenizer_config.json)"
+        )
+    return tokenizer
+
+
+def format_prompts(prompts: list[str]) -> list[list[dict[str, Any]]]:
+    """Each prompt as the pipeline's conversation: BFL's system turn, then the prompt as a user
+    turn, both as text blocks; `[IMG]` is removed from prompts as the pipeline removes it."""
+    return [
+        [
+            {"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+            {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]},
+        ]
+        for prompt in prompts
+    ]
+
+
+@torch.no_grad()
+def encode_dev_text(
+    *,
+    text_encoder: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_tokens: int = flux2.MAX_TEXT_TOKENS,
+) -> Tensor:
+    """FLUX.2 [dev]'s text features of `prompts` from Mistral: (batch, max_tokens, 3 x width)."""
+    inputs = tokenizer.apply_chat_template(
+        format_prompts(prompts),
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=max_tokens,
+    )
+    device = next(text_encoder.parameters()).device
+    output = text_encoder(
+        input_ids=inputs["input_ids"].to(device),
+        attention_mask=inputs["attention_mask"].to(device),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return flux2.stack_hidden_layers(output.hidden_states, DEV_TEXT_LAYERS)
+
+
+def _shard_files(path: Path, shown: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(_component_folder(path, "text_encoder").glob("*.safetensors"))
+        if not files:
+            raise InvalidInputError(f"text_encoder: folder '{shown}' holds no .safetensors files")
+        return files
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise InvalidInputError(f"text_encoder: '{shown}' must be a .safetensors file or a model folder")
+    return [path]
+
+
+def _refuse_qwen3(keys: list[str], shown: str) -> None:
+    if any(".self_attn.q_norm." in key for key in keys):
+        raise InvalidInputError(
+            f"text_encoder: '{shown}' is a Qwen3 text encoder (FLUX.2 [klein]'s); FLUX.2 [dev] takes "
+            "Mistral Small 3.x, e.g. mistral_3_small_flux2_bf16.safetensors"
+        )
+
+
+def read_language_model(path: Path, shown: str, *, keys_only: bool = False) -> dict[str, Tensor | None]:
+    """The language model's tensors of a Mistral file or shard folder, keys without their prefix;
+    the vision tower, projector and LM head are not read (`keys_only`: no tensor is read)."""
+    with ExitStack() as stack:
+        try:
+            handles = [
+                stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                for file in _shard_files(path, shown)
+            ]
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for any bad header
+            raise InvalidInputError(
+                f"text_encoder: '{shown}' is not a readable safetensors file: {exc}"
+            ) from exc
+        keys = [key for handle in handles for key in handle.keys()]  # noqa: SIM118
+        _refuse_qwen3(keys, shown)
+        prefix = next((p for p in MISTRAL_PREFIXES if any(k.startswith(p) for k in keys)), "")
+        return {
+            key.removeprefix(prefix): None if keys_only else handle.get_tensor(key)
+            for handle in handles
+            for key in handle.keys()  # noqa: SIM118
+            if key.startswith(prefix) and not key.startswith("lm_head.")
+        }
+
+
+def check_mistral_text_encoder(path: Path, shown: str) -> None:
+    """A 422 unless the text encoder's headers hold a Mistral language model deep enough for layer
+    30 (a Qwen3 file or a too shallow one is named); no weight is read."""
+    layers = block_count(read_language_model(path, shown, keys_only=True), "layers")
+    if layers < ENCODER_LAYERS:
+        raise InvalidInputError(
+            f"text_encoder: '{shown}' has {layers} Mistral layers; FLUX.2 [dev] reads hidden layer "
+            f"{ENCODER_LAYERS}, so it needs at least {ENCODER_LAYERS}"
+        )
+
+
+def mistral_config_from_shapes(sd: Mapping[str, Tensor]) -> MistralConfig:
+    """MistralConfig of a Mistral language model state dict (keys without `model.`), off its shapes."""
+    attention = "layers.0.self_attn"
+    try:
+        vocab, hidden = sd["embed_tokens.weight"].shape
+        heads = sd[f"{attention}.q_proj.weight"].shape[0] // MISTRAL_HEAD_DIM
+        kv_heads = sd[f"{attention}.k_proj.weight"].shape[0] // MISTRAL_HEAD_DIM
+        intermediate = sd["layers.0.mlp.gate_proj.weight"].shape[0]
+    except KeyError as exc:
+        raise InvalidInputError(f"is not a Mistral text encoder: {exc.args[0]} is missing") from exc
+    return MistralConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=int(intermediate),
+        num_hidden_layers=block_count(sd, "layers"),
+        num_attention_heads=int(heads),
+        num_key_value_heads=int(kv_heads),
+        head_dim=MISTRAL_HEAD_DIM,
+        sliding_window=None,
+        **MISTRAL_DEFAULTS,
+    )
+
+
+def _folder_config(path: Path) -> MistralConfig | None:
+    """The language model's config of a model folder (Mistral3's text_config), None for a file."""
+    folder = _component_folder(path, "text_encoder")
+    if not path.is_dir() or not (folder / "config.json").is_file():
+        return None
+    return AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config()
+
+
+def _encoder_weight(key: str) -> bool:
+    """Whether the 30-layer encoder keeps the tensor: not the final norm, no layer from 30 on."""
+    if key == "norm.weight":
+        return False
+    return not (key.startswith("layers.") and int(key.split(".")[1]) >= ENCODER_LAYERS)
+
+
+def load_mistral(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> MistralModel:
+    """Mistral's first 30 layers, without the final norm, from a single file or a model folder."""
+    check_mistral_text_encoder(path, path.name)
+    sd = read_language_model(path, path.name)
+    try:
+        config = _folder_config(path) or mistral_config_from_shapes(sd)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"text_encoder: '{path.name}' {exc.message}") from exc
+    kept = _dequantize({key: tensor for key, tensor in sd.items() if _encoder_weight(key)}, dtype)
+    del sd
+    config.num_hidden_layers = ENCODER_LAYERS
+    with init_empty_weights():
+        model = MistralModel(config)
+    model.norm = nn.Identity()
+    _assign_weights(model, kept, path.name)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+class DevTextEncoder:
+    """Mistral with its processor: `hidden` features as `Flux2Pipeline.encode_prompt` computes them."""
+
+    def __init__(self, model: MistralModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """`hidden` (B, 512, 3 x width) in bf16 on the CPU."""
+        hidden = encode_dev_text(text_encoder=self.model, tokenizer=self.tokenizer, prompts=captions)
+        return {"hidden": hidden.float().cpu().to(torch.bfloat16)}
+
+
+class Flux2Dev(Klein):
+    """FLUX.2 [dev]: klein's transformer inputs plus the guidance embedding, Mistral text features."""
+
+    def resolve_files(self, config: TrainConfig, models_root: Path) -> KleinFiles:
+        """klein's files, the text encoder checked to be Mistral, the tokenizer from tokenizers/mistral3."""
+        files = super().resolve_files(config, models_root)
+        check_mistral_text_encoder(files.text_encoder, config.text_encoder)
+        return replace(files, tokenizer=models_root / "tokenizers" / MISTRAL_TOKENIZER)
+
+    def load_text_encoder(
+        self, files: KleinFiles, *, dtype: torch.dtype, device: torch.device | str, max_length: int
+    ) -> DevTextEncoder:
+        tokenizer = load_mistral_tokenizer(files.tokenizer)
+        return DevTextEncoder(load_mistral(files.text_encoder, dtype=dtype, device=device), tokenizer)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        transformer: torch.nn.Module,
+        vae: Any,
+        *,
+        text: TextFeatures,
+        width: int,
+        height: int,
+        steps: int,
+        guidance_scale: float,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        reference: torch.Tensor | None = None,
+    ) -> Image.Image:
+        """`Flux2Pipeline`'s denoising loop (Euler, empirical mu from the token count and steps, the
+        distilled `guidance_scale` as a constant), then its decode."""
+        refuse_reference(reference)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2
+        shape = (1, transformer.config.in_channels, height // factor, width // factor)
+        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+        latents = flux2.pack(noise).to(device=device, dtype=dtype)
+        img_ids = flux2.latent_ids(noise).to(device)
+        hidden = text["hidden"].reshape(1, *text["hidden"].shape[-2:]).to(device=device, dtype=dtype)
+        txt_ids = flux2.text_ids(hidden)
+        guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
+        )
+        mu = flux2_mu(latents.shape[1], steps)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
+        for t in scheduler.timesteps:
+            prediction = transformer(
+                hidden_states=latents,
+                encoder_hidden_states=hidden,
+                timestep=(t / 1000).expand(1).to(dtype),
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=guidance,
+                return_dict=False,
+            )[0]
+            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        grid = latents.float().permute(0, 2, 1).reshape(shape)
+        vae_device = next(vae.parameters()).device
+        decoded = flux2.denormalize_latents(vae, grid.to(device=vae_device, dtype=vae.dtype))
+        pixels = vae.decode(decoded, return_dict=False)[0]
+        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(array)
+
+    def architecture(self, config: Mapping[str, Any]) -> tuple[str, str]:
+        return "flux2", "flux-2-dev/lora"
