@@ -27,7 +27,12 @@ from transformers import (
 )
 
 from fluxtrain.training.convert_flux2 import diffusers_to_bfl_flux2
-from fluxtrain.training.families.flux2_dev import DEV_TEXT_LAYERS, MISTRAL_HEAD_DIM, MISTRAL_TOKENIZER
+from fluxtrain.training.families.flux2_dev import (
+    DEV_TEXT_LAYERS,
+    MISTRAL_DEFAULTS,
+    MISTRAL_HEAD_DIM,
+    MISTRAL_TOKENIZER,
+)
 from fluxtrain.training.tiny_flux2 import _save, tiny_flux2_transformer_config, write_tiny_flux2_files
 
 TINY_MISTRAL_HIDDEN = 16
@@ -109,8 +114,9 @@ def tiny_mistral_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 
 
 def tiny_mistral3_config(vocab_size: int) -> Mistral3Config:
-    """Mistral3ForConditionalGeneration's config at toy widths: a 32-layer language model and a
-    one-layer vision tower (the pipeline's class holds one; FLUX.2 never runs it)."""
+    """Mistral3ForConditionalGeneration's config at toy widths with Mistral Small 3.x's head width,
+    rope theta and norm epsilon: a 32-layer language model and a one-layer vision tower (the
+    pipeline's class holds one; FLUX.2 never runs it)."""
     text = MistralConfig(
         vocab_size=vocab_size,
         hidden_size=TINY_MISTRAL_HIDDEN,
@@ -119,7 +125,8 @@ def tiny_mistral3_config(vocab_size: int) -> Mistral3Config:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=MISTRAL_HEAD_DIM,
-        max_position_embeddings=1024,
+        sliding_window=None,
+        **MISTRAL_DEFAULTS,
         pad_token_id=MISTRAL_SPECIAL.index("<pad>"),
         bos_token_id=MISTRAL_SPECIAL.index("<s>"),
         eos_token_id=MISTRAL_SPECIAL.index("</s>"),
