@@ -24,12 +24,12 @@ from fluxtrain.training.families import flux2
 from fluxtrain.training.families.family import family_for
 from fluxtrain.training.families.flux2_dev import (
     SYSTEM_MESSAGE,
-    check_mistral_text_encoder,
     encode_dev_text,
     load_mistral,
     load_mistral_tokenizer,
 )
 from fluxtrain.training.families.klein import load_flux2_autoencoder, load_flux2_transformer
+from fluxtrain.training.families.mistral_files import DEEPEST_TEXT_LAYER, check_mistral_text_encoder
 from fluxtrain.training.tiny_flux2_dev import (
     TINY_MISTRAL_HIDDEN,
     tiny_mistral3_config,
@@ -99,6 +99,7 @@ def _features(path: Path, models: Path) -> torch.Tensor:
 
 def test_text_features_and_ids_equal_the_pipelines(pipeline: Flux2Pipeline, dev_models: Path) -> None:
     assert SYSTEM_MESSAGE == PIPELINE_SYSTEM_MESSAGE
+    assert max(flux2.TEXT_LAYERS["flux2-dev"]) == DEEPEST_TEXT_LAYER
     with torch.no_grad():
         expected, expected_ids = pipeline.encode_prompt(PROMPTS, device=torch.device("cpu"))
     ours = _features(dev_models / DEV_FILES["text_encoder"], dev_models)

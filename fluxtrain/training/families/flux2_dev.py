@@ -19,7 +19,6 @@ for a single file; a folder's config.json says them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,22 +38,20 @@ from fluxtrain.training.families import flux2
 from fluxtrain.training.families.detect import block_count
 from fluxtrain.training.families.family import TextFeatures
 from fluxtrain.training.families.klein import Klein, KleinFiles, refuse_reference
+from fluxtrain.training.families.mistral_files import (
+    DEEPEST_TEXT_LAYER,
+    check_mistral_text_encoder,
+    language_model_index,
+)
 from fluxtrain.training.flow import flux2_mu
-from fluxtrain.training.model_checks import SINGLE_FILE_SUFFIXES
 from fluxtrain.training.model_files import _assign_weights, _component_folder, _dequantize
 
 DEV_TEXT_LAYERS = flux2.TEXT_LAYERS["flux2-dev"]
-ENCODER_LAYERS = max(DEV_TEXT_LAYERS)
+ENCODER_LAYERS = DEEPEST_TEXT_LAYER
 """Layers run: hidden state k is the input of layer k, so layer 30 and above never matter."""
 MISTRAL_TOKENIZER = "mistral3"
 MISTRAL_HEAD_DIM = 128
 MISTRAL_DEFAULTS = {"rope_theta": 1_000_000_000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072}
-MISTRAL_PREFIXES = (
-    "model.language_model.",  # Mistral3ForConditionalGeneration, transformers 5
-    "language_model.model.",  # Mistral3ForConditionalGeneration, transformers 4 (the FLUX.2-dev repo)
-    "text_encoders.mistral3_24b.transformer.model.",  # a ComfyUI checkpoint's text encoder
-    "model.",  # MistralForCausalLM, ComfyUI's text encoder files
-)
 SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on "
     "object relationships, object\nattribution and actions without speculation."
@@ -122,60 +119,15 @@ def encode_dev_text(
     return flux2.stack_hidden_layers(output.hidden_states, DEV_TEXT_LAYERS)
 
 
-def _shard_files(path: Path, shown: str) -> list[Path]:
-    if path.is_dir():
-        files = sorted(_component_folder(path, "text_encoder").glob("*.safetensors"))
-        if not files:
-            raise InvalidInputError(f"text_encoder: folder '{shown}' holds no .safetensors files")
-        return files
-    if path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise InvalidInputError(f"text_encoder: '{shown}' must be a .safetensors file or a model folder")
-    return [path]
-
-
-def _refuse_qwen3(keys: list[str], shown: str) -> None:
-    if any(".self_attn.q_norm." in key for key in keys):
-        raise InvalidInputError(
-            f"text_encoder: '{shown}' is a Qwen3 text encoder (FLUX.2 [klein]'s); FLUX.2 [dev] takes "
-            "Mistral Small 3.x, e.g. mistral_3_small_flux2_bf16.safetensors"
-        )
-
-
-def read_language_model(path: Path, shown: str, *, keys_only: bool = False) -> dict[str, Tensor | None]:
-    """The language model's tensors of a Mistral file or shard folder, keys without their prefix;
-    the vision tower, projector and LM head are not read (`keys_only`: no tensor is read)."""
-    with ExitStack() as stack:
-        try:
-            handles = [
-                stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                for file in _shard_files(path, shown)
-            ]
-        except InvalidInputError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for any bad header
-            raise InvalidInputError(
-                f"text_encoder: '{shown}' is not a readable safetensors file: {exc}"
-            ) from exc
-        keys = [key for handle in handles for key in handle.keys()]  # noqa: SIM118
-        _refuse_qwen3(keys, shown)
-        prefix = next((p for p in MISTRAL_PREFIXES if any(k.startswith(p) for k in keys)), "")
-        return {
-            key.removeprefix(prefix): None if keys_only else handle.get_tensor(key)
-            for handle in handles
-            for key in handle.keys()  # noqa: SIM118
-            if key.startswith(prefix) and not key.startswith("lm_head.")
-        }
-
-
-def check_mistral_text_encoder(path: Path, shown: str) -> None:
-    """A 422 unless the text encoder's headers hold a Mistral language model deep enough for layer
-    30 (a Qwen3 file or a too shallow one is named); no weight is read."""
-    layers = block_count(read_language_model(path, shown, keys_only=True), "layers")
-    if layers < ENCODER_LAYERS:
-        raise InvalidInputError(
-            f"text_encoder: '{shown}' has {layers} Mistral layers; FLUX.2 [dev] reads hidden layer "
-            f"{ENCODER_LAYERS}, so it needs at least {ENCODER_LAYERS}"
-        )
+def read_language_model(path: Path, shown: str) -> dict[str, Tensor]:
+    """The language model's tensors of a Mistral file or shard folder, keys without their prefix,
+    checked first (`check_mistral_text_encoder`); nothing else in the files is read."""
+    check_mistral_text_encoder(path, shown)
+    sd = {}
+    for file, names in language_model_index(path, shown).items():
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            sd.update({name: handle.get_tensor(key) for key, name in names.items()})
+    return sd
 
 
 def mistral_config_from_shapes(sd: Mapping[str, Tensor]) -> MistralConfig:
@@ -218,7 +170,6 @@ def _encoder_weight(key: str) -> bool:
 
 def load_mistral(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> MistralModel:
     """Mistral's first 30 layers, without the final norm, from a single file or a model folder."""
-    check_mistral_text_encoder(path, path.name)
     sd = read_language_model(path, path.name)
     try:
         config = _folder_config(path) or mistral_config_from_shapes(sd)
