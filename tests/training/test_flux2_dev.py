@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as PIPELINE_SYSTEM_MESSAGE
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
@@ -21,9 +21,11 @@ from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.rundir import read_events
 from fluxtrain.training.config import load_config
 from fluxtrain.training.families import flux2
+from fluxtrain.training.families.detect import detect_from_config
 from fluxtrain.training.families.family import family_for
 from fluxtrain.training.families.flux2_dev import (
     SYSTEM_MESSAGE,
+    dev_transformer_config,
     encode_dev_text,
     load_mistral,
     load_mistral_tokenizer,
@@ -273,3 +275,11 @@ def test_dev_lora_loads_into_flux2_pipeline_and_changes_it(overfit: dict[str, An
     )
     after = _render(pipe)
     assert np.abs(after - before).max() > 1e-3
+
+
+def test_the_full_size_dev_config_is_detected_as_released_dev() -> None:
+    config = {"_class_name": "Flux2Transformer2DModel", **dev_transformer_config()}
+    assert detect_from_config(config).family == "flux2-dev" and detect_from_config(config).full_size
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**dev_transformer_config())
+    assert 31e9 < sum(p.numel() for p in model.parameters()) < 33e9  # FLUX.2 [dev] is a 32B transformer
