@@ -201,7 +201,7 @@ def load_mistral(path: Path, *, dtype: torch.dtype, device: torch.device | str) 
 
 
 class DevTextEncoder:
-    """Mistral with its processor: `hidden` features as `Flux2Pipeline.encode_prompt` computes them."""
+    """Mistral with its tokenizer: `hidden` features as `Flux2Pipeline.encode_prompt` computes them."""
 
     def __init__(self, model: MistralModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model, self.tokenizer = model, tokenizer
