@@ -32,6 +32,7 @@ from fluxtrain.training.config import TrainConfig, check_dataset_for_training, r
 from fluxtrain.training.data import check_training_images_left, count_images, held_out_count
 from fluxtrain.training.edit_pairs import MAX_REFERENCES, check_run_family
 from fluxtrain.training.families.detect import model_fields
+from fluxtrain.training.families.mistral_files import check_mistral_text_encoder
 from fluxtrain.training.model_checks import check_model
 
 MAX_LIST_LIMIT = 1000
@@ -64,6 +65,9 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
     )
     for field in model_fields(family):
         check_model(field, resolve_model_path(settings.models_root, field, fields[field]), fields[field])
+    if family == "flux2-dev":
+        text_encoder = resolve_model_path(settings.models_root, "text_encoder", fields["text_encoder"])
+        check_mistral_text_encoder(text_encoder, fields["text_encoder"])
     webhook = getattr(request, "webhook", None)
     if webhook:
         check_webhook(webhook, settings)

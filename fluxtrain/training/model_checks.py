@@ -24,7 +24,6 @@ from fluxtrain.training.families.detect import (
     check_requested_family,
     detect_from_config,
     detect_from_shapes,
-    refuse_untrainable,
 )
 
 SINGLE_FILE_SUFFIXES = (".sft", ".safetensors")
@@ -95,10 +94,8 @@ def check_transformer(path: Path, shown: str) -> DetectedTransformer:
 
 
 def check_model_family(path: Path, shown: str, requested: ModelFamily | None) -> ModelFamily:
-    """The run's family: detected from the transformer, matched against the request, and trainable."""
-    family = check_requested_family(requested, check_transformer(path, shown), shown)
-    refuse_untrainable(family)
-    return family
+    """The run's family: detected from the transformer and matched against the request."""
+    return check_requested_family(requested, check_transformer(path, shown), shown)
 
 
 def check_component(field: str, path: Path, shown: str) -> None:

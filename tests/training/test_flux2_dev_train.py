@@ -67,3 +67,15 @@ def test_the_trainer_refuses_klein_text_encoder_for_dev(dev_settings: Settings) 
     config = TrainConfig(output_name="demo", **{**DEV, "text_encoder": "qwen_3_4b.safetensors"})
     with pytest.raises(InvalidInputError, match="'qwen_3_4b.safetensors' is a Qwen3 text encoder"):
         family_for("flux2-dev").resolve_files(config, dev_settings.models_root)
+
+
+def test_train_refuses_klein_text_encoder_for_dev_before_a_run_exists(
+    dev_settings: Settings, client: TestClient
+) -> None:
+    klein_text = dev_settings.models_root / "qwen_3_4b.safetensors"
+    assert klein_text.is_file()
+    body = {"output_name": "demo", "model_family": "flux2-dev", **DEV, "text_encoder": klein_text.name}
+    response = client.post("/train", json=body)
+    assert response.status_code == 422, response.text
+    assert "is a Qwen3 text encoder" in response.text
+    assert not dev_settings.runs_dir.is_dir() or not any(dev_settings.runs_dir.iterdir())

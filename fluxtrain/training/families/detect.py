@@ -20,14 +20,6 @@ from fluxtrain.model_paths import MODEL_FIELDS
 
 ModelFamily = Literal["flux1", "flux1-kontext", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b"]
 MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
-TRAINABLE_FAMILIES: tuple[str, ...] = (
-    "flux1",
-    "flux1-kontext",
-    "flux2-dev",
-    "flux2-klein-4b",
-    "flux2-klein-9b",
-)
-"""Families the trainer trains today; the rest are recognised and refused with a clear message."""
 FLUX2_MODEL_FIELDS = ("pretrained_model", "text_encoder", "ae")
 FLUX1_IN_CHANNELS = 64
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -210,14 +202,3 @@ def check_requested_family(
 def model_fields(family: ModelFamily) -> tuple[str, ...]:
     """The request's model path fields a run of `family` loads."""
     return FLUX2_MODEL_FIELDS if family.startswith("flux2") else MODEL_FIELDS
-
-
-def refuse_untrainable(family: ModelFamily) -> None:
-    """A clear 422 for a family that is recognised but not trained yet (every family trains today)."""
-    if family in TRAINABLE_FAMILIES:
-        return
-    what = "FLUX.2" if family.startswith("flux2") else FAMILY_TITLES[family]
-    raise InvalidInputError(
-        f"model_family '{family}' ({FAMILY_TITLES[family]}): {what} training is not available yet; "
-        "fluxtrain trains FLUX.1 dev and schnell, FLUX.1 Kontext and FLUX.2 [dev] and [klein] files today"
-    )

@@ -107,7 +107,7 @@ class Family(Protocol):
 
 
 def family_for(name: ModelFamily) -> Family:
-    """The trainer's implementation of a trainable family (`detect.refuse_untrainable` names the rest)."""
+    """The trainer's implementation of a family."""
     if name in ("flux1", "flux1-kontext"):
         from fluxtrain.training.families.flux1 import Flux1
 
