@@ -17,15 +17,17 @@ object a line, as each row is measured). Each row also shows `fluxtrain.training
 `est GiB` is its allocated part (weights, LoRA with gradients and AdamW state, activations), to
 read against the measured peak allocated beside it; `est total` (`estimate_total_gib`) adds the
 CUDA context and the allocator's margin, to read against the peak reserved.
-`--family flux2-klein-4b|flux2-klein-9b` does the same for FLUX.2 [klein] (full size on a GPU:
-the released block counts and widths, 128 latent channels, no guidance; the tiny klein model on the
-CPU), with klein's LoRA targets, 512 Qwen3 tokens and 4-axis ids; its FLOPs are counted by
-`flux2_forward_flops` and its memory by the estimate's `Flux2Shape`. `--family flux1-kontext` is
+`--family flux2-klein-4b|flux2-klein-9b|flux2-dev` does the same for FLUX.2 (full size on a GPU:
+the released block counts and widths, 128 latent channels, no guidance but dev's constant 4.0; the
+tiny klein model on the CPU), with klein's LoRA targets (dev's are the same modules), 512 text
+tokens and 4-axis ids; its FLOPs are counted by `flux2_forward_flops` and its memory by the
+estimate's `Flux2Shape`. `--family flux1-kontext` is
 FLUX.1-dev (the tiny guided model on the CPU) with one reference image's tokens appended after the
 noisy ones, ids on the target's grid with first axis 1, as the Kontext family trains: twice the
 image tokens through every block, the loss on the target's half only (`kontext_inputs`).
 
     python bench/train_step.py --family flux2-klein-4b --resolutions 1024 --fp8-base on
+    python bench/train_step.py --family flux2-dev --resolutions 1024 --fp8-base on --checkpointing on
     python bench/train_step.py --family flux1-kontext --resolutions 1024 --fp8-base on --checkpointing on
     python bench/train_step.py                     # 512 and 1024, fp8_base and checkpointing on/off
     python bench/train_step.py --resolutions 1024 --steps 10 --peak-tflops 989
@@ -98,7 +100,8 @@ def build_transformer(device: torch.device) -> FluxTransformer2DModel:
 
 
 def klein_config(family: str) -> dict[str, Any]:
-    """Flux2Transformer2DModel kwargs of a released [klein] size (128-wide heads, the rest the defaults)."""
+    """Flux2Transformer2DModel kwargs of a released FLUX.2 size, [klein] or [dev] (128-wide heads,
+    dev's guidance embedding, the rest the defaults)."""
     variant = next(v for v in FLUX2_VARIANTS if v.family == family)
     return {
         "num_layers": variant.num_layers,
@@ -106,13 +109,20 @@ def klein_config(family: str) -> dict[str, Any]:
         "num_attention_heads": variant.hidden // 128,
         "attention_head_dim": 128,
         "joint_attention_dim": variant.joint_attention_dim,
-        "guidance_embeds": False,
+        "guidance_embeds": variant.guidance,
     }
 
 
 def build_flux2_transformer(family: str, device: torch.device) -> Flux2Transformer2DModel:
-    """Random-weight [klein] of the released size on a GPU, the tiny klein model on the CPU; bf16."""
-    config = klein_config(family) if device.type == "cuda" else tiny_flux2_transformer_config()
+    """Random-weight FLUX.2 of the released size on a GPU, the tiny klein model (with dev's guidance
+    embedding for dev) on the CPU; bf16."""
+    if device.type == "cuda":
+        config = klein_config(family)
+    else:
+        config = {
+            **tiny_flux2_transformer_config(),
+            "guidance_embeds": klein_config(family)["guidance_embeds"],
+        }
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -137,7 +147,8 @@ def flux2_forward_flops_parts(
         return 2 * rows * fan_in * fan_out
 
     attention = 2 * linear(joint, d, joint)
-    outside = linear(1, config["timestep_guidance_channels"], d) + linear(1, d, d)
+    embedders = 2 if config["guidance_embeds"] else 1  # the timestep's and [dev]'s guidance's
+    outside = embedders * (linear(1, config["timestep_guidance_channels"], d) + linear(1, d, d))
     outside += 2 * linear(1, d, 6 * d) + linear(1, d, 3 * d)  # the shared modulations
     outside += linear(n, config["in_channels"], d) + linear(t, config["joint_attention_dim"], d)
     outside += linear(1, d, 2 * d) + linear(n, d, config["in_channels"])
@@ -163,7 +174,7 @@ def flux2_inputs(model: Flux2Transformer2DModel, resolution: int, device: torch.
         "timestep": torch.rand(1, device=device, dtype=dtype),
         "img_ids": flux2.latent_ids(grid),
         "txt_ids": flux2.text_ids(hidden),
-        "guidance": None,
+        "guidance": torch.full((1,), 4.0, device=device, dtype=dtype) if config.guidance_embeds else None,
         "return_dict": False,
     }
 
@@ -333,7 +344,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument(
-        "--family", choices=("flux1", "flux1-kontext", "flux2-klein-4b", "flux2-klein-9b"), default="flux1"
+        "--family",
+        choices=("flux1", "flux1-kontext", "flux2-klein-4b", "flux2-klein-9b", "flux2-dev"),
+        default="flux1",
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
@@ -352,6 +365,7 @@ def main() -> None:
         "flux1-kontext": "FLUX.1-dev + 1 reference (Kontext)",
         "flux2-klein-4b": "FLUX.2 [klein] 4B",
         "flux2-klein-9b": "FLUX.2 [klein] 9B",
+        "flux2-dev": "FLUX.2 [dev]",
     }
     if not args.json:
         built = f"{size[args.family]} size" if cuda else "tiny model"

@@ -48,12 +48,13 @@ def test_flux_dev_sizes(bench: ModuleType) -> None:
     )
 
 
-def test_flux2_forward_flops_match_torch_counting_every_matmul(bench: ModuleType) -> None:
+@pytest.mark.parametrize("guidance", [False, True])
+def test_flux2_forward_flops_match_torch_counting_every_matmul(bench: ModuleType, guidance: bool) -> None:
     from diffusers import Flux2Transformer2DModel
 
     from fluxtrain.training.tiny_flux2 import tiny_flux2_transformer_config
 
-    config = tiny_flux2_transformer_config()
+    config = {**tiny_flux2_transformer_config(), "guidance_embeds": guidance}
     model = Flux2Transformer2DModel(**config).eval()
     batch = {
         k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
@@ -66,6 +67,9 @@ def test_flux2_forward_flops_match_torch_counting_every_matmul(bench: ModuleType
     assert counter.get_total_flops() == expected
     klein = bench.klein_config("flux2-klein-4b")
     assert (klein["num_layers"], klein["num_single_layers"], klein["num_attention_heads"]) == (5, 20, 24)
+    dev = bench.klein_config("flux2-dev")
+    assert [dev[k] for k in ("num_layers", "num_single_layers", "num_attention_heads")] == [8, 48, 48]
+    assert dev["guidance_embeds"] and not klein["guidance_embeds"]
 
 
 def test_kontext_inputs_append_one_reference_on_the_targets_grid(bench: ModuleType) -> None:
@@ -96,6 +100,10 @@ def test_every_family_row_carries_the_pre_flights_estimate(
     shapes = {
         "flux1-kontext": (TransformerShape.from_config(tiny_transformer_config()), 32),
         "flux2-klein-4b": (Flux2Shape.from_config(tiny_flux2_transformer_config()), 16),
+        "flux2-dev": (
+            Flux2Shape.from_config({**tiny_flux2_transformer_config(), "guidance_embeds": True}),
+            16,
+        ),
     }
     for family, (shape, image_tokens) in shapes.items():
         argv = ["train_step.py", "--family", family, "--json", "--resolutions", "64", "--steps", "1"]
