@@ -15,14 +15,20 @@ the timed steps after the warm-up. The model is built once per precision and reu
 resolution and checkpointing setting; an out-of-memory step is reported as such (`--json`: one
 object a line, as each row is measured). Each row also shows `fluxtrain.training.memory`'s estimate:
 `est GiB` is its allocated part (weights, LoRA with gradients and AdamW state, activations), to
-read against the measured peak allocated; `estimate_total_gib` adds the CUDA context and the
-allocator's margin.
-`--family flux2-klein-4b|flux2-klein-9b` does the same for FLUX.2 [klein] (full size on a GPU:
-the released block counts and widths, 128 latent channels, no guidance; the tiny klein model on the
-CPU), with klein's LoRA targets, 512 Qwen3 tokens and 4-axis ids; its FLOPs are counted by
-`flux2_forward_flops` and the memory estimate (FLUX.1's formula) is left out.
+read against the measured peak allocated beside it; `est total` (`estimate_total_gib`) adds the
+CUDA context and the allocator's margin, to read against the peak reserved.
+`--family flux2-klein-4b|flux2-klein-9b|flux2-dev` does the same for FLUX.2 (full size on a GPU:
+the released block counts and widths, 128 latent channels, no guidance but dev's constant 4.0; the
+tiny klein model on the CPU), with klein's LoRA targets (dev's are the same modules), 512 text
+tokens and 4-axis ids; its FLOPs are counted by `flux2_forward_flops` and its memory by the
+estimate's `Flux2Shape`. `--family flux1-kontext` is
+FLUX.1-dev (the tiny guided model on the CPU) with one reference image's tokens appended after the
+noisy ones, ids on the target's grid with first axis 1, as the Kontext family trains: twice the
+image tokens through every block, the loss on the target's half only (`kontext_inputs`).
 
     python bench/train_step.py --family flux2-klein-4b --resolutions 1024 --fp8-base on
+    python bench/train_step.py --family flux2-dev --resolutions 1024 --fp8-base on --checkpointing on
+    python bench/train_step.py --family flux1-kontext --resolutions 1024 --fp8-base on --checkpointing on
     python bench/train_step.py                     # 512 and 1024, fp8_base and checkpointing on/off
     python bench/train_step.py --resolutions 1024 --steps 10 --peak-tflops 989
     python bench/train_step.py --fp8-base on --checkpointing on --json
@@ -51,7 +57,7 @@ from fluxtrain.training.families.detect import FLUX2_VARIANTS
 from fluxtrain.training.families.klein import TARGET_PATTERN as KLEIN_TARGETS
 from fluxtrain.training.flow import image_ids, text_ids
 from fluxtrain.training.lora import TARGET_PATTERN, add_lora
-from fluxtrain.training.memory import StepSize, TransformerShape, estimate_memory
+from fluxtrain.training.memory import StepSize, estimate_memory, family_shape
 from fluxtrain.training.model_files import shipped_config
 from fluxtrain.training.optim import build_optimizer
 from fluxtrain.training.tiny import tiny_transformer_config
@@ -94,7 +100,8 @@ def build_transformer(device: torch.device) -> FluxTransformer2DModel:
 
 
 def klein_config(family: str) -> dict[str, Any]:
-    """Flux2Transformer2DModel kwargs of a released [klein] size (128-wide heads, the rest the defaults)."""
+    """Flux2Transformer2DModel kwargs of a released FLUX.2 size, [klein] or [dev] (128-wide heads,
+    dev's guidance embedding, the rest the defaults)."""
     variant = next(v for v in FLUX2_VARIANTS if v.family == family)
     return {
         "num_layers": variant.num_layers,
@@ -102,13 +109,20 @@ def klein_config(family: str) -> dict[str, Any]:
         "num_attention_heads": variant.hidden // 128,
         "attention_head_dim": 128,
         "joint_attention_dim": variant.joint_attention_dim,
-        "guidance_embeds": False,
+        "guidance_embeds": variant.guidance,
     }
 
 
 def build_flux2_transformer(family: str, device: torch.device) -> Flux2Transformer2DModel:
-    """Random-weight [klein] of the released size on a GPU, the tiny klein model on the CPU; bf16."""
-    config = klein_config(family) if device.type == "cuda" else tiny_flux2_transformer_config()
+    """Random-weight FLUX.2 of the released size on a GPU, the tiny klein model (with dev's guidance
+    embedding for dev) on the CPU; bf16."""
+    if device.type == "cuda":
+        config = klein_config(family)
+    else:
+        config = {
+            **tiny_flux2_transformer_config(),
+            "guidance_embeds": klein_config(family)["guidance_embeds"],
+        }
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -133,7 +147,8 @@ def flux2_forward_flops_parts(
         return 2 * rows * fan_in * fan_out
 
     attention = 2 * linear(joint, d, joint)
-    outside = linear(1, config["timestep_guidance_channels"], d) + linear(1, d, d)
+    embedders = 2 if config["guidance_embeds"] else 1  # the timestep's and [dev]'s guidance's
+    outside = embedders * (linear(1, config["timestep_guidance_channels"], d) + linear(1, d, d))
     outside += 2 * linear(1, d, 6 * d) + linear(1, d, 3 * d)  # the shared modulations
     outside += linear(n, config["in_channels"], d) + linear(t, config["joint_attention_dim"], d)
     outside += linear(1, d, 2 * d) + linear(n, d, config["in_channels"])
@@ -159,7 +174,7 @@ def flux2_inputs(model: Flux2Transformer2DModel, resolution: int, device: torch.
         "timestep": torch.rand(1, device=device, dtype=dtype),
         "img_ids": flux2.latent_ids(grid),
         "txt_ids": flux2.text_ids(hidden),
-        "guidance": None,
+        "guidance": torch.full((1,), 4.0, device=device, dtype=dtype) if config.guidance_embeds else None,
         "return_dict": False,
     }
 
@@ -221,6 +236,20 @@ def inputs(model: FluxTransformer2DModel, resolution: int, device: torch.device)
     }
 
 
+def kontext_inputs(model: FluxTransformer2DModel, resolution: int, device: torch.device) -> dict:
+    """`inputs` with one resolution^2 reference image's tokens appended after the noisy ones, its ids
+    on the same grid with first axis 1 (`flow.predict_velocity`'s Kontext layout)."""
+    batch = inputs(model, resolution, device)
+    reference_ids = batch["img_ids"].clone()
+    reference_ids[:, 0] = 1
+    reference = torch.randn_like(batch["hidden_states"])
+    return {
+        **batch,
+        "hidden_states": torch.cat([batch["hidden_states"], reference], dim=1),
+        "img_ids": torch.cat([batch["img_ids"], reference_ids]),
+    }
+
+
 def peak_memory_gib(device: torch.device) -> tuple[float, float | None]:
     """Peak allocated and peak reserved GPU memory (what a card must hold), or the CPU's peak RSS."""
     if device.type == "cuda":
@@ -228,8 +257,11 @@ def peak_memory_gib(device: torch.device) -> tuple[float, float | None]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
 
 
-def memory_estimate(model, *, resolution: int, image_tokens: int, fp8: bool, checkpointing: bool, rank: int):
-    """fluxtrain.training.memory's estimate of this row (batch 1, bf16, AdamW, the bench's rank)."""
+def memory_estimate(
+    model, *, family: str, resolution: int, image_tokens: int, fp8: bool, checkpointing: bool, rank: int
+):
+    """fluxtrain.training.memory's estimate of this row (batch 1, bf16, AdamW, the bench's rank);
+    `image_tokens` counts a Kontext reference's too, as the estimate's `step_size` does."""
     config = TrainConfig(
         output_name="bench",
         network_dim=rank,
@@ -240,16 +272,19 @@ def memory_estimate(model, *, resolution: int, image_tokens: int, fp8: bool, che
     step = StepSize(
         batch_size=1, image_tokens=image_tokens, text_tokens=TEXT_TOKENS, resolution=(resolution, resolution)
     )
-    return estimate_memory(TransformerShape.from_config(model.config), config, step)
+    return estimate_memory(family_shape(family, model.config), config, step)
 
 
-def measure(model, params, optimizer, batch: dict, *, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of a full step (forward, backward, optimizer) over `steps` after `warmup` steps.
+def measure(
+    model, params, optimizer, batch: dict, *, steps: int, warmup: int, device: torch.device, targets: int
+) -> float:
+    """Median seconds of a full step (forward, backward, optimizer) over `steps` after `warmup` steps;
+    the loss is taken on the first `targets` tokens (all but a Kontext reference's).
 
     The device is synchronised around each step, which costs one host sync a step (well under 1%
     of a full-size step) and times each step on its own.
     """
-    target = torch.randn_like(batch["hidden_states"])
+    target = torch.randn_like(batch["hidden_states"][:, :targets])
     timed = []
     for index in range(warmup + steps):
         if device.type == "cuda":
@@ -265,7 +300,7 @@ def measure(model, params, optimizer, batch: dict, *, steps: int, warmup: int, d
 
 def train_step(model, params, optimizer, batch: dict, target: torch.Tensor, *, device: torch.device) -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        prediction = model(**batch)[0]
+        prediction = model(**batch)[0][:, : target.shape[1]]
     loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -273,7 +308,9 @@ def train_step(model, params, optimizer, batch: dict, target: torch.Tensor, *, d
     optimizer.zero_grad(set_to_none=True)
 
 
-def write_profile(path: Path, model, params, optimizer, batch: dict, *, device: torch.device) -> None:
+def write_profile(
+    path: Path, model, params, optimizer, batch: dict, *, device: torch.device, targets: int
+) -> None:
     """One more step of the first configuration under torch.profiler: its costliest operators, as text.
 
     Written once, after that row is timed, so that a figure that misses its target can be read
@@ -283,7 +320,7 @@ def write_profile(path: Path, model, params, optimizer, batch: dict, *, device: 
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    target = torch.randn_like(batch["hidden_states"])
+    target = torch.randn_like(batch["hidden_states"][:, :targets])
     with profile(activities=activities) as prof:
         train_step(model, params, optimizer, batch, target, device=device)
         if device.type == "cuda":
@@ -306,7 +343,11 @@ def main() -> None:
     parser.add_argument("--fp8-base", choices=("off", "on", "both"), default="both")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--family", choices=("flux1", "flux2-klein-4b", "flux2-klein-9b"), default="flux1")
+    parser.add_argument(
+        "--family",
+        choices=("flux1", "flux1-kontext", "flux2-klein-4b", "flux2-klein-9b", "flux2-dev"),
+        default="flux1",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
     parser.add_argument(
@@ -318,18 +359,20 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     peak = args.peak_tflops or (gpu_peak_tflops(device) if cuda else None)
     machine = torch.cuda.get_device_name(device) if cuda else f"CPU x{torch.get_num_threads()} threads"
-    klein = args.family != "flux1"
+    klein = args.family.startswith("flux2-")
     size = {
         "flux1": "FLUX.1-dev",
+        "flux1-kontext": "FLUX.1-dev + 1 reference (Kontext)",
         "flux2-klein-4b": "FLUX.2 [klein] 4B",
         "flux2-klein-9b": "FLUX.2 [klein] 9B",
+        "flux2-dev": "FLUX.2 [dev]",
     }
     if not args.json:
         built = f"{size[args.family]} size" if cuda else "tiny model"
         print(f"# {machine}, {built}, rank {args.rank}, batch 1, bf16")
         print(
-            f"{'res':>5} {'fp8':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'reserved':>9} "
-            f"{'TFLOP/s':>8} {'MFU':>6} {'HFU':>6} {'est GiB':>8}"
+            f"{'res':>5} {'fp8':>5} {'ckpt':>5} {'s/step':>8} {'peak GiB':>9} {'est GiB':>8} "
+            f"{'reserved':>9} {'est total':>9} {'TFLOP/s':>8} {'MFU':>6} {'HFU':>6}"
         )
     profiled = False
     for fp8 in switch(args.fp8_base):
@@ -345,7 +388,9 @@ def main() -> None:
                 model.enable_gradient_checkpointing()
             else:
                 model.disable_gradient_checkpointing()
-            batch = (flux2_inputs if klein else inputs)(model, resolution, device)
+            build = flux2_inputs if klein else kontext_inputs if args.family == "flux1-kontext" else inputs
+            batch = build(model, resolution, device)
+            targets = (resolution // 16) ** 2  # the noisy image's tokens; the rest is the reference
             tokens = {"image_tokens": batch["hidden_states"].shape[1], "text_tokens": TEXT_TOKENS}
             if klein:
                 flops = flux2_forward_flops(model.config, **tokens)
@@ -360,7 +405,14 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 seconds = measure(
-                    model, params, optimizer, batch, steps=args.steps, warmup=args.warmup, device=device
+                    model,
+                    params,
+                    optimizer,
+                    batch,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    device=device,
+                    targets=targets,
                 )
             except torch.OutOfMemoryError:
                 seconds = float("nan")
@@ -369,17 +421,16 @@ def main() -> None:
             hardware = hardware_flops / seconds / 1e12
             allocated, reserved = peak_memory_gib(device)
             measured = seconds == seconds  # NaN after an out-of-memory error
-            estimate = None
-            if not klein:
-                estimate = memory_estimate(
-                    model,
-                    resolution=resolution,
-                    image_tokens=tokens["image_tokens"],
-                    fp8=fp8,
-                    checkpointing=checkpointing,
-                    rank=args.rank,
-                )
-            estimated = (estimate.total - estimate.overhead) / 2**30 if estimate else float("nan")
+            estimate = memory_estimate(
+                model,
+                family=args.family,
+                resolution=resolution,
+                image_tokens=tokens["image_tokens"],
+                fp8=fp8,
+                checkpointing=checkpointing,
+                rank=args.rank,
+            )
+            estimated = (estimate.total - estimate.overhead) / 2**30
             row = {
                 "machine": machine,
                 "family": args.family,
@@ -399,9 +450,10 @@ def main() -> None:
                 "warmup": args.warmup,
                 "rank": args.rank,
                 "out_of_memory": not measured,
-                "estimate_gib": round(estimated, 2) if estimate else None,
-                "estimate_total_gib": round(estimate.total / 2**30, 2) if estimate else None,
-                "estimate": estimate.gib() if estimate else None,
+                "image_tokens": tokens["image_tokens"],
+                "estimate_gib": round(estimated, 2),
+                "estimate_total_gib": round(estimate.total / 2**30, 2),
+                "estimate": estimate.gib(),
             }
             if args.json:
                 print(json.dumps(row), flush=True)
@@ -411,12 +463,14 @@ def main() -> None:
                 held = f"{reserved:>9.2f}" if reserved is not None else f"{'n/a':>9}"
                 print(
                     f"{resolution:>5} {str(fp8):>5} {str(checkpointing):>5} {seconds:>8.4f} "
-                    f"{allocated:>9.2f} {held} {achieved:>8.3f} {mfu:>6} {hfu:>6} {estimated:>8.2f}"
-                    + ("  (out of memory)" if not measured else ""),
+                    f"{allocated:>9.2f} {estimated:>8.2f} {held} {estimate.total / 2**30:>9.2f} "
+                    f"{achieved:>8.3f} {mfu:>6} {hfu:>6}" + ("  (out of memory)" if not measured else ""),
                     flush=True,
                 )
             if args.profile_out and measured and not profiled:
-                write_profile(args.profile_out, model, params, optimizer, batch, device=device)
+                write_profile(
+                    args.profile_out, model, params, optimizer, batch, device=device, targets=targets
+                )
                 profiled = True
         del model, params, optimizer
         gc.collect()

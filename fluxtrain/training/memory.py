@@ -29,6 +29,18 @@ FluxTransformer2DModel under bf16 autocast with the LoRA attached (fp8_base save
 frozen matmul keeps only its weight); `bench/train_step.py` prints the estimate beside the
 measured peak so they can be checked on a GPU.
 
+FLUX.2 (klein 4B / 9B, dev: `Flux2Shape`) is counted the same way from its own shapes: no biases,
+a SwiGLU MLP of m = 3 d (its input projection 2 m wide), the modulation shared by all blocks
+(15 d^2: stored in float8 with fp8_base, as `fp8.store_float8` keeps only `norm*` modules), 26 d^2
+of linears a double block and 13 d^2 a single one (fused qkv + MLP input, fused output), 4 h and
+2 h of q/k norms, and 512 text tokens whatever the release. Its LoRA (`families/klein.py`) has
+38 r d a double block and 15 r d a single one; autograd saves 47 bytes (double) and 51 bytes
+(single) per row and hidden unit, counted as above on one block of each at d = 3072 (the slope
+between 128 and 448 rows, so per-matrix LoRA casts drop out; counted so, FLUX.1's blocks give
+38.5 and 38.5, under the 42 and 39 used for them, so these figures may be as much low too).
+`transformer_shape` picks the shape by the family the file's keys and shapes say (`detect.py`);
+Kontext is FLUX.1's transformer, its reference tokens counted as image tokens by `step_size`.
+
 The pre-flight compares the estimate with the memory of the GPU the run gets: at `/train` on the
 local executor's host with the smallest GPU's total memory (a queued run waits for a GPU to be
 free), in the trainer with the free memory of its own device before any weight is loaded. A run
@@ -48,13 +60,19 @@ from fluxtrain.dataset_config.toml_file import load_dataset_config
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.training.config import TrainConfig
-from fluxtrain.training.model_checks import check_transformer, transformer_config
+from fluxtrain.training.convert_flux2 import infer_flux2_config
+from fluxtrain.training.families.detect import ModelFamily
+from fluxtrain.training.model_checks import _header_shapes, check_transformer, transformer_config
 
 GIB = 2**30
 PIXELS_PER_TOKEN_SIDE = 16  # the autoencoder's 8x, then 2x2 packing
 TEXT_TOKENS = {True: 512, False: 256}  # T5 length by guidance: dev 512, schnell 256 (as cache.py)
+FLUX2_TEXT_TOKENS = 512
 DOUBLE_BLOCK_SAVED_BYTES = 42  # per row and hidden unit, bf16 compute
 SINGLE_BLOCK_SAVED_BYTES = 39
+FLUX2_DOUBLE_BLOCK_SAVED_BYTES = 47
+FLUX2_SINGLE_BLOCK_SAVED_BYTES = 51
+FLUX2_FAMILIES = ("flux2-dev", "flux2-klein-4b", "flux2-klein-9b")
 BLOCK_INPUT_BYTES = 2  # a bf16 block input, all that checkpointing keeps
 OUTSIDE_BLOCKS_BYTES = 2  # the embedders' and the final layer's saved inputs
 CUDA_CONTEXT_BYTES = 600 * 2**20
@@ -123,6 +141,73 @@ class TransformerShape(BaseModel):
         kept += 2 * d * d + 2 * d
         return weights, biases, kept
 
+    @property
+    def text_tokens(self) -> int:
+        return TEXT_TOKENS[self.guidance]
+
+    @property
+    def block_saved_bytes(self) -> tuple[int, int]:
+        """What autograd saves per row and hidden unit in a (double, single) block, bf16 compute."""
+        return DOUBLE_BLOCK_SAVED_BYTES, SINGLE_BLOCK_SAVED_BYTES
+
+
+class Flux2Shape(TransformerShape):
+    """The sizes of a FLUX.2 transformer (Flux2Transformer2DModel) that its memory depends on."""
+
+    mlp_hidden: int
+    time_channels: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> Flux2Shape:
+        """From Flux2Transformer2DModel's config (a dict, `infer_flux2_config`'s kwargs or a FrozenDict)."""
+        in_channels = int(config["in_channels"])
+        patch = int(config.get("patch_size", 1))
+        hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        return cls(
+            hidden=hidden,
+            head_dim=int(config["attention_head_dim"]),
+            double_blocks=int(config["num_layers"]),
+            single_blocks=int(config["num_single_layers"]),
+            in_channels=in_channels,
+            out_channels=patch * patch * int(config.get("out_channels") or in_channels),
+            joint_attention_dim=int(config["joint_attention_dim"]),
+            pooled_projection_dim=0,
+            guidance=bool(config.get("guidance_embeds", True)),
+            mlp_hidden=int(float(config.get("mlp_ratio", 3.0)) * hidden),
+            time_channels=int(config.get("timestep_guidance_channels", 256)),
+        )
+
+    def lora_targets(self) -> list[tuple[int, int, int]]:
+        """(fan_in, fan_out, how many) of the linears `families/klein.py` targets."""
+        d, m, double, single = self.hidden, self.mlp_hidden, self.double_blocks, self.single_blocks
+        return [
+            (d, d, 8 * double),
+            (d, 2 * m, 2 * double),
+            (m, d, 2 * double),
+            (d, 3 * d + 2 * m, single),
+            (d + m, d, single),
+        ]
+
+    def parameter_counts(self) -> tuple[int, int, int]:
+        """(linear weights fp8_base stores in float8, biases (none), norm parameters and norm_out's
+        modulation, which fp8_base keeps)."""
+        d, m, h = self.hidden, self.mlp_hidden, self.head_dim
+        double = 8 * d * d + 2 * 3 * d * m
+        single = d * (3 * d + 2 * m) + (d + m) * d
+        weights = self.double_blocks * double + self.single_blocks * single + 15 * d * d
+        weights += (1 + int(self.guidance)) * (self.time_channels * d + d * d)
+        weights += (self.in_channels + self.joint_attention_dim + self.out_channels) * d
+        kept = self.double_blocks * 4 * h + self.single_blocks * 2 * h + 2 * d * d
+        return weights, 0, kept
+
+    @property
+    def text_tokens(self) -> int:
+        return FLUX2_TEXT_TOKENS
+
+    @property
+    def block_saved_bytes(self) -> tuple[int, int]:
+        return FLUX2_DOUBLE_BLOCK_SAVED_BYTES, FLUX2_SINGLE_BLOCK_SAVED_BYTES
+
 
 class StepSize(BaseModel):
     """The largest step a run takes: what its activations scale with."""
@@ -177,15 +262,16 @@ def _reference_tokens(spec: Any) -> int:
     return _tokens(spec.control_resolution or spec.resolution)
 
 
-def step_size(toml_path: Path, *, guidance: bool) -> StepSize:
+def step_size(toml_path: Path, *, guidance: bool, text_tokens: int | None = None) -> StepSize:
     """The largest step of the dataset TOML: every bucket's area is at most its resolution's; an
-    edit-pair dataset's reference tokens count as image tokens."""
+    edit-pair dataset's reference tokens count as image tokens. `text_tokens` defaults to FLUX.1's
+    T5 length for `guidance`."""
     datasets = load_dataset_config(toml_path).datasets
     sizes = [
         StepSize(
             batch_size=spec.batch_size,
             image_tokens=_tokens(spec.resolution) + _reference_tokens(spec),
-            text_tokens=TEXT_TOKENS[guidance],
+            text_tokens=text_tokens if text_tokens is not None else TEXT_TOKENS[guidance],
             resolution=spec.resolution,
         )
         for spec in datasets
@@ -219,12 +305,12 @@ def estimate_memory(shape: TransformerShape, config: TrainConfig, step: StepSize
     lora_bytes = 2 if config.full_bf16 else 4
     lora = 2 * lora_params * lora_bytes + _optimizer_state_bytes(shape, config, lora_params, lora_bytes)
     unit = step.rows * shape.hidden * (1 if bf16 else 2)
+    double, single = shape.block_saved_bytes
+    largest = max(double, single)  # the block differentiated: its saved tensors and as much in gradients
     if config.gradient_checkpointing:
-        per_unit = BLOCK_INPUT_BYTES * (shape.double_blocks + shape.single_blocks)
-        per_unit += 2 * DOUBLE_BLOCK_SAVED_BYTES
+        per_unit = BLOCK_INPUT_BYTES * (shape.double_blocks + shape.single_blocks) + 2 * largest
     else:
-        per_unit = DOUBLE_BLOCK_SAVED_BYTES * (shape.double_blocks + 1)
-        per_unit += SINGLE_BLOCK_SAVED_BYTES * shape.single_blocks
+        per_unit = double * shape.double_blocks + single * shape.single_blocks + largest
     activations = unit * (per_unit + OUTSIDE_BLOCKS_BYTES)
     allocated = weight_bytes + lora + activations
     overhead = CUDA_CONTEXT_BYTES + math.ceil(ALLOCATOR_MARGIN * allocated)
@@ -324,14 +410,33 @@ def check_run_memory(
     if available_bytes is None or config.models_root is None or config.dataset_config is None:
         return config, None
     path = resolve_model_path(config.models_root, "pretrained_model", config.pretrained_model)
-    if check_transformer(path, config.pretrained_model).family != "flux1":
-        return config, None  # the estimate's formula is FLUX.1's; other families are not judged yet
-    shape = TransformerShape.from_config(transformer_config(path, config.pretrained_model))
+    shape = transformer_shape(path, config.pretrained_model)
+    if shape is None:
+        return config, None
     try:
-        step = step_size(config.dataset_config, guidance=shape.guidance)
+        step = step_size(config.dataset_config, guidance=shape.guidance, text_tokens=shape.text_tokens)
     except InvalidInputError:
         return config, None
     return fit_memory(config, shape=shape, step=step, available_bytes=available_bytes)
+
+
+def family_shape(family: ModelFamily, config: Any) -> TransformerShape:
+    """The memory shape of a transformer of `family` from its diffusers config: FLUX.1's (Kontext's
+    too: the same transformer, its reference tokens counted by `step_size`) or FLUX.2's."""
+    return (Flux2Shape if family in FLUX2_FAMILIES else TransformerShape).from_config(config)
+
+
+def transformer_shape(path: Path, shown: str) -> TransformerShape | None:
+    """The memory shape of the transformer at `path` (a file's header or a folder's config.json),
+    of the family its keys and shapes say; nothing is loaded. None for a FLUX.2 file whose config
+    cannot be read off its shapes (one in diffusers layout): such a run is not judged here."""
+    family = check_transformer(path, shown).family
+    if family not in FLUX2_FAMILIES or path.is_dir():
+        return family_shape(family, transformer_config(path, shown))
+    try:
+        return family_shape(family, infer_flux2_config(_header_shapes("pretrained_model", path, shown)))
+    except InvalidInputError:
+        return None
 
 
 def smallest_gpu_bytes() -> int | None:
