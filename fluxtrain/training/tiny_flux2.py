@@ -5,7 +5,9 @@ as the single files people download: the transformer in BFL layout (through our 
 autoencoder in BFL layout, the text encoder in Hugging Face layout (as ComfyUI's `qwen_3_4b.safetensors`),
 plus a Qwen2-style byte-level BPE tokenizer with Qwen3's chat template built here, so nothing is
 downloaded. The shapes keep what the pipelines rely on: 32 latent channels patchified 2x2 to 128,
-4-axis rotary embeddings, and a 28-layer text encoder so klein's hidden layers 9/18/27 exist.
+4-axis rotary embeddings, and a 28-layer text encoder so klein's hidden layers 9/18/27 exist. The
+transformer is 128 wide (8 heads of 16), as wide as its 128 input and output channels, so an adapter
+on it can reach every output direction.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from fluxtrain.training.convert_flux2 import (
     diffusers_to_bfl_flux2_vae,
     flux2_rope_axes,
 )
+from fluxtrain.training.families.flux2 import patchify
 
 TINY_QWEN3_HIDDEN = 16
 TINY_QWEN3_LAYERS = 28
 KLEIN_TEXT_LAYERS = (9, 18, 27)
 FLUX2_LATENT_CHANNELS = 32
 TINY_FLUX2_HEAD_DIM = 16
-TINY_FLUX2_HEADS = 2
+TINY_FLUX2_HEADS = 8
 TINY_FLUX2_VAE_CHANNELS = (16, 32, 32, 32)
 QWEN3_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 QWEN3_CHAT_TEMPLATE = (
@@ -134,11 +137,24 @@ def _save(sd: dict[str, Tensor], path: Path, dtype: torch.dtype) -> Path:
     return path
 
 
+def _calibration_images(count: int = 4, size: int = 64) -> Tensor:
+    """Smooth random images in [-1, 1]: coarse noise upsampled, so they have structure at every scale."""
+    coarse = torch.rand(count, 3, 4, 4) * 2 - 1
+    fine = 0.3 * torch.nn.functional.interpolate(torch.rand(count, 3, 16, 16) * 2 - 1, size=size)
+    smooth = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+    return (smooth + fine).clamp(-1, 1)
+
+
+@torch.no_grad()
 def _tiny_vae() -> AutoencoderKLFlux2:
-    vae = AutoencoderKLFlux2(**tiny_flux2_vae_config())
-    channels = vae.bn.num_features
-    vae.bn.running_mean.copy_(0.1 * torch.randn(channels))
-    vae.bn.running_var.copy_(0.5 + torch.rand(channels))
+    """The autoencoder with its BatchNorm statistics measured on its own latents of a few images, as
+    the real one's are: normalised latents then have unit spread, so the flow target holds as much
+    image as noise (with arbitrary statistics it was mostly noise and no run could learn the image).
+    Rounded so that last-bit differences of the convolutions on another machine do not change the file."""
+    vae = AutoencoderKLFlux2(**tiny_flux2_vae_config()).eval()
+    latents = patchify(vae.encode(_calibration_images()).latent_dist.mode())
+    vae.bn.running_mean.copy_(latents.mean(dim=(0, 2, 3)).round(decimals=4))
+    vae.bn.running_var.copy_(latents.var(dim=(0, 2, 3)).round(decimals=4))
     return vae
 
 
