@@ -28,7 +28,7 @@ from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.names import TriggerWord
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig
-from fluxtrain.training.edit_pairs import MAX_REFERENCES, pair_findings
+from fluxtrain.training.edit_pairs import pair_findings
 
 # The trainer's T5 sequence length (training/setup.py): guidance-distilled dev 512, schnell 256.
 T5_MAX_LENGTH = {True: 512, False: 256}
@@ -135,7 +135,7 @@ def lint_dataset(*, settings: Settings, name: str, request: BaseModel) -> LintRe
     report = lint_subsets(subsets, dataset=name, config=shown, options=options)
     if not toml.is_file():
         return report
-    return _with_pairs(report, pair_findings(config, max_references=MAX_REFERENCES["flux1-kontext"]))
+    return _with_pairs(report, pair_findings(config, family=None))
 
 
 def lint_run_dataset(*, settings: Settings, config: TrainConfig, gpus: int = 1) -> LintReport:
@@ -151,8 +151,7 @@ def lint_run_dataset(*, settings: Settings, config: TrainConfig, gpus: int = 1) 
         gpus=gpus,
     )
     report = lint_subsets(subsets, dataset=toml.stem, config=str(toml), options=options)
-    references = MAX_REFERENCES.get(config.model_family or "flux1", 0)
-    return _with_pairs(report, pair_findings(resolved, max_references=references))
+    return _with_pairs(report, pair_findings(resolved, family=config.model_family or "flux1"))
 
 
 def _with_pairs(report: LintReport, findings: list[LintFinding]) -> LintReport:

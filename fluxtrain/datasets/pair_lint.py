@@ -1,15 +1,16 @@
 """Edit-pair lint: what is wrong with a folder of targets and its control folder, before a run exists.
 
 Findings are dataset lint's (`datasets.lint.LintFinding`), each naming its files. Errors (the
-run could not train these pairs as asked): a target without a control, more references than the
-family takes, a control whose aspect ratio lands in another bucket than its target's (it would be
-cropped to the target's shape), a control folder that does not exist. Warnings: a control no
-target claims (it is not trained on).
+run could not train these pairs as asked): a target without a control, more references than every
+family asked about takes, a control whose aspect ratio lands in another bucket than its target's
+(it would be cropped to the target's shape), a control folder that does not exist. Warnings: a
+control no target claims (it is not trained on), more references than some of the families asked
+about take (a dataset linted before its run's family is known).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -45,13 +46,14 @@ def lint_pairs(
     image_dir: Path,
     control_dir: Path,
     bucket_of: Callable[[int, int], Size] | None,
-    max_references: int,
+    references: Mapping[str, int],
     where: str,
 ) -> list[LintFinding]:
     """The findings of one folder of targets and its controls.
 
     `bucket_of` is the dataset's bucketing when controls take their target's bucket; None when they
-    keep their own aspect (`control_resolution`, `no_resize_control`), so no aspect is compared."""
+    keep their own aspect (`control_resolution`, `no_resize_control`), so no aspect is compared.
+    `references`: the most references each family asked about takes, by its title."""
     if not control_dir.is_dir():
         return [
             _finding(
@@ -86,17 +88,8 @@ def lint_pairs(
                 names,
             )
         )
-    crowded = [t.name for t in targets if len(pairing.controls.get(t.stem, [])) > max_references]
-    if crowded:
-        findings.append(
-            _finding(
-                "too_many_references",
-                "error",
-                f"{where}: {len(crowded)} target(s) have more than {max_references} control image(s), the "
-                f"most this model family takes: {_named(crowded)}",
-                crowded,
-            )
-        )
+    counts = {t.name: len(pairing.controls.get(t.stem, [])) for t in targets}
+    findings += _reference_findings(counts, references, where)
     skewed = _skewed_pairs(targets, pairing.controls, bucket_of) if bucket_of is not None else []
     if skewed:
         findings.append(
@@ -123,3 +116,39 @@ def _skewed_pairs(
             if target_size and control_size and bucket_of(*target_size) != bucket_of(*control_size):
                 skewed.append(f"{target.name} / {control.name}")
     return skewed
+
+
+def _reference_findings(
+    counts: dict[str, int], references: Mapping[str, int], where: str
+) -> list[LintFinding]:
+    """An error for the targets with more references than any family asked about takes, a warning
+    naming the families that do take them for the targets only some take."""
+    most = max(references.values(), default=0)
+    crowded = [name for name, count in counts.items() if count > most]
+    findings = []
+    if crowded:
+        widest = [title for title, limit in references.items() if limit == most]
+        who = f"{widest[0]} takes" if len(references) == 1 else f"any family takes ({', '.join(widest)})"
+        findings.append(
+            _finding(
+                "too_many_references",
+                "error",
+                f"{where}: {len(crowded)} target(s) have more than {most} control image(s), the most "
+                f"{who}: {_named(crowded)}",
+                crowded,
+            )
+        )
+    for title, limit in references.items():
+        beyond = [name for name, count in counts.items() if limit < count <= most]
+        if beyond:
+            takers = ", ".join(t for t, n in references.items() if n >= max(counts[b] for b in beyond))
+            findings.append(
+                _finding(
+                    "too_many_references",
+                    "warning",
+                    f"{where}: {len(beyond)} target(s) have more than {limit} control image(s), the most "
+                    f"{title} takes; only {takers} train(s) them: {_named(beyond)}",
+                    beyond,
+                )
+            )
+    return findings

@@ -1,7 +1,8 @@
 """Small JPEG previews of dataset images, made once and cached under `$DATA_ROOT/thumbnails/`.
 
 The cache sits outside `datasets/` so a dataset folder keeps holding only images, captions and
-the manifest. A thumbnail's name carries the image's size and modification time, so a replaced
+the manifest; the previews of control images (edit pairs) sit in its own `control/` subfolder, as
+the images do. A thumbnail's name carries the image's size and modification time, so a replaced
 image never shows its old preview.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fluxtrain.datasets.store import dataset_dir, list_images
+from fluxtrain.datasets.store import control_dir, dataset_dir, list_images
 from fluxtrain.errors import NotFoundError
 from fluxtrain.fsutil import atomic_write_bytes
 from fluxtrain.names import safe_join
@@ -47,15 +48,34 @@ def _render(image: Path) -> bytes:
     return buffer.getvalue()
 
 
-def thumbnail(*, settings: Settings, name: str, image: str) -> Path:
-    """The cached preview of one image (at most THUMBNAIL_SIDE px a side), made on first use."""
-    path = dataset_image(settings, name, image)
+def control_image(settings: Settings, name: str, image: str) -> Path:
+    """The path of one control image of a dataset; 404 when its `control/` has no such image."""
+    folder = control_dir(dataset_dir(settings, name))
+    path = safe_join(folder, image, what="image name")
+    if not folder.is_dir() or path not in list_images(folder):
+        raise NotFoundError(f"dataset '{name}' has no control image named '{image}'")
+    return path
+
+
+def _cached_preview(path: Path, folder: Path) -> Path:
+    """The preview of `path` in `folder`, made on first use; older previews of that stem dropped."""
     stat = path.stat()
-    cached = thumbnails_dir(settings, name) / f"{path.stem}.{stat.st_size}-{stat.st_mtime_ns}.jpg"
+    cached = folder / f"{path.stem}.{stat.st_size}-{stat.st_mtime_ns}.jpg"
     if not cached.is_file():
-        drop_thumbnails(settings=settings, name=name, image=image)
+        _drop_stem(folder, path.stem)
         atomic_write_bytes(cached, _render(path))
     return cached
+
+
+def thumbnail(*, settings: Settings, name: str, image: str) -> Path:
+    """The cached preview of one image (at most THUMBNAIL_SIDE px a side), made on first use."""
+    return _cached_preview(dataset_image(settings, name, image), thumbnails_dir(settings, name))
+
+
+def control_thumbnail(*, settings: Settings, name: str, image: str) -> Path:
+    """The cached preview of one control image, as `thumbnail` makes a target's."""
+    folder = control_dir(thumbnails_dir(settings, name))
+    return _cached_preview(control_image(settings, name, image), folder)
 
 
 def drop_thumbnails(*, settings: Settings, name: str, image: str | None = None) -> None:
@@ -64,7 +84,10 @@ def drop_thumbnails(*, settings: Settings, name: str, image: str | None = None) 
     if image is None:
         shutil.rmtree(folder, ignore_errors=True)
         return
-    stem = Path(image).stem
+    _drop_stem(folder, Path(image).stem)
+
+
+def _drop_stem(folder: Path, stem: str) -> None:
     if folder.is_dir():
         for old in folder.glob(f"{stem}.*.jpg"):
             if old.name.removeprefix(f"{stem}.").count(".") == 1:

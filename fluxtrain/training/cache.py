@@ -32,7 +32,7 @@ from fluxtrain.training.data import IMAGE_ERRORS, TrainingData
 from fluxtrain.training.model_files import ModelFiles
 
 if TYPE_CHECKING:
-    from fluxtrain.training.families.family import Family, FamilyFiles, TextEncoder
+    from fluxtrain.training.families.family import Family, FamilyFiles, Reference, TextEncoder
 
 log = logging.getLogger("fluxtrain.training")
 ENCODE_BATCH = 4
@@ -295,15 +295,20 @@ def load_batch(
     return latents, text["t5"].float(), text["pooled"]
 
 
-def load_references(cache: FeatureCache, data: TrainingData, indices: list[int]) -> torch.Tensor | None:
-    """The batch's reference latents (B, C, h, w) for FLUX.1 Kontext, which takes one per target;
-    None for a batch without edit pairs. A batch shares one control size (`data.epoch_batches`)."""
+def load_references(cache: FeatureCache, data: TrainingData, indices: list[int]) -> Reference | None:
+    """The batch's reference latents: one (B, C, h, w) tensor when each target has one control (all
+    FLUX.1 Kontext takes), a list of them in reference order when each has several (FLUX.2); None
+    for a batch without edit pairs. A batch shares its control sizes (`data.epoch_batches`)."""
     images = [data.images[index] for index in indices]
     if not images[0].controls:
         return None
-    return torch.stack(
-        [
-            cache.load_latent(LatentKey(image.control_sha256[0], image.control_buckets[0], False))
-            for image in images
-        ]
-    )
+    references = [
+        torch.stack(
+            [
+                cache.load_latent(LatentKey(image.control_sha256[i], image.control_buckets[i], False))
+                for image in images
+            ]
+        )
+        for i in range(len(images[0].controls))
+    ]
+    return references[0] if len(references) == 1 else references

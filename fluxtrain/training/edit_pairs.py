@@ -1,8 +1,9 @@
 """Edit pairs in training: which family trains a dataset with control images, and the pair lint.
 
 A dataset whose subsets name a `control_directory` trains an edit LoRA: FLUX.1 Kontext on a FLUX.1
-dev file (chosen for it when the request names no family); a family that takes no pairs, or an
-edit family without them, is refused outright. The pair findings (`datasets/pair_lint.py`, per
+dev file (chosen for it when the request names no family), FLUX.2 [klein] on a klein file (one to
+four references per target); a family that takes no pairs, or an edit family without them, is
+refused outright. The pair findings (`datasets/pair_lint.py`, per
 subset with the dataset's own bucketing) join dataset lint's report: `/train` refuses its errors
 (`datasets.lint_service.lint_run_dataset`), `POST /datasets/{name}/lint` lists them, and the
 trainer's `set_up` checks them again for a run directory written by hand.
@@ -26,8 +27,20 @@ from fluxtrain.training.model_checks import check_model_family
 
 log = logging.getLogger(__name__)
 
-MAX_REFERENCES: dict[str, int] = {"flux1-kontext": 1}
-"""Families that train on edit pairs, with the most control images one target may have."""
+MAX_REFERENCES: dict[str, int] = {"flux1-kontext": 1, "flux2-klein-4b": 4, "flux2-klein-9b": 4}
+"""Families that train on edit pairs, with the most control images one target may have: Kontext
+takes one; FLUX.2 [klein] 4B and 9B four, BFL's documented limit (diffusers' Flux2KleinPipeline
+caps nothing: it gives each image it is passed the time 10 + 10 i)."""
+EDIT_ONLY = frozenset({"flux1-kontext"})
+"""Edit families that train nothing but pairs (klein trains plain datasets as well)."""
+
+
+def reference_limits(family: ModelFamily | None) -> dict[str, int]:
+    """The most references a target may have, by family title: the run's family's, or every edit
+    family's for a dataset linted before its run's family is known."""
+    if family is None:
+        return {FAMILY_TITLES[name]: limit for name, limit in MAX_REFERENCES.items()}
+    return {FAMILY_TITLES[family]: MAX_REFERENCES.get(family, 0)}
 
 
 def has_controls(config: DatasetConfigFile) -> bool:
@@ -51,7 +64,7 @@ def _control_bucketing(dataset: DatasetSpec) -> Callable[[int, int], Size] | Non
 
 
 def _refuse_unpaired(family: ModelFamily, name: str) -> None:
-    if family in MAX_REFERENCES:
+    if family in EDIT_ONLY:
         raise InvalidInputError(
             f"model_family '{family}' ({FAMILY_TITLES[family]}) trains on edit pairs, but dataset config "
             f"{name} names no control_directory: add control images (role 'control') and write the "
@@ -71,8 +84,9 @@ def check_pair_family(config: DatasetConfigFile, *, family: ModelFamily) -> None
         )
 
 
-def pair_findings(config: DatasetConfigFile, *, max_references: int) -> list[LintFinding]:
-    """The pair findings of every subset of a dataset with controls (none without)."""
+def pair_findings(config: DatasetConfigFile, *, family: ModelFamily | None) -> list[LintFinding]:
+    """The pair findings of every subset of a dataset with controls (none without), for the run's
+    family, or for every edit family with None (`reference_limits`)."""
     if not has_controls(config):
         return []
     name = config.path.name
@@ -102,7 +116,7 @@ def pair_findings(config: DatasetConfigFile, *, max_references: int) -> list[Lin
                 image_dir=subset.image_dir,
                 control_dir=subset.control_dir,
                 bucket_of=_control_bucketing(dataset),
-                max_references=max_references,
+                references=reference_limits(family),
                 where=where,
             )
     return findings
@@ -111,7 +125,7 @@ def pair_findings(config: DatasetConfigFile, *, max_references: int) -> list[Lin
 def lint_edit_pairs(config: DatasetConfigFile, *, family: ModelFamily) -> list[LintFinding]:
     """The trainer's check: the family, then one 422 naming every pair error; warnings are logged."""
     check_pair_family(config, family=family)
-    findings = pair_findings(config, max_references=MAX_REFERENCES.get(family, 0))
+    findings = pair_findings(config, family=family)
     errors = [finding.message for finding in findings if finding.severity == "error"]
     if errors:
         raise InvalidInputError("edit pairs: " + "; ".join(errors))

@@ -29,7 +29,7 @@ from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.flow import image_ids, pack_latents, text_ids, unpack_latents
 
 if TYPE_CHECKING:
-    from fluxtrain.training.families.family import Family
+    from fluxtrain.training.families.family import Family, Reference
 
 
 def flux_scheduler(*, guidance_distilled: bool) -> FlowMatchEulerDiscreteScheduler:
@@ -119,7 +119,7 @@ def render_samples(
     accelerator: Accelerator,
     dtype: torch.dtype,
     family: Family,
-    reference: torch.Tensor | None = None,
+    reference: Reference | None = None,
 ) -> Iterator[tuple[Path, str]]:
     """Render every sample prompt with the current weights, yielding (file, prompt) as each is saved.
 

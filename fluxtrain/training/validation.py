@@ -34,7 +34,7 @@ import torch
 from fluxtrain.training import flow
 from fluxtrain.training.cache import FeatureCache, LatentKey, load_references
 from fluxtrain.training.data import TrainingData
-from fluxtrain.training.families.family import Family, family_for
+from fluxtrain.training.families.family import Family, Reference, family_for
 
 VALIDATION_TIMESTEPS = (0.25, 0.5, 0.75, 1.0)
 
@@ -51,7 +51,7 @@ class _HeldOutImage:
     latent: torch.Tensor  # (1, C, H, W)
     noise: torch.Tensor  # (1, C, H, W), drawn once
     text: dict[str, torch.Tensor]  # the caption's features, batched (1, ...), exactly as cached
-    reference: torch.Tensor | None  # (1, C, h, w): Kontext's reference latent; None without edit pairs
+    reference: Reference | None  # the edit pair's reference latents (1, C, h, w); None without edit pairs
 
 
 def noise_generator(seed: int, image_sha256: str) -> torch.Generator:

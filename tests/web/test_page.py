@@ -169,6 +169,46 @@ def test_dataset_from_urls_and_a_zip_captioned_and_edited(
     assert tab.take_errors() == []
 
 
+def test_a_targets_control_images_are_shown_and_uploaded_from_its_card(
+    tab: Tab, service: Service, tmp_path: Path
+) -> None:
+    page = tab.page
+    page.goto(service.url + "/#/datasets/pets")
+    target = page.locator("#grid figure").first.get_attribute("data-image")
+    stem = Path(target).stem
+    strip = page.locator(f'[data-controls-of="{target}"]')
+    strip.filter(has_text="no controls").wait_for()
+    files = []
+    for i, colour in enumerate([(250, 250, 250), (10, 10, 10), (128, 0, 128)]):
+        files.append(tmp_path / f"edit{i}.png")
+        Image.new("RGB", (96, 80), colour).save(files[-1])
+
+    strip.locator("input[type=file]").set_input_files(str(files[0]))
+    strip.locator(".state.saved", has_text="1 added").wait_for()
+    assert strip.locator("img[data-control]").count() == 1
+    detail = {i["file"]: i["controls"] for i in service.http.get("/datasets/pets").json()["images"]}
+    assert detail[target] == [f"{stem}.jpg"]
+    assert not any(detail[other] for other in detail if other != target)
+
+    strip.locator("input[type=file]").set_input_files([str(files[1]), str(files[2])])
+    strip.locator(".state.saved", has_text="2 added").wait_for()
+    expected = [f"{stem}.jpg", f"{stem}_1.jpg", f"{stem}_2.jpg"]
+    detail = {i["file"]: i["controls"] for i in service.http.get("/datasets/pets").json()["images"]}
+    assert detail[target] == expected
+    saved = (service.settings.datasets_dir / "pets" / "control").glob("*.jpg")
+    assert sorted(path.name for path in saved) == expected
+
+    page.reload()
+    shown = page.locator(f'[data-controls-of="{target}"] img[data-control]')
+    shown.nth(2).wait_for()
+    assert [shown.nth(i).get_attribute("data-control") for i in range(3)] == expected
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=shown.first.element_handle())
+    assert shown.first.get_attribute("src").startswith("blob:")
+    assert page.locator(f'[data-controls-of="{target}"]', has_text="controls: 3").is_visible()
+    tab.shot("web-controls.png")
+    assert tab.take_errors() == []
+
+
 def _events(service: Service, run_id: str) -> list[dict]:
     path = service.settings.runs_dir / run_id / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

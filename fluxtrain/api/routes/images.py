@@ -1,4 +1,4 @@
-"""One image of a dataset: its thumbnail, the image itself, and deleting it."""
+"""One image of a dataset: its thumbnail, the image itself, and deleting it; a control image's thumbnail."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from fluxtrain.api.deps import SettingsDep
 from fluxtrain.datasets.removal import delete_image
-from fluxtrain.datasets.thumbnails import dataset_image, drop_thumbnails, thumbnail
+from fluxtrain.datasets.thumbnails import control_thumbnail, dataset_image, drop_thumbnails, thumbnail
 
 router = APIRouter(tags=["datasets"])
 
@@ -34,6 +34,17 @@ class ImageDeleted(BaseModel):
 def get_thumbnail(name: DatasetName, image: ImageName, settings: SettingsDep) -> FileResponse:
     """A small JPEG preview (at most 256 px a side), made once and cached under $DATA_ROOT/thumbnails."""
     path = thumbnail(settings=settings, name=name, image=image)
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get(
+    "/datasets/{name}/control-thumbnails/{image}",
+    response_class=FileResponse,
+    responses={**_JPEG, 404: {"description": "The dataset or the control image does not exist."}},
+)
+def get_control_thumbnail(name: DatasetName, image: ImageName, settings: SettingsDep) -> FileResponse:
+    """A small JPEG preview of one control image (`control/`, as `GET /datasets/{name}` lists them)."""
+    path = control_thumbnail(settings=settings, name=name, image=image)
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 

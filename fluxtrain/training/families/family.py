@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from fluxtrain.training.flow import TimestepSampling
 
 TextFeatures = Mapping[str, torch.Tensor]
+Reference = torch.Tensor | list[torch.Tensor]
+"""An edit pair's reference latents: one (B, C, h, w) tensor, or one per reference in order when each
+target has several (FLUX.2 takes several; Kontext one, so it only ever sees a tensor)."""
 
 
 class FamilyFiles(Protocol):
@@ -76,9 +79,9 @@ class Family(Protocol):
         *,
         guidance: float | None,
         dtype: torch.dtype,
-        reference: torch.Tensor | None = None,
+        reference: Reference | None = None,
     ) -> torch.Tensor:
-        """`reference`: an edit pair's reference latent (B, C, h, w), None without edit pairs."""
+        """`reference`: an edit pair's reference latents, None without edit pairs."""
         ...
 
     def generate(
@@ -94,7 +97,7 @@ class Family(Protocol):
         seed: int,
         device: torch.device,
         dtype: torch.dtype,
-        reference: torch.Tensor | None = None,
+        reference: Reference | None = None,
     ) -> Image.Image: ...
 
     def module_rules(self, config: Mapping[str, Any]) -> list[ModuleRule]:

@@ -6,8 +6,10 @@ allowed) or a diffusers folder, converted by `convert_flux2.py`; the autoencoder
 (ComfyUI's `qwen_3_4b.safetensors`, bf16 or fp8) or a model folder; its tokenizer and chat
 template from `FS_PATH/tokenizers/qwen3`. Features are `flux2.py`'s: text `hidden` (512 tokens,
 layers 9/18/27 stacked, no pooled vector), normalised 2x2-patchified latents, 4-axis ids, no
-guidance. The LoRA targets every attention q/k/v/out, the single blocks' fused `to_qkv_mlp_proj`
-and `to_out`, and the MLPs; never the modulation, embedders or final layer.
+guidance. Edit pairs: each reference's latent (made and cached as the targets') is packed after the
+noisy tokens at time 10 + 10 i, and the prediction is cut back to the targets' tokens. The LoRA
+targets every attention q/k/v/out, the single blocks' fused `to_qkv_mlp_proj` and `to_out`, and
+the MLPs; never the modulation, embedders or final layer.
 Shapes cannot say Qwen3's rope theta, norm epsilon or context length: Qwen3-4B/8B's are used.
 """
 
@@ -23,6 +25,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 from PIL import Image
+from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3Model
 
 from fluxtrain.errors import InvalidInputError, NotFoundError
@@ -39,7 +42,7 @@ from fluxtrain.training.convert_flux2 import (
 )
 from fluxtrain.training.families import flux2
 from fluxtrain.training.families.detect import ModelFamily, block_count, strip_prefix
-from fluxtrain.training.families.family import TextFeatures
+from fluxtrain.training.families.family import Reference, TextFeatures
 from fluxtrain.training.flow import TimestepSampling, flux2_mu
 from fluxtrain.training.model_checks import check_model
 from fluxtrain.training.model_files import _assign_weights, _component_folder, _dequantize, _read_single_file
@@ -73,11 +76,17 @@ TARGET_PATTERN = (
 )
 
 
-def refuse_reference(reference: torch.Tensor | None) -> None:
-    """FLUX.2 edit pairs (reference ids on the time axis, 10 + 10 i) are not trained yet; the runs
-    layer refuses a klein run on a dataset with controls, so this guards hand-written run directories."""
-    if reference is not None:
-        raise InvalidInputError("FLUX.2 [klein] does not train on edit pairs (control images) yet")
+def reference_tokens(
+    reference: Reference | None, *, device: torch.device | str
+) -> tuple[Tensor, Tensor] | None:
+    """An edit pair's reference latents as (tokens (B, N, 128), ids (B, N, 4)) to append after the
+    noisy tokens, as `Flux2KleinPipeline.prepare_image_latents` builds them: each reference packed
+    row by row on its own grid, reference i at time 10 + 10 i. None without edit pairs."""
+    if reference is None:
+        return None
+    references = [reference] if isinstance(reference, Tensor) else list(reference)
+    tokens = torch.cat([flux2.pack(latent) for latent in references], dim=1)
+    return tokens.to(device), flux2.reference_ids(references).to(device)
 
 
 @dataclass(frozen=True)
@@ -258,24 +267,30 @@ class Klein:
         *,
         guidance: float | None,
         dtype: torch.dtype,
-        reference: torch.Tensor | None = None,
+        reference: Reference | None = None,
     ) -> torch.Tensor:
-        """The velocity of noisy latents (B, 128, h, w) as image tokens; klein takes no guidance."""
-        refuse_reference(reference)
+        """The velocity of noisy latents (B, 128, h, w) as image tokens; klein takes no guidance. An
+        edit pair's reference tokens follow the noisy ones, and the prediction is cut back to the
+        noisy tokens, as the pipeline cuts it."""
         device = noisy.device
         hidden = text["hidden"].to(device, dtype)
         guidance_tensor = None
         if guidance is not None:
             guidance_tensor = torch.full((noisy.shape[0],), guidance, device=device, dtype=dtype)
+        tokens, ids = flux2.pack(noisy), flux2.latent_ids(noisy)
+        count = tokens.shape[1]
+        appended = reference_tokens(reference, device=device)
+        if appended is not None:
+            tokens, ids = torch.cat([tokens, appended[0]], dim=1), torch.cat([ids, appended[1]], dim=1)
         return model(
-            hidden_states=flux2.pack(noisy).to(dtype),
+            hidden_states=tokens.to(dtype),
             encoder_hidden_states=hidden,
             timestep=t.to(dtype),
-            img_ids=flux2.latent_ids(noisy),
+            img_ids=ids,
             txt_ids=flux2.text_ids(hidden),
             guidance=guidance_tensor,
             return_dict=False,
-        )[0]
+        )[0][:, :count]
 
     @torch.no_grad()
     def generate(
@@ -291,12 +306,12 @@ class Klein:
         seed: int,
         device: torch.device,
         dtype: torch.dtype,
-        reference: torch.Tensor | None = None,
+        reference: Reference | None = None,
     ) -> Image.Image:
         """`Flux2KleinPipeline`'s denoising loop (Euler, exponential shift mu from the token count and
-        steps) without classifier-free guidance, then its decode. `guidance_scale` is unused: klein
-        has no distilled guidance."""
-        refuse_reference(reference)
+        steps) without classifier-free guidance, then its decode, with an edit pair's reference
+        tokens appended as the pipeline appends its `image`s. `guidance_scale` is unused: klein has
+        no distilled guidance."""
         factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2
         shape = (1, transformer.config.in_channels, height // factor, width // factor)
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
@@ -304,21 +319,26 @@ class Klein:
         img_ids = flux2.latent_ids(noise).to(device)
         hidden = text["hidden"].reshape(1, *text["hidden"].shape[-2:]).to(device=device, dtype=dtype)
         txt_ids = flux2.text_ids(hidden)
+        count = latents.shape[1]
+        appended = reference_tokens(reference, device=device)
+        if appended is not None:
+            img_ids = torch.cat([img_ids, appended[1]], dim=1)
         scheduler = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
         )
         mu = flux2_mu(latents.shape[1], steps)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
         for t in scheduler.timesteps:
+            tokens = latents if appended is None else torch.cat([latents, appended[0].to(dtype)], dim=1)
             prediction = transformer(
-                hidden_states=latents,
+                hidden_states=tokens,
                 encoder_hidden_states=hidden,
                 timestep=(t / 1000).expand(1).to(dtype),
                 img_ids=img_ids,
                 txt_ids=txt_ids,
                 guidance=None,
                 return_dict=False,
-            )[0]
+            )[0][:, :count]
             latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         grid = latents.float().permute(0, 2, 1).reshape(shape)
         vae_device = next(vae.parameters()).device

@@ -1,4 +1,5 @@
-// Datasets: the list, new ones from URLs or files, the thumbnail grid with captions, captioning, config.
+// Datasets: the list, new ones from URLs or files, the thumbnail grid with captions and each target's
+// control images (edit pairs), captioning, config.
 
 import { ApiError, api, blobUrl, quote, request } from "./api.js";
 import { h } from "./dom.js";
@@ -189,6 +190,7 @@ function captionCard(name, image, signal) {
       h("label", { for: id }, image.file),
       text,
       h("div", { class: "row" }, [state, remove]),
+      controlStrip(name, image, signal),
     ]),
   ]);
   remove.addEventListener("click", async () => {
@@ -210,6 +212,72 @@ function captionCard(name, image, signal) {
       state.textContent = "captioned";
     },
   };
+}
+
+const extension = (file) => (/\.[^.]+$/.exec(file) ?? [""])[0];
+const stemOf = (file) => file.slice(0, file.length - extension(file).length);
+
+/** Upload names that pair `files` with the target `stem` after its `existing` controls: the bare
+ * stem for a first single reference, else `stem_<n>` numbered on from the last (datasets/pairs.py). */
+function controlNames(stem, existing, files) {
+  if (!existing.length && files.length === 1) return [stem + extension(files[0].name)];
+  const numbers = existing.map((file) => (stemOf(file) === stem ? 0 : Number(stemOf(file).slice(stem.length + 1))));
+  let next = existing.length ? Math.max(0, ...numbers.filter(Number.isInteger)) + 1 : 0;
+  return files.map((file) => `${stem}_${next++}${extension(file.name)}`);
+}
+
+/** A target's control (reference) images as small previews, and a picker that uploads more for it. */
+function controlStrip(name, image, signal) {
+  let controls = image.controls ?? [];
+  const key = image.file.replace(/[^A-Za-z0-9_-]/g, "_");
+  const list = h("ul", { class: "controls", "aria-label": `Control images of ${image.file}` });
+  const count = h("span", { class: "muted" });
+  const state = h("span", { class: "state", "aria-live": "polite" });
+  const show = () => {
+    count.textContent = controls.length ? `controls: ${controls.length}` : "no controls";
+    list.replaceChildren(
+      ...controls.map((file) => {
+        const preview = h("img", { alt: `control ${file}`, title: file, width: "56", height: "56", "data-control": file });
+        blobUrl(`/datasets/${quote(name)}/control-thumbnails/${quote(file)}`, signal)
+          .then((url) => (preview.src = url))
+          .catch(() => preview.replaceWith(h("span", { class: "noimg" }, file)));
+        return h("li", {}, preview);
+      }),
+    );
+  };
+  const input = h("input", { id: `control-${key}`, type: "file", multiple: true, accept: "image/*", class: "visually-hidden" });
+  input.addEventListener("change", async () => {
+    const chosen = [...input.files];
+    if (!chosen.length) return;
+    const body = new FormData();
+    controlNames(stemOf(image.file), controls, chosen).forEach((upload, i) => body.append("files", chosen[i], upload));
+    body.append("role", "control");
+    state.className = "state pending";
+    state.textContent = "uploading…";
+    try {
+      const answer = await api(`/datasets/${quote(name)}/images`, { method: "POST", body });
+      const failed = Object.entries(answer.failed).map(([what, why]) => `${what}: ${why}`);
+      const detail = await api(`/datasets/${quote(name)}`);
+      controls = detail.images.find((other) => other.file === image.file)?.controls ?? [];
+      show();
+      state.className = `state ${failed.length ? "failed" : "saved"}`;
+      state.textContent = failed.length ? `not saved: ${failed.join("; ")}` : `${Object.keys(answer.files).length} added`;
+    } catch (error) {
+      state.className = "state failed";
+      state.textContent = `not saved: ${error.message}`;
+    } finally {
+      input.value = "";
+    }
+  });
+  show();
+  return h("div", { class: "control-strip", "data-controls-of": image.file }, [
+    list,
+    h("div", { class: "row" }, [
+      count,
+      h("label", { class: "button small", for: `control-${key}` }, ["Add control", input]),
+    ]),
+    state,
+  ]);
 }
 
 async function captionForm(name, images, cards, onCounts) {
