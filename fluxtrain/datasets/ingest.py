@@ -175,8 +175,8 @@ async def download_images(
         path: str | None = None
         reason: str | None = None
         try:
-            checked = check_url(url, allow)
             async with body_slots:
+                checked = check_url(url, allow)
                 async with host_slots.hold(checked.host), fetch_slots:
                     fetched = await fetch_bytes(
                         client,
