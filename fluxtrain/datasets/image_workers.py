@@ -11,8 +11,9 @@ second to start) on one end of a socket pair, and the event loop itself writes j
 socket and reads the answers, with no thread in between. A worker holds up to DEPTH jobs (one
 running, the next already in its socket), so it never waits for the loop between two. A worker
 is held by one event loop while it has jobs out; the pool serves any loop (the service's, or a
-CLI's `asyncio.run`). A body is pickled once into the socket; the worker writes the JPEG into the
-dataset folder under a temporary name and answers only that name.
+CLI's `asyncio.run`). A body goes from the fetch's buffer into the socket uncopied (`image_worker`
+says how); the worker writes the JPEG into the dataset folder under a temporary name and answers
+only that name.
 
 A worker that dies fails no job by itself: the jobs it had not started go to the other workers,
 and the one it was running runs again alone in a process of its own, so only an image that kills
@@ -25,7 +26,6 @@ import asyncio
 import atexit
 import contextlib
 import hashlib
-import pickle
 import select
 import socket
 import subprocess
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fluxtrain.datasets.image_worker import FRAME_HEADER, frame
+from fluxtrain.datasets.image_worker import decode, encode, frame_length
 from fluxtrain.datasets.images import NormalizedImage, Stored, normalize_image
 from fluxtrain.datasets.ledger import DatasetDeletedError, write_incoming
 
@@ -128,7 +128,7 @@ class _WorkerDied(Exception):
 
 @dataclass(eq=False)
 class _Job:
-    message: bytes
+    message: list[bytes]
     future: asyncio.Future[Any]
 
 
@@ -163,7 +163,8 @@ class _Worker:
             raise
         finally:
             theirs.close()
-        ours.sendall(frame(sys.path))
+        for part in encode(sys.path):
+            ours.sendall(part)
         ours.setblocking(False)
         return cls(process=process, sock=ours)
 
@@ -189,39 +190,45 @@ class _Worker:
             raise _Gone
         self.inbox += data
         messages = []
-        while len(self.inbox) >= FRAME_HEADER.size:
-            end = FRAME_HEADER.size + _length(self.inbox)
-            if len(self.inbox) < end:
-                break
-            message = pickle.loads(memoryview(self.inbox)[FRAME_HEADER.size : end])
-            del self.inbox[:end]
+        start = 0
+        view = memoryview(self.inbox)
+        while len(view) - start >= 8 and len(view) - start >= (length := frame_length(view[start:])):
+            message = decode(view[start + 8 : start + length])
+            start += length
             if message == READY:
                 self.ready = True
             else:
                 messages.append(message)
+        view.release()
+        del self.inbox[:start]
         return messages
 
-    def send(self, message: bytes) -> None:
-        """Queue `message` after what is queued; write what the socket takes now."""
-        self.outbox.append(memoryview(message))
-        if len(self.outbox) == 1:
+    def send(self, message: list[bytes]) -> None:
+        """Queue a frame's parts after what is queued; write what the socket takes now."""
+        idle = not self.outbox
+        self.outbox.extend(memoryview(part) for part in message)
+        if idle:
             self.flush()
 
     def flush(self) -> None:
-        """Write queued bytes until the socket is full; ask the loop to call again when it drains."""
+        """Write queued bytes until the socket is full (one `sendmsg` for all the parts it takes);
+        ask the loop to call again when it drains."""
         assert self.loop is not None
         while self.outbox:
             try:
-                written = self.sock.send(self.outbox[0])
+                written = self.sock.sendmsg(self.outbox)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self.outbox.clear()
                 break
-            if written < len(self.outbox[0]):
+            if not written:
+                break
+            while written and written >= len(self.outbox[0]):
+                written -= len(self.outbox.popleft())
+            if written:
                 self.outbox[0] = self.outbox[0][written:]
                 break
-            self.outbox.popleft()
         if self.outbox:
             self.loop.add_writer(self.sock, self.flush)
         else:
@@ -243,10 +250,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _length(buffer: bytearray) -> int:
-    return FRAME_HEADER.unpack_from(buffer)[0]
-
-
 def _outcome(future: asyncio.Future[Any], answer: tuple[bool, Any]) -> None:
     if future.done():
         return
@@ -257,7 +260,7 @@ def _outcome(future: asyncio.Future[Any], answer: tuple[bool, Any]) -> None:
         future.set_exception(value)
 
 
-async def _run_alone(message: bytes) -> Any:
+async def _run_alone(message: list[bytes]) -> Any:
     """One job in a process of its own; _Gone when it dies there too."""
     loop = asyncio.get_running_loop()
     worker = await asyncio.to_thread(_Worker.spawn)
@@ -315,7 +318,7 @@ class ImageWorkers:
 
     async def run(self, job: Callable[..., T], *args: object) -> T:
         """`job(*args)` in a worker; WorkerCrashedError when it kills even a process of its own."""
-        message = frame((job, args))
+        message = encode((job, args))
         while True:
             try:
                 return await self._call(message)
@@ -327,7 +330,7 @@ class ImageWorkers:
         except _Gone as exc:
             raise WorkerCrashedError from exc
 
-    async def _call(self, message: bytes) -> Any:
+    async def _call(self, message: list[bytes]) -> Any:
         loop = asyncio.get_running_loop()
         job = _Job(message, loop.create_future())
         worker, first = await self._acquire(loop, job)
