@@ -49,12 +49,14 @@ import psutil
 from PIL import Image
 
 from fluxtrain.datasets.image_workers import image_workers
-from fluxtrain.datasets.ingest import download_images
+from fluxtrain.datasets.ingest import download_images, run_download
 from fluxtrain.settings import Settings
 
 DEFAULT_CONCURRENCY: int = Settings.model_fields["download_concurrency"].default
 IMAGE_SIDE = 512
 DISTINCT_BODIES = 8
+WORKDIR: str | None = None
+"""Where both tools write their images (--workdir; default the system's temporary folder)."""
 PNG_SIGNATURE_AND_IHDR = 8 + 25
 
 
@@ -339,7 +341,7 @@ def run_fluxtrain(
             probe.t0 = started
         if profiler:
             profiler.enable()
-        result = asyncio.run(download())
+        result = run_download(download())
         if profiler:
             profiler.disable()
         wall = time.perf_counter() - started
@@ -568,7 +570,7 @@ def side_by_side(*, n: int, python: str | None) -> None:
         with image_server(regime.latency, jpeg=regime.jpeg, kind=regime.server, side=regime.side) as server:
             suffix = "jpg" if regime.jpeg else "png"
             urls = [f"http://127.0.0.1:{server.port}/img/{i:06d}.{suffix}" for i in range(n)]
-            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-", dir=WORKDIR) as tmp:
                 ours = run_fluxtrain(
                     server=server,
                     urls=urls,
@@ -581,7 +583,7 @@ def side_by_side(*, n: int, python: str | None) -> None:
             _report(ours, n=n, bound=bound)
             theirs = None
             if python:
-                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-") as tmp:
+                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
                     theirs = run_img2dataset(
                         python=python,
                         server=server,
@@ -625,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--side", type=int, default=IMAGE_SIDE, help=f"image side, px (default {IMAGE_SIDE})")
     parser.add_argument("--per-host", type=int, help="fluxtrain's per-host cap (default: the concurrency)")
+    parser.add_argument("--workdir", help="folder both tools write into (default: the system temp folder)")
     parser.add_argument("--runs", type=int, default=1, help="repeat each tool, report the median")
     parser.add_argument("--img2dataset-python", help="interpreter of a venv that has img2dataset")
     parser.add_argument("--skip-img2dataset", action="store_true")
@@ -640,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         "and print one table; --n applies, the other options are the regimes'",
     )
     args = parser.parse_args(argv)
+    global WORKDIR
+    WORKDIR = args.workdir
     if args.latency < 0:
         parser.error("--latency must be >= 0")
     if args.side_by_side:
@@ -664,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             suffix = "jpg" if args.jpeg else "png"
             urls = [f"http://127.0.0.1:{server.port}/r{run}/img/{i:06d}.{suffix}" for i in range(args.n)]
-            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-", dir=WORKDIR) as tmp:
                 results["fluxtrain"].append(
                     run_fluxtrain(
                         server=server,
@@ -678,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 _report(results["fluxtrain"][-1], n=args.n, bound=bound)
             if not args.skip_cli:
-                with tempfile.TemporaryDirectory(prefix="fluxtrain-cli-bench-") as tmp:
+                with tempfile.TemporaryDirectory(prefix="fluxtrain-cli-bench-", dir=WORKDIR) as tmp:
                     results["fluxtrain CLI"].append(
                         run_fluxtrain_cli(
                             server=server,
@@ -690,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     _report(results["fluxtrain CLI"][-1], n=args.n, bound=bound)
             if python:
-                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-") as tmp:
+                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
                     results["img2dataset"].append(
                         run_img2dataset(
                             python=python,

@@ -129,7 +129,7 @@ def _to_srgb(colour: Image.Image, icc: bytes | None) -> Image.Image:
             return ImageCms.profileToProfile(colour, source, _SRGB, outputMode="RGB")
         except (ImageCms.PyCMSError, OSError, ValueError):
             pass
-    return colour.convert("RGB")
+    return colour if colour.mode == "RGB" else colour.convert("RGB")
 
 
 def _to_rgb(image: Image.Image, icc: bytes | None) -> Image.Image:
@@ -212,7 +212,8 @@ def reencode_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
         frame = _load_first_frame(image)
         icc = frame.info.get("icc_profile")
         try:
-            upright = ImageOps.exif_transpose(frame)
+            turned = frame.getexif().get(_ORIENTATION, 1) != 1
+            upright = ImageOps.exif_transpose(frame) if turned else frame
         except (OSError, ValueError, SyntaxError, KeyError, TypeError):
             upright = frame
         try:
