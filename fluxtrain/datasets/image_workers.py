@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fluxtrain.datasets.image_worker import decode, encode, frame_length
+from fluxtrain.datasets.image_worker import LENGTH, decode, encode, frame_length
 from fluxtrain.datasets.images import NormalizedImage, Stored, normalize_image
 from fluxtrain.datasets.ledger import DatasetDeletedError, write_incoming
 
@@ -145,6 +145,7 @@ class _Worker:
     dead: bool = False
     sent: deque[_Job] = field(default_factory=deque)
     outbox: deque[memoryview] = field(default_factory=deque)
+    waiting_to_write: bool = False
     inbox: bytearray = field(default_factory=bytearray)
 
     @classmethod
@@ -192,8 +193,8 @@ class _Worker:
         messages = []
         start = 0
         view = memoryview(self.inbox)
-        while len(view) - start >= 8 and len(view) - start >= (length := frame_length(view[start:])):
-            message = decode(view[start + 8 : start + length])
+        while (left := len(view) - start) >= LENGTH.size and left >= (length := frame_length(view[start:])):
+            message = decode(view[start + LENGTH.size : start + length])
             start += length
             if message == READY:
                 self.ready = True
@@ -229,10 +230,11 @@ class _Worker:
             if written:
                 self.outbox[0] = self.outbox[0][written:]
                 break
-        if self.outbox:
+        if self.outbox and not self.waiting_to_write:
             self.loop.add_writer(self.sock, self.flush)
-        else:
+        elif not self.outbox and self.waiting_to_write:
             self.loop.remove_writer(self.sock)
+        self.waiting_to_write = bool(self.outbox)
 
     def close(self) -> None:
         self.dead = True
