@@ -17,7 +17,6 @@ from typing import Any
 from safetensors import safe_open
 
 from fluxtrain.errors import InvalidInputError
-from fluxtrain.training.convert import infer_transformer_config
 from fluxtrain.training.families.detect import (
     DetectedTransformer,
     ModelFamily,
@@ -121,7 +120,13 @@ def transformer_has_guidance(path: Path, shown: str) -> bool:
 
 
 def transformer_config(path: Path, shown: str) -> dict[str, Any]:
-    """The transformer's FluxTransformer2DModel config, from config.json or the file's header shapes."""
+    """The transformer's FluxTransformer2DModel config, from config.json or the file's header shapes.
+
+    `convert` is imported here, not at the top: it imports torch (0.9 s), and this module is on the
+    path of every CLI command and of /train's checks, which need no tensors.
+    """
+    from fluxtrain.training.convert import infer_transformer_config
+
     check_transformer(path, shown)
     if path.is_dir():
         return _folder_config("pretrained_model", path, shown)[1]
