@@ -35,9 +35,9 @@ from transformers import AutoConfig, AutoTokenizer, MistralConfig, MistralModel,
 from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.families import flux2
-from fluxtrain.training.families.detect import FLUX2_VARIANTS, block_count
-from fluxtrain.training.families.family import TextFeatures
-from fluxtrain.training.families.klein import Klein, KleinFiles, refuse_reference
+from fluxtrain.training.families.detect import FLUX2_VARIANTS, ModelFamily, block_count
+from fluxtrain.training.families.family import Reference, TextFeatures
+from fluxtrain.training.families.klein import Klein, KleinFiles
 from fluxtrain.training.families.mistral_files import (
     DEEPEST_TEXT_LAYER,
     check_mistral_text_encoder,
@@ -59,10 +59,12 @@ SYSTEM_MESSAGE = (
 """BFL's system message for FLUX.2 [dev] prompts (flux2 `system_messages.py`), as diffusers has it."""
 
 
-def dev_transformer_config() -> dict[str, Any]:
+def dev_transformer_config(family: ModelFamily = "flux2-dev") -> dict[str, Any]:
     """Flux2Transformer2DModel kwargs of the released FLUX.2 [dev] (32B): 8 double and 48 single
-    blocks, 48 heads of 128, 15360-wide text features, the guidance embedding; for benchmarks."""
-    variant = next(v for v in FLUX2_VARIANTS if v.family == "flux2-dev")
+    blocks, 48 heads of 128, 15360-wide text features, the guidance embedding; for benchmarks.
+    `family` names another released FLUX.2 size (klein 4B / 9B: its blocks and widths, no guidance
+    embedding), the rest the diffusers defaults."""
+    variant = next(v for v in FLUX2_VARIANTS if v.family == family)
     return {
         "num_layers": variant.num_layers,
         "num_single_layers": variant.num_single_layers,
@@ -200,6 +202,13 @@ def load_mistral(path: Path, *, dtype: torch.dtype, device: torch.device | str) 
     return model.to(device).eval()
 
 
+def refuse_reference(reference: Reference | None) -> None:
+    """FLUX.2 [dev] edit pairs are not trained (`edit_pairs.MAX_REFERENCES` has no dev, so the runs
+    layer refuses a dev run on a dataset with controls); this guards hand-written run directories."""
+    if reference is not None:
+        raise InvalidInputError("FLUX.2 [dev] does not train on edit pairs (control images) yet")
+
+
 class DevTextEncoder:
     """Mistral with its tokenizer: `hidden` features as `Flux2Pipeline.encode_prompt` computes them."""
 
@@ -227,6 +236,21 @@ class Flux2Dev(Klein):
         tokenizer = load_mistral_tokenizer(files.tokenizer)
         return DevTextEncoder(load_mistral(files.text_encoder, dtype=dtype, device=device), tokenizer)
 
+    def predict_velocity(
+        self,
+        model: torch.nn.Module,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        text: TextFeatures,
+        *,
+        guidance: float | None,
+        dtype: torch.dtype,
+        reference: Reference | None = None,
+    ) -> torch.Tensor:
+        """klein's, without edit pairs."""
+        refuse_reference(reference)
+        return super().predict_velocity(model, noisy, t, text, guidance=guidance, dtype=dtype)
+
     @torch.no_grad()
     def generate(
         self,
@@ -241,7 +265,7 @@ class Flux2Dev(Klein):
         seed: int,
         device: torch.device,
         dtype: torch.dtype,
-        reference: torch.Tensor | None = None,
+        reference: Reference | None = None,
     ) -> Image.Image:
         """`Flux2Pipeline`'s denoising loop (Euler, empirical mu from the token count and steps, the
         distilled `guidance_scale` as a constant), then its decode."""
