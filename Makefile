@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # a multi-GB CUDA build. The package itself only asks for torch>=2.5.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install install-ray install-test run demo test test-container test-big lint gpu-check gpu-check-cpu clean
+.PHONY: install install-ray install-test run demo test test-container lint gpu-check gpu-check-cpu clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -48,10 +48,6 @@ test: install-test
 # /var/cache/fluxtrain-test) and smoke-tests the image; needs root, buildah and debootstrap.
 test-container: install-test
 	FLUXTRAIN_TEST_CONTAINER=1 $(BIN)/pytest -q tests/container
-
-# 10,000 URLs in one request through the service process, its RSS sampled (about a minute on 2 cores).
-test-big: install-test
-	FLUXTRAIN_BIG_TESTS=1 $(BIN)/pytest -q -s tests/datasets/test_service_download.py
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -49,12 +49,14 @@ import psutil
 from PIL import Image
 
 from fluxtrain.datasets.image_workers import image_workers
-from fluxtrain.datasets.ingest import download_images
+from fluxtrain.datasets.ingest import download_images, run_download
 from fluxtrain.settings import Settings
 
 DEFAULT_CONCURRENCY: int = Settings.model_fields["download_concurrency"].default
 IMAGE_SIDE = 512
 DISTINCT_BODIES = 8
+WORKDIR: str | None = None
+"""Where both tools write their images (--workdir; default the system's temporary folder)."""
 PNG_SIGNATURE_AND_IHDR = 8 + 25
 
 
@@ -116,6 +118,39 @@ def _serve(
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def _serve_threading(
+    sock: socket.socket, bodies: list[bytes], latency: float, served: Synchronized, jpeg: bool
+) -> None:
+    """The standard library's ThreadingHTTPServer with a plain handler: a thread per connection,
+    HTTP/1.0, so every request is a new connection (what a small self-hosted image server does)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+            if latency > 0:
+                time.sleep(latency)
+            base = bodies[zlib.crc32(self.path.encode()) % len(bodies)]
+            body = with_comment(base, self.path) if jpeg else with_text_chunk(base, self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg" if jpeg else "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            with served.get_lock():
+                served.value += 1
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            return
+
+    server = ThreadingHTTPServer(sock.getsockname(), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.serve_forever()
+
+
+SERVERS = {"uvicorn": _serve, "threading": _serve_threading}
+
+
 @dataclass
 class ImageServer:
     """The loopback server process; `served` counts the answered requests."""
@@ -130,11 +165,13 @@ class ImageServer:
 
 
 @contextmanager
-def image_server(latency: float, *, jpeg: bool) -> Iterator[ImageServer]:
+def image_server(
+    latency: float, *, jpeg: bool, kind: str = "uvicorn", side: int = IMAGE_SIDE
+) -> Iterator[ImageServer]:
     """Listen before forking, so no request can arrive before the server is ready to queue it."""
-    bodies = make_bodies(DISTINCT_BODIES, IMAGE_SIDE, jpeg=jpeg)
+    bodies = make_bodies(DISTINCT_BODIES, side, jpeg=jpeg)
     print(
-        f"server: {len(bodies)} {IMAGE_SIDE}x{IMAGE_SIDE} {'JPEG' if jpeg else 'PNG'} bodies, "
+        f"server: {kind}, {len(bodies)} {side}x{side} {'JPEG' if jpeg else 'PNG'} bodies, "
         f"{sum(map(len, bodies)) / len(bodies) / 1e6:.2f} MB on average, made distinct per URL"
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -143,7 +180,7 @@ def image_server(latency: float, *, jpeg: bool) -> Iterator[ImageServer]:
     sock.listen(4096)
     context = multiprocessing.get_context("fork")
     served = context.Value("l", 0)
-    process = context.Process(target=_serve, args=(sock, bodies, latency, served, jpeg), daemon=True)
+    process = context.Process(target=SERVERS[kind], args=(sock, bodies, latency, served, jpeg), daemon=True)
     process.start()
     try:
         yield ImageServer(port=sock.getsockname()[1], process=process, served=served)
@@ -182,9 +219,9 @@ class StageProbe:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        from fluxtrain.datasets import ingest
+        from fluxtrain.datasets import commits, ingest
 
-        fetch_bytes, commit_written = ingest.fetch_bytes, ingest.commit_written
+        fetch_bytes, commit = ingest.fetch_bytes, commits.Committer.commit
 
         async def timed_fetch(client: Any, url: str, **kwargs: Any) -> Any:
             started = time.perf_counter()
@@ -193,18 +230,18 @@ class StageProbe:
             finally:
                 self.fetch[url] = (started, time.perf_counter())
 
-        def timed_commit(book: Any, *, source: Any, **kwargs: Any) -> Any:
+        async def timed_commit(committer: Any, item: Any) -> Any:
             started = time.perf_counter()
             try:
-                return commit_written(book, source=source, **kwargs)
+                return await commit(committer, item)
             finally:
-                self.commit[source.url] = (started, time.perf_counter())
+                self.commit[item.source.url] = (started, time.perf_counter())
 
-        ingest.fetch_bytes, ingest.commit_written = timed_fetch, timed_commit
+        ingest.fetch_bytes, commits.Committer.commit = timed_fetch, timed_commit  # type: ignore[method-assign]
         try:
             yield
         finally:
-            ingest.fetch_bytes, ingest.commit_written = fetch_bytes, commit_written
+            ingest.fetch_bytes, commits.Committer.commit = fetch_bytes, commit  # type: ignore[method-assign]
 
     def on_result(self, url: str, _path: str | None, _reason: str | None) -> None:
         self.done[url] = time.perf_counter()
@@ -239,7 +276,7 @@ class StageProbe:
         print("\nfluxtrain stage profile (each URL holds a concurrency slot from fetch start to result)")
         print(line("fetch (request to last byte)", fetch))
         print(line("image worker process (queue + work)", worker))
-        print(line("save file + manifest (thread)", commit))
+        print(line("name file + manifest (batched, thread)", commit))
         print(line("back on the event loop", back))
         print(line("slot held", slot))
         print(
@@ -304,7 +341,7 @@ def run_fluxtrain(
             probe.t0 = started
         if profiler:
             profiler.enable()
-        result = asyncio.run(download())
+        result = run_download(download())
         if profiler:
             profiler.disable()
         wall = time.perf_counter() - started
@@ -509,6 +546,8 @@ class Regime:
     latency: float
     jpeg: bool
     concurrency: int
+    server: str = "uvicorn"
+    side: int = IMAGE_SIDE
 
 
 REGIMES = (
@@ -517,6 +556,8 @@ REGIMES = (
     Regime("clean JPEG (0 ms), concurrency 32", 0.0, True, 32),
     Regime("250 ms, PNG, concurrency 64", 0.25, False, 64),
     Regime("250 ms, PNG, concurrency 128", 0.25, False, 128),
+    Regime("ThreadingHTTPServer, 250 ms, 256 px PNG, concurrency 64", 0.25, False, 64, "threading", 256),
+    Regime("ThreadingHTTPServer, 250 ms, 256 px PNG, concurrency 128", 0.25, False, 128, "threading", 256),
 )
 
 
@@ -526,10 +567,10 @@ def side_by_side(*, n: int, python: str | None) -> None:
     for regime in REGIMES:
         bound = n * regime.latency / regime.concurrency if regime.latency > 0 else None
         print(f"\n== {regime.label} (load average {' '.join(f'{v:.2f}' for v in os.getloadavg())})")
-        with image_server(regime.latency, jpeg=regime.jpeg) as server:
+        with image_server(regime.latency, jpeg=regime.jpeg, kind=regime.server, side=regime.side) as server:
             suffix = "jpg" if regime.jpeg else "png"
             urls = [f"http://127.0.0.1:{server.port}/img/{i:06d}.{suffix}" for i in range(n)]
-            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-", dir=WORKDIR) as tmp:
                 ours = run_fluxtrain(
                     server=server,
                     urls=urls,
@@ -542,7 +583,7 @@ def side_by_side(*, n: int, python: str | None) -> None:
             _report(ours, n=n, bound=bound)
             theirs = None
             if python:
-                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-") as tmp:
+                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
                     theirs = run_img2dataset(
                         python=python,
                         server=server,
@@ -552,7 +593,7 @@ def side_by_side(*, n: int, python: str | None) -> None:
                     )
                 _report(theirs, n=n, bound=bound)
         rows.append((regime, bound, ours, theirs))
-    print(f"\nside by side, n={n} distinct {IMAGE_SIDE}x{IMAGE_SIDE} URLs, download phase")
+    print(f"\nside by side, n={n} distinct URLs ({IMAGE_SIDE} px unless the regime says), download phase")
     print("| regime | latency bound | fluxtrain | img2dataset | fluxtrain / img2dataset |")
     print("|---|---|---|---|---|")
     for regime, bound, ours, theirs in rows:
@@ -581,7 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--latency", type=float, default=0.25, help="server delay per request, s (>= 0)")
     parser.add_argument("--jpeg", action="store_true", help="serve clean JPEGs instead of PNGs")
+    parser.add_argument(
+        "--server", choices=sorted(SERVERS), default="uvicorn", help="loopback image server (default uvicorn)"
+    )
+    parser.add_argument("--side", type=int, default=IMAGE_SIDE, help=f"image side, px (default {IMAGE_SIDE})")
     parser.add_argument("--per-host", type=int, help="fluxtrain's per-host cap (default: the concurrency)")
+    parser.add_argument("--workdir", help="folder both tools write into (default: the system temp folder)")
     parser.add_argument("--runs", type=int, default=1, help="repeat each tool, report the median")
     parser.add_argument("--img2dataset-python", help="interpreter of a venv that has img2dataset")
     parser.add_argument("--skip-img2dataset", action="store_true")
@@ -597,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         "and print one table; --n applies, the other options are the regimes'",
     )
     args = parser.parse_args(argv)
+    global WORKDIR
+    WORKDIR = args.workdir
     if args.latency < 0:
         parser.error("--latency must be >= 0")
     if args.side_by_side:
@@ -616,12 +664,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results: dict[str, list[Outcome]] = {"fluxtrain": [], "fluxtrain CLI": [], "img2dataset": []}
-    with image_server(args.latency, jpeg=args.jpeg) as server:
+    with image_server(args.latency, jpeg=args.jpeg, kind=args.server, side=args.side) as server:
         print(f"server: http://127.0.0.1:{server.port}/")
         for run in range(args.runs):
             suffix = "jpg" if args.jpeg else "png"
             urls = [f"http://127.0.0.1:{server.port}/r{run}/img/{i:06d}.{suffix}" for i in range(args.n)]
-            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-", dir=WORKDIR) as tmp:
                 results["fluxtrain"].append(
                     run_fluxtrain(
                         server=server,
@@ -635,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 _report(results["fluxtrain"][-1], n=args.n, bound=bound)
             if not args.skip_cli:
-                with tempfile.TemporaryDirectory(prefix="fluxtrain-cli-bench-") as tmp:
+                with tempfile.TemporaryDirectory(prefix="fluxtrain-cli-bench-", dir=WORKDIR) as tmp:
                     results["fluxtrain CLI"].append(
                         run_fluxtrain_cli(
                             server=server,
@@ -647,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     _report(results["fluxtrain CLI"][-1], n=args.n, bound=bound)
             if python:
-                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-") as tmp:
+                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
                     results["img2dataset"].append(
                         run_img2dataset(
                             python=python,

@@ -39,10 +39,11 @@ class Settings(BaseSettings):
     download_per_host: int = Field(16, ge=1, le=1024, description="Requests open to one host at once.")
     max_urls: int = Field(10_000, ge=1, description="URLs one download request may hold.")
     image_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=lambda: len(os.sched_getaffinity(0)),
         ge=1,
         le=256,
-        description="Worker processes that decode and encode downloaded images.",
+        description="Worker processes that decode and encode downloaded images (default: the CPUs this "
+        "process may use).",
     )
     max_upload_bytes: int = Field(1_073_741_824, gt=0)
     ca_bundle: Path | None = Field(None, description="Extra CA certificates (PEM) trusted for HTTPS fetches.")

@@ -14,14 +14,17 @@ from fluxtrain.api.errors import install_error_handlers
 from fluxtrain.api.limits import BodySizeLimit
 from fluxtrain.api.routes import captions, dataset_config, datasets, health, images, models, runs
 from fluxtrain.api.routes.web import install_web_page
+from fluxtrain.datasets.image_workers import image_workers
 from fluxtrain.settings import Settings, get_settings
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Run the training executor for as long as the app serves (only the lease holder acts)."""
+    """Run the training executor for as long as the app serves (only the lease holder acts), and
+    start the image workers now, so the first download does not wait for them to import Pillow."""
     from fluxtrain.runs.executor import start_executor
 
+    image_workers(app.state.settings.image_workers)
     executor = start_executor(app.state.settings)
     app.state.executor = executor
     try:

@@ -3,7 +3,6 @@ endpoints make."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from fluxtrain.cli.options import (
     with_model_options,
 )
 from fluxtrain.datasets.catalog import summarize_datasets
-from fluxtrain.datasets.ingest import DownloadResult, download_images
+from fluxtrain.datasets.ingest import DownloadResult, download_images, run_download
 from fluxtrain.datasets.lint import EXAMPLES, LintReport
 from fluxtrain.datasets.lint_service import LintRequest, lint_dataset
 from fluxtrain.errors import FluxtrainError
@@ -108,7 +107,7 @@ def download(
             progress.update(task, advance=1, failed=failures)
 
         try:
-            result = asyncio.run(
+            result = run_download(
                 download_images(
                     settings=settings,
                     name=name,

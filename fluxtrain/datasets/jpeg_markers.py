@@ -16,6 +16,8 @@ data. The JPEG syntax needed is small, so it is walked here with an allow-list:
 
 from __future__ import annotations
 
+import re
+
 SOI = 0xD8
 EOI = 0xD9
 SOS = 0xDA
@@ -24,7 +26,7 @@ _TABLES = frozenset({0xC4, 0xDB, 0xDD})
 _APP0 = 0xE0
 _APP14 = 0xEE
 _COM = 0xFE
-_RESTARTS = frozenset(range(0xD0, 0xD8))
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _JFIF_HEADER_LENGTH = 14  # "JFIF\0", version, units, densities, thumbnail width and height
 
 
@@ -40,17 +42,12 @@ def _jfif_without_thumbnail(payload: bytes) -> bytes:
 
 
 def _entropy_end(data: bytes, start: int) -> int:
-    """Where the entropy-coded data that starts at `start` ends: at the next real marker."""
-    position = start
-    while True:
-        found = data.find(b"\xff", position)
-        if found < 0 or found + 1 >= len(data):
-            raise MalformedJpegError("scan data runs past the end")
-        following = data[found + 1]
-        if following == 0 or following in _RESTARTS:
-            position = found + 2
-            continue
-        return found
+    """Where the entropy-coded data that starts at `start` ends: at the next 0xFF that is neither
+    a stuffed 0xFF00 nor a restart marker (one regular-expression search, not a loop per 0xFF)."""
+    found = _MARKER_IN_SCAN.search(data, start)
+    if found is None:
+        raise MalformedJpegError("scan data runs past the end")
+    return found.start()
 
 
 def strip_metadata(data: bytes) -> bytes:

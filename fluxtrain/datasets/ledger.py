@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtrain.datasets.locks import dataset_lock
-from fluxtrain.datasets.store import MANIFEST_NAME, list_images, read_manifest, write_manifest
+from fluxtrain.datasets.store import MANIFEST_NAME, image_names, read_manifest, write_manifest
 from fluxtrain.names import MAX_NAME_LENGTH, check_name
 
 FLUSH_SECONDS = 1.0
@@ -129,6 +129,16 @@ def write_incoming(folder: Path, jpeg: bytes) -> Path:
     return Path(tmp)
 
 
+@dataclass(frozen=True)
+class Incoming:
+    """A finished temporary file (`write_incoming`) waiting for its name and manifest entry."""
+
+    source: Source
+    stem: str
+    incoming: Path
+    entry: dict[str, Any]
+
+
 @dataclass
 class Ledger:
     """What one process knows of a dataset folder; touched only under the dataset's lock."""
@@ -140,21 +150,22 @@ class Ledger:
     unflushed: bool = False
     last_flush: float = float("-inf")
     users: int = 0
-    _index: dict[tuple[str, str], str] | None = None
+    _index: dict[tuple[str, str], list[str]] | None = None
 
     def _set_manifest(self, manifest: dict[str, Any]) -> None:
         self.manifest = manifest
         self._index = None
 
-    def _lookup(self, key: tuple[str, str]) -> str | None:
-        """The first manifest entry's name under `key`, indexed so a 10,000-image batch scans no manifest."""
+    def _names_under(self, key: tuple[str, str]) -> list[str]:
+        """The manifest entries' names under `key`, in manifest order, indexed so that a
+        10,000-image batch never scans the manifest per image."""
         if self._index is None:
             self._index = {}
             for name, entry in self.manifest.items():
                 entry_key = _entry_key(entry)
                 if entry_key is not None:
-                    self._index.setdefault(entry_key, name)
-        return self._index.get(key)
+                    self._index.setdefault(entry_key, []).append(name)
+        return self._index.get(key, [])
 
     def alive(self) -> bool:
         """Whether the folder this ledger was opened on is still the dataset's folder."""
@@ -172,7 +183,7 @@ class Ledger:
             self.disk_stamp = stamp
 
     def _write(self) -> None:
-        present = {p.name for p in list_images(self.folder)}
+        present = image_names(self.folder)
         self._set_manifest({name: entry for name, entry in self.manifest.items() if name in present})
         write_manifest(self.folder, self.manifest)
         self.disk_stamp = _stamp(self.folder / MANIFEST_NAME)
@@ -181,11 +192,9 @@ class Ledger:
 
     def _existing(self, source: Source) -> str | None:
         key = source.key()
-        name = self._lookup(key) if key is not None else None
-        if name is not None and source.matches(self.manifest[name]) and (self.folder / name).is_file():
-            return name
-        for name, entry in self.manifest.items():
-            if isinstance(entry, dict) and source.matches(entry) and (self.folder / name).is_file():
+        names = self._names_under(key) if key is not None else list(self.manifest)
+        for name in names:
+            if source.matches(self.manifest[name]) and (self.folder / name).is_file():
                 return name
         return None
 
@@ -232,27 +241,47 @@ class Ledger:
         A URL seen before replaces its own file; an upload whose content is already saved keeps
         that file untouched and its temporary copy is dropped.
         """
+        outcome = self.commit_files([Incoming(source=source, stem=stem, incoming=incoming, entry=entry)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def commit_files(self, items: list[Incoming]) -> list[Path | Exception]:
+        """`commit_file` for each item, under one hold of the dataset's lock: a batch commits the
+        images that finished together at once. Each item's outcome is its path or its error."""
         try:
             with dataset_lock(self.folder):
                 self._check_alive()
                 self._refresh()
-                name = self._existing(source)
-                if name is not None and source.url is None:
-                    incoming.unlink()
-                    return self.folder / name
-                name = name or self._unrecorded_copy(stem, incoming) or self._free_name(stem)
-                target = self.folder / name
-                os.replace(incoming, target)
-                self.manifest[name] = {**source.fields(), **entry}
-                key = source.key()
-                if self._index is not None and key is not None:
-                    self._index[key] = name
-                self.unflushed = True
-                if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+                outcomes: list[Path | Exception] = []
+                for item in items:
+                    try:
+                        outcomes.append(self._commit_locked(item))
+                    except Exception as exc:
+                        item.incoming.unlink(missing_ok=True)
+                        outcomes.append(exc)
+                if self.unflushed and time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                     self._write()
         except BaseException:
-            incoming.unlink(missing_ok=True)
+            for item in items:
+                item.incoming.unlink(missing_ok=True)
             raise
+        return outcomes
+
+    def _commit_locked(self, item: Incoming) -> Path:
+        source = item.source
+        name = self._existing(source)
+        if name is not None and source.url is None:
+            item.incoming.unlink()
+            return self.folder / name
+        name = name or self._unrecorded_copy(item.stem, item.incoming) or self._free_name(item.stem)
+        target = self.folder / name
+        os.replace(item.incoming, target)
+        self.manifest[name] = {**source.fields(), **item.entry}
+        key = source.key()
+        if self._index is not None and key is not None and name not in self._index.get(key, []):
+            self._index.setdefault(key, []).append(name)
+        self.unflushed = True
         return target
 
     def flush(self) -> None:

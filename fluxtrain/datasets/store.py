@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 from fluxtrain.datasets.locks import dataset_lock
 from fluxtrain.datasets.pairs import CONTROL_DIR
 from fluxtrain.errors import InvalidInputError, NotFoundError
-from fluxtrain.fsutil import atomic_write_json, atomic_write_text
+from fluxtrain.fsutil import atomic_write_text
 from fluxtrain.names import safe_join
 from fluxtrain.settings import Settings
 
@@ -47,13 +48,19 @@ def list_dataset_names(settings: Settings) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files of a dataset folder, sorted by name, hidden and temporary files skipped."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(p for p in folder.iterdir() if _is_image_name(p.name) and p.is_file())
+
+
+def image_names(folder: Path) -> set[str]:
+    """The names `list_images` would list, from one directory scan (no Path per file, no sort)."""
+    with os.scandir(folder) as entries:
+        return {entry.name for entry in entries if _is_image_name(entry.name) and entry.is_file()}
 
 
 def control_dir(folder: Path) -> Path:
@@ -86,7 +93,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        present = {p.name for p in list_images(folder)}
+        present = image_names(folder)
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     if not isinstance(data, dict):
@@ -95,7 +102,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    """One image per line, sorted: readable and diffable, and written by json's C encoder (an
+    indented dump runs its pure-Python one, 90 ms for a 1,000-image manifest)."""
+    lines = ",\n".join(
+        f"  {json.dumps(name)}: {json.dumps(manifest[name], sort_keys=True)}" for name in sorted(manifest)
+    )
+    atomic_write_text(folder / MANIFEST_NAME, "{\n" + lines + "\n}\n" if lines else "{}\n")
 
 
 def delete_dataset(settings: Settings, name: str) -> None:

@@ -21,7 +21,7 @@ import time
 
 from sqlalchemy import and_, or_, select, update
 
-from fluxtrain.datasets.fetch import FetchError, check_url, make_client
+from fluxtrain.datasets.fetch import FetchError, check_url, make_client, post_bytes
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.status import build_status
@@ -45,15 +45,18 @@ def check_webhook(url: str, settings: Settings) -> str:
 
 async def _post(url: str, body: str, settings: Settings, timeout: float) -> str | None:
     async with make_client(
-        allow=settings.allow_networks, concurrency=1, timeout=timeout, ca_bundle=settings.ca_bundle
+        allow=settings.allow_networks, concurrency=1, ca_bundle=settings.ca_bundle
     ) as client:
-        response = await client.post(
-            str(check_url(url, settings.allow_networks)),
-            content=body,
+        status = await post_bytes(
+            client,
+            url,
+            allow=settings.allow_networks,
+            body=body.encode("utf-8"),
             headers={"Content-Type": "application/json"},
+            timeout=timeout,
         )
-    if response.status_code >= 500 or response.status_code in RETRYABLE_STATUS:
-        return f"HTTP {response.status_code}"
+    if status >= 500 or status in RETRYABLE_STATUS:
+        return f"HTTP {status}"
     return None
 
 

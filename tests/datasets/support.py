@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -189,3 +190,14 @@ def prepare_or_die(folder: Path, data: bytes, max_pixels: int) -> object:
     if CRASH_MARKER in data:
         os._exit(70)
     return prepare_into(folder, data, max_pixels)
+
+
+def echo_after(value: object, seconds: float) -> tuple[object, int]:
+    """A worker job: `value` back after `seconds`, with the worker's pid."""
+    time.sleep(seconds)
+    return value, os.getpid()
+
+
+def loaded_modules() -> list[str]:
+    """A worker job: the modules its interpreter has imported."""
+    return sorted(sys.modules)

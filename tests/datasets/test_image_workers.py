@@ -1,12 +1,14 @@
 """Image work in worker processes: the same bytes as in this process, and a crash fails one URL only."""
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from fluxtrain.datasets import ingest
+from fluxtrain.datasets.image_workers import image_workers
 from fluxtrain.datasets.images import normalize_image
 from fluxtrain.datasets.ingest import DownloadResult, download_images
 from fluxtrain.settings import Settings
@@ -56,3 +58,61 @@ def test_a_worker_that_dies_fails_that_url_only_and_the_pool_recovers(
     assert sorted(result.files) == sorted(fine)
     later = server.add("/later.png", Reply(body=png_bytes))
     assert list(run(settings, [later]).files) == [later]
+
+
+def test_workers_import_no_model_libraries_and_the_parents_main_is_not_rerun() -> None:
+    modules = asyncio.run(image_workers(2).run(support.loaded_modules))
+    assert "PIL.Image" in modules and "fluxtrain.datasets.images" in modules
+    for heavy in ("torch", "transformers", "diffusers", "fluxtrain.cli", "fluxtrain.api", "__mp_main__"):
+        assert heavy not in modules
+
+
+def test_answers_reach_their_own_jobs_with_two_jobs_queued_in_each_worker() -> None:
+    pool = image_workers(2)
+
+    async def batch() -> list[tuple[object, int]]:
+        return await asyncio.gather(
+            *(pool.run(support.echo_after, index, 0.002 * (index % 3)) for index in range(40))
+        )
+
+    answers = asyncio.run(batch())
+    assert [value for value, _ in answers] == list(range(40))
+    assert len({pid for _, pid in answers}) == 2
+
+
+def test_two_event_loops_in_two_threads_share_the_pool() -> None:
+    pool = image_workers(2)
+    results: dict[int, list[object]] = {}
+
+    def loop_in_thread(offset: int) -> None:
+        async def batch() -> list[object]:
+            answers = await asyncio.gather(
+                *(pool.run(support.echo_after, offset + i, 0.001) for i in range(30))
+            )
+            return [value for value, _ in answers]
+
+        results[offset] = asyncio.run(batch())
+
+    threads = [threading.Thread(target=loop_in_thread, args=(offset,)) for offset in (0, 1000)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == {0: list(range(30)), 1000: list(range(1000, 1030))}
+
+
+def test_cancelled_jobs_leave_the_pool_serving() -> None:
+    pool = image_workers(2)
+
+    async def cancel_some() -> list[object]:
+        slow = [asyncio.ensure_future(pool.run(support.echo_after, index, 0.2)) for index in range(6)]
+        await asyncio.sleep(0.05)
+        for task in slow[:4]:
+            task.cancel()
+        finished = await asyncio.gather(*slow, return_exceptions=True)
+        assert all(isinstance(outcome, asyncio.CancelledError) for outcome in finished[:4])
+        assert [value for value, _ in finished[4:]] == [4, 5]  # type: ignore[misc]
+        answers = await asyncio.gather(*(pool.run(support.echo_after, index, 0) for index in range(10)))
+        return [value for value, _ in answers]
+
+    assert asyncio.run(asyncio.wait_for(cancel_some(), 30)) == list(range(10))

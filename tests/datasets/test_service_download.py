@@ -21,21 +21,22 @@ from tests.datasets import support
 from tests.datasets.support import LoopbackServer, Reply
 from tests.service_process import wait_healthy
 
-HEALTH_IMAGES = 300
+HEALTH_IMAGES = 1000
 HEALTH_SIDE = 192
 HEALTH_BOUND_S = 0.1
 BIG_LIST = 10_000
 # Growth of the service process's RSS over its idle size during a 10,000-URL request.
 BIG_LIST_RSS_GROWTH_MB = 120
-big_tests = pytest.mark.skipif(
-    os.environ.get("FLUXTRAIN_BIG_TESTS") != "1", reason="set FLUXTRAIN_BIG_TESTS=1 (make test-big)"
-)
+# An image worker is a fresh interpreter holding Pillow: tens of MB (a worker that had imported
+# torch, as forked workers did under the console script, held 260 MB).
+WORKER_RSS_BOUND_MB = 100
+FIRST_DOWNLOAD_BOUND_S = 1.0
 
 
 class ServiceProcess:
     """`uvicorn fluxtrain.api.app:create_app` on a free loopback port, fetching from loopback."""
 
-    def __init__(self, root: Path, **env: str) -> None:
+    def __init__(self, root: Path, *, console_script: bool = False, **env: str) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -49,7 +50,10 @@ class ServiceProcess:
             "FLUXTRAIN_DOWNLOAD_PER_HOST": "32",
             **env,
         }
-        command = [sys.executable, "-m", "uvicorn", "--factory", "fluxtrain.api.app:create_app"]
+        if console_script:
+            command = [str(Path(sys.executable).with_name("fluxtrain")), "serve"]
+        else:
+            command = [sys.executable, "-m", "uvicorn", "--factory", "fluxtrain.api.app:create_app"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--host", "127.0.0.1", "--port", str(port)],
@@ -117,7 +121,34 @@ def test_health_answers_within_100_ms_during_a_download(
     assert ordered[-1] < 1.0, ordered[-5:]
 
 
-@big_tests
+def test_under_the_console_script_the_first_download_is_quick_and_workers_are_light(
+    tmp_path: Path, server: LoopbackServer
+) -> None:
+    """`fluxtrain serve` imports the CLI (torch, transformers); its image workers must not."""
+    running = ServiceProcess(tmp_path, console_script=True)
+    try:
+        urls = [server.add(f"/first/{index}.png", Reply(body=_noisy_png(64, index))) for index in range(4)]
+        started = time.perf_counter()
+        response = httpx.post(
+            f"{running.url}/download-images", json={"urls": urls, "output_name": "first"}, timeout=60
+        )
+        elapsed = time.perf_counter() - started
+        assert response.status_code == 200 and response.json()["failed"] == {}
+        workers = [
+            child
+            for child in psutil.Process(running.process.pid).children(recursive=True)
+            if "fluxtrain.datasets.image_worker" in child.cmdline()
+        ]
+        assert len(workers) == os.cpu_count()
+        for worker in workers:
+            mapped = Path(f"/proc/{worker.pid}/maps").read_text()
+            assert "libtorch" not in mapped and "transformers" not in mapped
+            assert worker.memory_info().rss / 2**20 < WORKER_RSS_BOUND_MB
+    finally:
+        running.stop()
+    assert elapsed < FIRST_DOWNLOAD_BOUND_S, f"first download took {elapsed:.2f} s"
+
+
 def test_ten_thousand_urls_in_one_request_keep_memory_bounded(
     service: ServiceProcess, server: LoopbackServer
 ) -> None:

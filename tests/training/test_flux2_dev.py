@@ -311,33 +311,3 @@ def test_dev_samples_are_the_pipelines_image(pipeline: Flux2Pipeline) -> None:
         dtype=torch.float32,
     )
     assert np.asarray(other).tolist() != np.asarray(ours).tolist()  # the guidance constant reaches the model
-
-
-def test_dev_refuses_edit_pairs_in_a_hand_written_run() -> None:
-    """The runs layer refuses a dev run on a dataset with controls; the family refuses it too."""
-    family = family_for("flux2-dev")
-    reference = torch.zeros(1, 128, 1, 1)
-    with pytest.raises(InvalidInputError, match=r"FLUX.2 \[dev\] does not train on edit pairs"):
-        family.predict_velocity(
-            lambda **_: None,
-            torch.zeros(1, 128, 1, 1),
-            torch.ones(1),
-            {"hidden": torch.zeros(1, 5, 12)},
-            guidance=1.0,
-            dtype=torch.float32,
-            reference=reference,
-        )
-    with pytest.raises(InvalidInputError, match=r"FLUX.2 \[dev\] does not train on edit pairs"):
-        family.generate(
-            None,
-            None,
-            text={"hidden": torch.zeros(1, 5, 12)},
-            width=16,
-            height=16,
-            steps=1,
-            guidance_scale=1.0,
-            seed=0,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            reference=[reference],
-        )

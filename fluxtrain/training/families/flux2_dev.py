@@ -23,11 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import init_empty_weights
-from diffusers import FlowMatchEulerDiscreteScheduler
-from PIL import Image
 from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, MistralConfig, MistralModel, PreTrainedTokenizerBase
@@ -36,14 +33,12 @@ from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.families import flux2
 from fluxtrain.training.families.detect import FLUX2_VARIANTS, ModelFamily, block_count
-from fluxtrain.training.families.family import Reference, TextFeatures
 from fluxtrain.training.families.klein import Klein, KleinFiles
 from fluxtrain.training.families.mistral_files import (
     DEEPEST_TEXT_LAYER,
     check_mistral_text_encoder,
     language_model_index,
 )
-from fluxtrain.training.flow import flux2_mu
 from fluxtrain.training.model_files import _assign_weights, _component_folder, _dequantize
 
 DEV_TEXT_LAYERS = flux2.TEXT_LAYERS["flux2-dev"]
@@ -202,13 +197,6 @@ def load_mistral(path: Path, *, dtype: torch.dtype, device: torch.device | str) 
     return model.to(device).eval()
 
 
-def refuse_reference(reference: Reference | None) -> None:
-    """FLUX.2 [dev] edit pairs are not trained (`edit_pairs.MAX_REFERENCES` has no dev, so the runs
-    layer refuses a dev run on a dataset with controls); this guards hand-written run directories."""
-    if reference is not None:
-        raise InvalidInputError("FLUX.2 [dev] does not train on edit pairs (control images) yet")
-
-
 class DevTextEncoder:
     """Mistral with its tokenizer: `hidden` features as `Flux2Pipeline.encode_prompt` computes them."""
 
@@ -236,70 +224,9 @@ class Flux2Dev(Klein):
         tokenizer = load_mistral_tokenizer(files.tokenizer)
         return DevTextEncoder(load_mistral(files.text_encoder, dtype=dtype, device=device), tokenizer)
 
-    def predict_velocity(
-        self,
-        model: torch.nn.Module,
-        noisy: torch.Tensor,
-        t: torch.Tensor,
-        text: TextFeatures,
-        *,
-        guidance: float | None,
-        dtype: torch.dtype,
-        reference: Reference | None = None,
-    ) -> torch.Tensor:
-        """klein's, without edit pairs."""
-        refuse_reference(reference)
-        return super().predict_velocity(model, noisy, t, text, guidance=guidance, dtype=dtype)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        transformer: torch.nn.Module,
-        vae: Any,
-        *,
-        text: TextFeatures,
-        width: int,
-        height: int,
-        steps: int,
-        guidance_scale: float,
-        seed: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        reference: Reference | None = None,
-    ) -> Image.Image:
-        """`Flux2Pipeline`'s denoising loop (Euler, empirical mu from the token count and steps, the
-        distilled `guidance_scale` as a constant), then its decode."""
-        refuse_reference(reference)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2
-        shape = (1, transformer.config.in_channels, height // factor, width // factor)
-        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
-        latents = flux2.pack(noise).to(device=device, dtype=dtype)
-        img_ids = flux2.latent_ids(noise).to(device)
-        hidden = text["hidden"].reshape(1, *text["hidden"].shape[-2:]).to(device=device, dtype=dtype)
-        txt_ids = flux2.text_ids(hidden)
-        guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
-        )
-        mu = flux2_mu(latents.shape[1], steps)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
-        for t in scheduler.timesteps:
-            prediction = transformer(
-                hidden_states=latents,
-                encoder_hidden_states=hidden,
-                timestep=(t / 1000).expand(1).to(dtype),
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-                guidance=guidance,
-                return_dict=False,
-            )[0]
-            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
-        grid = latents.float().permute(0, 2, 1).reshape(shape)
-        vae_device = next(vae.parameters()).device
-        decoded = flux2.denormalize_latents(vae, grid.to(device=vae_device, dtype=vae.dtype))
-        pixels = vae.decode(decoded, return_dict=False)[0]
-        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(array)
+    def guidance_input(self, guidance_scale: float, *, device: torch.device | str) -> torch.Tensor | None:
+        """`Flux2Pipeline`'s distilled guidance: the scale as a constant."""
+        return torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
 
     def architecture(self, config: Mapping[str, Any]) -> tuple[str, str]:
         return "flux2", "flux-2-dev/lora"

@@ -310,8 +310,8 @@ class Klein:
     ) -> Image.Image:
         """`Flux2KleinPipeline`'s denoising loop (Euler, exponential shift mu from the token count and
         steps) without classifier-free guidance, then its decode, with an edit pair's reference
-        tokens appended as the pipeline appends its `image`s. `guidance_scale` is unused: klein has
-        no distilled guidance."""
+        tokens appended as the pipeline appends its `image`s. `guidance_scale` goes to the
+        transformer only where the family has distilled guidance (`guidance_input`)."""
         factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2
         shape = (1, transformer.config.in_channels, height // factor, width // factor)
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
@@ -320,6 +320,7 @@ class Klein:
         hidden = text["hidden"].reshape(1, *text["hidden"].shape[-2:]).to(device=device, dtype=dtype)
         txt_ids = flux2.text_ids(hidden)
         count = latents.shape[1]
+        guidance = self.guidance_input(guidance_scale, device=device)
         appended = reference_tokens(reference, device=device)
         if appended is not None:
             img_ids = torch.cat([img_ids, appended[1]], dim=1)
@@ -336,7 +337,7 @@ class Klein:
                 timestep=(t / 1000).expand(1).to(dtype),
                 img_ids=img_ids,
                 txt_ids=txt_ids,
-                guidance=None,
+                guidance=guidance,
                 return_dict=False,
             )[0][:, :count]
             latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
@@ -346,6 +347,11 @@ class Klein:
         pixels = vae.decode(decoded, return_dict=False)[0]
         array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(array)
+
+    def guidance_input(self, guidance_scale: float, *, device: torch.device | str) -> Tensor | None:
+        """What the transformer's `guidance` input gets while sampling: nothing, klein has no
+        distilled guidance."""
+        return None
 
     def module_rules(self, config: Mapping[str, Any]) -> list[ModuleRule]:
         return flux2_module_rules(
