@@ -53,7 +53,7 @@ from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.families import flux2
-from fluxtrain.training.families.detect import FLUX2_VARIANTS
+from fluxtrain.training.families.flux2_dev import dev_transformer_config
 from fluxtrain.training.families.klein import TARGET_PATTERN as KLEIN_TARGETS
 from fluxtrain.training.flow import image_ids, text_ids
 from fluxtrain.training.lora import TARGET_PATTERN, add_lora
@@ -99,29 +99,15 @@ def build_transformer(device: torch.device) -> FluxTransformer2DModel:
         torch.set_default_dtype(previous)
 
 
-def klein_config(family: str) -> dict[str, Any]:
-    """Flux2Transformer2DModel kwargs of a released FLUX.2 size, [klein] or [dev] (128-wide heads,
-    dev's guidance embedding, the rest the defaults)."""
-    variant = next(v for v in FLUX2_VARIANTS if v.family == family)
-    return {
-        "num_layers": variant.num_layers,
-        "num_single_layers": variant.num_single_layers,
-        "num_attention_heads": variant.hidden // 128,
-        "attention_head_dim": 128,
-        "joint_attention_dim": variant.joint_attention_dim,
-        "guidance_embeds": variant.guidance,
-    }
-
-
 def build_flux2_transformer(family: str, device: torch.device) -> Flux2Transformer2DModel:
     """Random-weight FLUX.2 of the released size on a GPU, the tiny klein model (with dev's guidance
     embedding for dev) on the CPU; bf16."""
     if device.type == "cuda":
-        config = klein_config(family)
+        config = dev_transformer_config(family)
     else:
         config = {
             **tiny_flux2_transformer_config(),
-            "guidance_embeds": klein_config(family)["guidance_embeds"],
+            "guidance_embeds": dev_transformer_config(family)["guidance_embeds"],
         }
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

@@ -39,7 +39,8 @@ of linears a double block and 13 d^2 a single one (fused qkv + MLP input, fused 
 between 128 and 448 rows, so per-matrix LoRA casts drop out; counted so, FLUX.1's blocks give
 38.5 and 38.5, under the 42 and 39 used for them, so these figures may be as much low too).
 `transformer_shape` picks the shape by the family the file's keys and shapes say (`detect.py`);
-Kontext is FLUX.1's transformer, its reference tokens counted as image tokens by `step_size`.
+Kontext is FLUX.1's transformer, its reference tokens counted as image tokens by `step_size`, as
+are FLUX.2 edit pairs' (the most controls any target has, each at its control size).
 
 The pre-flight compares the estimate with the memory of the GPU the run gets: at `/train` on the
 local executor's host with the smallest GPU's total memory (a queued run waits for a GPU to be
@@ -57,10 +58,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from fluxtrain.dataset_config.toml_file import load_dataset_config
+from fluxtrain.datasets.pairs import pair_controls
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.convert_flux2 import infer_flux2_config
+from fluxtrain.training.data import _image_files
 from fluxtrain.training.families.detect import ModelFamily
 from fluxtrain.training.model_checks import _header_shapes, check_transformer, transformer_config
 
@@ -255,11 +258,27 @@ def _tokens(size: tuple[int, int]) -> int:
     return (size[0] // PIXELS_PER_TOKEN_SIDE) * (size[1] // PIXELS_PER_TOKEN_SIDE)
 
 
+def _references_per_target(spec: Any) -> int:
+    """The most controls any target of the dataset has (`datasets.pairs`' rule: Kontext one, klein up
+    to four); a control folder not filled yet counts one."""
+    most = 0
+    for subset in spec.subsets:
+        control_dir = subset.control_dir
+        if control_dir is None:
+            continue
+        if not (control_dir.is_dir() and subset.image_dir.is_dir()):
+            most = max(most, 1)
+            continue
+        targets = (path.stem for path in _image_files(subset.image_dir))
+        pairing = pair_controls(targets, _image_files(control_dir))
+        most = max(most, max((len(controls) for controls in pairing.controls.values()), default=1))
+    return most
+
+
 def _reference_tokens(spec: Any) -> int:
-    """Kontext's reference tokens per image: a control at its target's size, or at control_resolution."""
-    if not any(subset.control_dir is not None for subset in spec.subsets):
-        return 0
-    return _tokens(spec.control_resolution or spec.resolution)
+    """An edit pair's reference tokens per target: each control at its target's size, or at
+    control_resolution, times the most controls a target has."""
+    return _references_per_target(spec) * _tokens(spec.control_resolution or spec.resolution)
 
 
 def step_size(toml_path: Path, *, guidance: bool, text_tokens: int | None = None) -> StepSize:

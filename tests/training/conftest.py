@@ -12,6 +12,8 @@ from accelerate.state import AcceleratorState, GradientState
 
 from fluxtrain.training.tiny import write_tiny_flux_files
 from fluxtrain.training.tiny_flux2 import write_tiny_flux2_files
+from fluxtrain.training.tiny_flux2_dev import write_tiny_flux2_dev_files
+from tests.training.helpers_flux2 import write_pretrained_flux2
 
 ROOT = Path(__file__).parents[2]
 
@@ -38,6 +40,27 @@ def tiny_flux2_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_flux2_models")
     write_tiny_flux2_files(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def klein_base(tiny_flux2_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny klein files with a briefly pretrained transformer (see helpers_flux2), for LoRA runs
+    that must learn: plain klein and its edit pairs share it."""
+    return write_pretrained_flux2(tiny_flux2_models, tmp_path_factory.mktemp("klein_base"))
+
+
+@pytest.fixture(scope="session")
+def dev_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models root with the tiny FLUX.2 [dev] files of `write_tiny_flux2_dev_files`."""
+    root = tmp_path_factory.mktemp("tiny_flux2_dev_models")
+    write_tiny_flux2_dev_files(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def dev_base(dev_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny [dev] files with a briefly pretrained transformer (see helpers_flux2)."""
+    return write_pretrained_flux2(dev_models, tmp_path_factory.mktemp("dev_base"), family_name="flux2-dev")
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,7 @@ from fluxtrain.training.families.flux2_dev import (
 )
 from fluxtrain.training.families.klein import load_flux2_autoencoder, load_flux2_transformer
 from fluxtrain.training.families.mistral_files import DEEPEST_TEXT_LAYER, check_mistral_text_encoder
-from fluxtrain.training.tiny_flux2_dev import (
-    TINY_MISTRAL_HIDDEN,
-    tiny_mistral3_config,
-    write_tiny_flux2_dev_files,
-)
+from fluxtrain.training.tiny_flux2_dev import TINY_MISTRAL_HIDDEN, tiny_mistral3_config
 from fluxtrain.training.trainer import StopFlag, Trainer
 from tests.training import helpers_runs as helpers
 
@@ -46,13 +42,6 @@ DEV_FILES = {
     "text_encoder": "mistral_3_small_flux2_bf16.safetensors",
 }
 PROMPTS = ["a photo of a dog", "a cat and a dog in the snow, cinematic light"]
-
-
-@pytest.fixture(scope="module")
-def dev_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_flux2_dev_models")
-    write_tiny_flux2_dev_files(root)
-    return root
 
 
 def _mistral3(models: Path) -> Mistral3ForConditionalGeneration:
@@ -180,13 +169,14 @@ def _dev_run(root: Path, models: Path, cache: Path, **fields: Any) -> Path:
     return helpers.make_run(root / "run", models=models, toml=toml, cache=cache, **DEV_FILES, **fields)
 
 
-STEPS = 60
+STEPS = 160
 
 
 @pytest.fixture(scope="module")
-def overfit(dev_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two 64 px images trained 60 steps; the validation loss (fixed t and noise) of the same pictures,
-    saved again, is the fixed evaluation taken before and after."""
+def overfit(dev_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two 64 px images trained STEPS steps on the pretrained tiny base (`helpers_flux2`); the
+    validation loss (fixed t and noise) of the same pictures, saved again, is the fixed evaluation
+    taken before and after."""
     root = tmp_path_factory.mktemp("flux2_dev")
     toml = helpers.make_dataset(root / "data", size=64)
     held = helpers.make_dataset(root / "held", size=64)
@@ -194,7 +184,7 @@ def overfit(dev_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         Image.open(image).save(image, quality=90)  # the training pictures under another sha256
     run = helpers.make_run(
         root / "run",
-        models=dev_models,
+        models=dev_base,
         toml=toml,
         cache=root / "cache",
         **DEV_FILES,
@@ -218,9 +208,7 @@ def test_dev_run_learns_with_flux2_shift_and_guidance(overfit: dict[str, Any]) -
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
     validation = {e["step"]: e["loss"] for e in events if e["event"] == "validation"}
-    # The tiny transformer (32 wide, 128 latent channels through frozen embedders) does not halve
-    # it: 1.40 -> 1.15 in 60 steps, and a plateau near 1.12 by 200 steps at lr 1e-2 or 3e-2.
-    assert validation[STEPS] < 0.9 * validation[0], validation
+    assert validation[STEPS] < 0.5 * validation[0], validation  # measured 2.68 -> 0.87 (0.32)
     samples = [e for e in events if e["event"] == "sample"]
     assert len(samples) == 1 and Path(samples[0]["path"]).is_file()
     with safe_open(str(run / "output" / "tiny.safetensors"), framework="pt") as handle:
@@ -262,8 +250,8 @@ def _render(pipe: Flux2Pipeline) -> np.ndarray:
     ).images[0]
 
 
-def test_dev_lora_loads_into_flux2_pipeline_and_changes_it(overfit: dict[str, Any], dev_models: Path) -> None:
-    pipe = _pipeline(dev_models)
+def test_dev_lora_loads_into_flux2_pipeline_and_changes_it(overfit: dict[str, Any], dev_base: Path) -> None:
+    pipe = _pipeline(dev_base)
     before = _render(pipe)
     lora = overfit["run"] / "output" / "tiny.safetensors"
     with safe_open(str(lora), framework="pt") as handle:

@@ -15,7 +15,6 @@ from fluxtrain.runs.service import resolve_config
 from fluxtrain.settings import Settings
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.families.family import family_for
-from fluxtrain.training.tiny_flux2_dev import write_tiny_flux2_dev_files
 from tests.runs.service_doubles import write_trainable_dataset
 
 DEV = {
@@ -25,18 +24,11 @@ DEV = {
 }
 
 
-@pytest.fixture(scope="module")
-def dev_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dev_files")
-    write_tiny_flux2_dev_files(root)
-    return root
-
-
 @pytest.fixture
-def dev_settings(settings: Settings, dev_files: Path) -> Settings:
+def dev_settings(settings: Settings, dev_models: Path) -> Settings:
     """A data root with the `demo` dataset and a models root with the tiny FLUX.2 files."""
     write_trainable_dataset(settings, "demo")
-    shutil.copytree(dev_files, settings.models_root, dirs_exist_ok=True)
+    shutil.copytree(dev_models, settings.models_root, dirs_exist_ok=True)
     return settings
 
 

@@ -1,7 +1,7 @@
 """FLUX.2 [klein] edit LoRAs on the tiny klein files: reference tokens and ids equal
 Flux2KleinPipeline's own, samples are the pipeline's, edit pairs with one and with two references
-learn on a fixed evaluation, the LoRA drives the pipeline called with the reference images, and
-resume is exact."""
+halve a fixed-evaluation loss (on a briefly pretrained tiny base), the LoRA drives the pipeline
+called with the reference images, and resume is exact."""
 
 from __future__ import annotations
 
@@ -40,13 +40,9 @@ KLEIN_FILES = {
     "text_encoder": "qwen_3_4b.safetensors",
 }
 PROMPT = f"{helpers.TRIGGER}, red and blue stripes"
-STEPS = 60
-# The issue asks for a fixed-evaluation loss below half the base model's. The tiny klein files
-# (`tiny_flux2.py`, issue16a's 128-wide transformer) do not get there with a LoRA: 2.36 -> 2.14
-# here, and no better in 1000 steps or at rank 32, as plain klein runs; with the frozen random
-# 128 x 128 `x_embedder` / `proj_out` trained as well they reach 1.3-1.4 in 300 steps, fully
-# fine-tuned 0.65. So this asserts the fall the tiny model allows, not the halving.
-OVERFIT_RATIO = 0.95
+STEPS = 160
+"""LoRA steps on the pretrained tiny base (`helpers_flux2`): 2.84 -> 0.72 (0.25 of the base model's
+fixed-evaluation loss) with one reference and with two; on the random tiny files 2.36 -> 2.14."""
 
 
 def _train(run_dir: Path, *, stop_after: int | None = None) -> str:
@@ -232,15 +228,16 @@ def _fixed_losses(run: Path) -> tuple[float, float]:
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-reference", "two-references"])
 def edit_run(
-    request: pytest.FixtureRequest, tiny_flux2_models: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, klein_base: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    """Two 64 px targets (16 tokens) with one or two 64 px references each, trained STEPS steps and
-    measured before and after on themselves (fixed noise and timesteps: `training/validation.py`)."""
+    """Two 64 px targets (16 tokens) with one or two 64 px references each, trained STEPS steps on the
+    pretrained base and measured before and after on themselves (fixed noise and timesteps:
+    `training/validation.py`)."""
     references = request.param
     root = tmp_path_factory.mktemp(f"klein-edit-{references}")
     run = _edit_run(
         root,
-        tiny_flux2_models,
+        klein_base,
         root / "cache",
         references=references,
         max_train_steps=STEPS,
@@ -259,7 +256,7 @@ def test_flux2_edit_loss_falls_on_its_pairs_and_samples(edit_run: dict[str, Any]
     run: Path = edit_run["run"]
     assert [e["step"] for e in helpers.step_events(run)] == list(range(1, STEPS + 1))
     base, trained = _fixed_losses(run)
-    assert trained < OVERFIT_RATIO * base, (base, trained)
+    assert trained < 0.5 * base, (base, trained)
     caching = next(e for e in read_events(run / "events.jsonl") if e["event"] == "caching")
     assert caching["latents_encoded"] == 2 + 2 * edit_run["references"]  # targets and their controls
     samples = [e for e in read_events(run / "events.jsonl") if e["event"] == "sample"]
@@ -267,9 +264,9 @@ def test_flux2_edit_loss_falls_on_its_pairs_and_samples(edit_run: dict[str, Any]
 
 
 def test_flux2_edit_lora_loads_into_the_pipeline_and_changes_its_edit(
-    edit_run: dict[str, Any], tiny_flux2_models: Path
+    edit_run: dict[str, Any], klein_base: Path
 ) -> None:
-    pipe = _pipeline(tiny_flux2_models)
+    pipe = _pipeline(klein_base)
     folder = edit_run["run"].parent / "data" / "images" / "control"
     references = sorted(folder.glob("a*.jpg"))
     assert len(references) == edit_run["references"]

@@ -25,7 +25,6 @@ from fluxtrain.training.families.klein import (
 from fluxtrain.training.trainer import StopFlag, Trainer
 from fluxtrain.training.validation import ValidationLoss
 from tests.training import helpers_runs as helpers
-from tests.training.helpers_klein import write_pretrained_klein
 
 KLEIN_FILES = {
     "pretrained_model": "flux-2-klein-4b.safetensors",
@@ -45,12 +44,6 @@ def _train(run_dir: Path, *, stop_after: int | None = None) -> str:
 def _klein_run(root: Path, models: Path, cache: Path, **fields: Any) -> Path:
     toml = helpers.make_dataset(root / "data", size=64)
     return helpers.make_run(root / "run", models=models, toml=toml, cache=cache, **KLEIN_FILES, **fields)
-
-
-@pytest.fixture(scope="module")
-def klein_base(tiny_flux2_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny klein files with a briefly pretrained transformer (see helpers_klein)."""
-    return write_pretrained_klein(tiny_flux2_models, tmp_path_factory.mktemp("klein_base"))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,10 @@ def test_an_edit_pair_dataset_counts_its_reference_tokens(tmp_path: Path) -> Non
     paired = memory.step_size(toml, guidance=True)
     assert paired.image_tokens == 2 * plain.image_tokens == 2 * 64
     assert paired.text_tokens == plain.text_tokens
+    for name in ("a.jpg", "b_0.jpg", "b_1.jpg", "b_2.jpg", "orphan_0.jpg"):
+        shutil.copy(tmp_path / "data" / "images" / "a.jpg", control / name)
+    widest = memory.step_size(toml, guidance=True)
+    assert widest.image_tokens == (1 + 3) * plain.image_tokens  # b's three references, not a's one
 
 
 @pytest.mark.parametrize("family", sorted(FLUX2))
