@@ -103,9 +103,7 @@ class RunDir:
         if not self.output.is_dir():
             return []
         return sorted(
-            p
-            for p in self.output.glob(f"*{LORA_SUFFIX}")
-            if p.is_file() and not p.name.startswith(".")
+            p for p in self.output.glob(f"*{LORA_SUFFIX}") if p.is_file() and not p.name.startswith(".")
         )
 
     def uploaded_urls(self) -> dict[str, str]:

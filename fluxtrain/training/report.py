@@ -126,9 +126,7 @@ class RunReport:
         self.events.emit("interrupted", step=step, epoch=epoch, **({"state": state} if state else {}))
         log.info("stop requested: stopped at step %d", step)
 
-    def finished(
-        self, path: Path, *, step: int, epoch: int, best: tuple[str, float] | None = None
-    ) -> None:
+    def finished(self, path: Path, *, step: int, epoch: int, best: tuple[str, float] | None = None) -> None:
         """`best`: the file name and validation loss of the best LoRA file, when the run validates."""
         extra = {} if best is None else {"best_checkpoint": best[0], "best_validation_loss": best[1]}
         self.events.emit("finished", path=path, step=step, epoch=epoch, **extra)

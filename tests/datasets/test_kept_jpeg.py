@@ -130,7 +130,7 @@ def test_an_mpo_keeps_its_first_picture_only() -> None:
 NEEDS_CHANGE = {
     "EXIF orientation 6": lambda: encode(photo(), "JPEG", quality=90, exif=gps_exif(orientation=6)),
     "XMP orientation 8": lambda: encode(
-        photo(), "JPEG", quality=90, xmp=b'<x:xmpmeta><tiff:Orientation>8</tiff:Orientation></x:xmpmeta>'
+        photo(), "JPEG", quality=90, xmp=b"<x:xmpmeta><tiff:Orientation>8</tiff:Orientation></x:xmpmeta>"
     ),
     "CMYK": lambda: encode(photo().convert("CMYK"), "JPEG", quality=90),
     "non-sRGB profile": lambda: encode(photo(), "JPEG", quality=90, icc_profile=swapped_primaries_profile()),
@@ -188,7 +188,7 @@ def hostile_variants() -> dict[str, bytes]:
     sos = clean.index(b"\xff\xda")
     return {
         "truncated in the scan": clean[: sos + (len(clean) - sos) // 2],
-        "truncated in the headers": clean[:sos - 10],
+        "truncated in the headers": clean[: sos - 10],
         "no EOI": clean[:-2],
         "APP1 length past the end": with_length(clean, b"\xff\xe1", 0xFFFF),
         "APP1 length 0": with_length(clean, b"\xff\xe1", 0),
