@@ -176,7 +176,9 @@ def test_cancel_a_running_run_leaves_no_process(service: Service) -> None:
 
 def test_service_killed_adopts_then_tree_killed_resumes(service: Service) -> None:
     db = get_database(service.settings)
-    run_id = service.train(output_name="demo", max_train_epochs=4, save_every_n_epochs=1)
+    # Eight epochs (16 steps at 1024 px), so the trainer is still at work when the restarted
+    # service looks (four finished during a restart on the idle 2-core machine).
+    run_id = service.train(output_name="demo", max_train_epochs=8, save_every_n_epochs=1)
     service.wait(run_id, lambda b: any(e["event"] == "checkpoint" for e in service.events(run_id)))
     ref = get_run(db=db, run_id=run_id).backend_ref
 
@@ -200,4 +202,4 @@ def test_service_killed_adopts_then_tree_killed_resumes(service: Service) -> Non
     started = [e for e in service.events(run_id) if e["event"] == "started"]
     assert len(started) == 2
     steps = [e["step"] for e in service.events(run_id) if e["event"] == "step"]
-    assert steps[-1] == 8 and len(done["outputs"]) == 4
+    assert steps[-1] == 16 and len(done["outputs"]) == 8
