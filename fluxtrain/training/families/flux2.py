@@ -10,6 +10,8 @@ image i sits at time 10 + 10 i.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -67,6 +69,11 @@ def encode_klein_text(
         truncation=True,
         max_length=max_tokens,
     )
+    return layer_features(text_encoder, inputs, TEXT_LAYERS[family])
+
+
+def layer_features(text_encoder: nn.Module, inputs: Mapping[str, Tensor], layers: tuple[int, ...]) -> Tensor:
+    """The hidden states `layers` of `text_encoder` on tokenized `inputs`, stacked as FLUX.2 takes them."""
     device = next(text_encoder.parameters()).device
     output = text_encoder(
         input_ids=inputs["input_ids"].to(device),
@@ -74,7 +81,7 @@ def encode_klein_text(
         output_hidden_states=True,
         use_cache=False,
     )
-    return stack_hidden_layers(output.hidden_states, TEXT_LAYERS[family])
+    return stack_hidden_layers(output.hidden_states, layers)
 
 
 def text_ids(features: Tensor) -> Tensor:

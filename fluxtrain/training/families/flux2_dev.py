@@ -120,14 +120,7 @@ def encode_dev_text(
         truncation=True,
         max_length=max_tokens,
     )
-    device = next(text_encoder.parameters()).device
-    output = text_encoder(
-        input_ids=inputs["input_ids"].to(device),
-        attention_mask=inputs["attention_mask"].to(device),
-        output_hidden_states=True,
-        use_cache=False,
-    )
-    return flux2.stack_hidden_layers(output.hidden_states, DEV_TEXT_LAYERS)
+    return flux2.layer_features(text_encoder, inputs, DEV_TEXT_LAYERS)
 
 
 def read_language_model(path: Path, shown: str) -> dict[str, Tensor]:
