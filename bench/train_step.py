@@ -53,7 +53,7 @@ from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.families import flux2
-from fluxtrain.training.families.flux2_dev import dev_transformer_config
+from fluxtrain.training.families.detect import released_flux2_config
 from fluxtrain.training.families.klein import TARGET_PATTERN as KLEIN_TARGETS
 from fluxtrain.training.flow import image_ids, text_ids
 from fluxtrain.training.lora import TARGET_PATTERN, add_lora
@@ -103,11 +103,11 @@ def build_flux2_transformer(family: str, device: torch.device) -> Flux2Transform
     """Random-weight FLUX.2 of the released size on a GPU, the tiny klein model (with dev's guidance
     embedding for dev) on the CPU; bf16."""
     if device.type == "cuda":
-        config = dev_transformer_config(family)
+        config = released_flux2_config(family)
     else:
         config = {
             **tiny_flux2_transformer_config(),
-            "guidance_embeds": dev_transformer_config(family)["guidance_embeds"],
+            "guidance_embeds": released_flux2_config(family)["guidance_embeds"],
         }
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

@@ -180,7 +180,7 @@ def _prefix(image_dir: Path, dataset_folder: Path) -> str:
     return f"{image_dir.as_posix()}/"
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """The files the trainer reads from a subset's folder: its image suffixes, hidden names skipped."""
     return sorted(
         p
@@ -522,7 +522,7 @@ def lint_subsets(
                 )
             )
             continue
-        work.extend((subset, path) for path in _image_files(subset.image_dir))
+        work.extend((subset, path) for path in image_files(subset.image_dir))
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         inspected = list(pool.map(lambda item: _inspect(*item), work))
     findings.extend(_unreadable_findings([item for item in inspected if isinstance(item, _Unreadable)]))

@@ -143,11 +143,11 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
                 trigger_words.append(class_tokens)
             extensions = _caption_extensions(subset.caption_extension)
             uncaptioned = 0
-            files = _image_files(subset.image_dir)
+            files = image_files(subset.image_dir)
             control_dir = subset.control_dir
             pairing = pair_controls(
                 (path.stem for path in files),
-                _image_files(control_dir) if control_dir and control_dir.is_dir() else [],
+                image_files(control_dir) if control_dir and control_dir.is_dir() else [],
             )
             for path in files:
                 sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -203,7 +203,7 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
     )
 
 
-def _image_files(image_dir: Path) -> list[Path]:
+def image_files(image_dir: Path) -> list[Path]:
     """The image files of a subset's folder, in name order (hidden names are files being written)."""
     return [
         path
@@ -223,7 +223,7 @@ def count_images(toml_path: Path) -> int:
     """The images a dataset TOML lists, counted without reading them (for `/train`'s checks)."""
     config = load_dataset_config(toml_path)
     return sum(
-        len(_image_files(subset.image_dir))
+        len(image_files(subset.image_dir))
         for dataset in config.datasets
         for subset in dataset.subsets
         if subset.image_dir.is_dir()
@@ -247,7 +247,7 @@ def _image_hashes(toml_path: Path) -> set[str]:
     hashes: set[str] = set()
     for dataset in config.datasets:
         for subset in dataset.subsets:
-            for path in _image_files(subset.image_dir) if subset.image_dir.is_dir() else []:
+            for path in image_files(subset.image_dir) if subset.image_dir.is_dir() else []:
                 try:
                     hashes.add(hashlib.sha256(path.read_bytes()).hexdigest())
                 except OSError:

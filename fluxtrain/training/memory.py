@@ -63,9 +63,9 @@ from fluxtrain.errors import InvalidInputError
 from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.convert_flux2 import infer_flux2_config
-from fluxtrain.training.data import _image_files
+from fluxtrain.training.data import image_files
 from fluxtrain.training.families.detect import ModelFamily
-from fluxtrain.training.model_checks import _header_shapes, check_transformer, transformer_config
+from fluxtrain.training.model_checks import check_transformer, header_shapes, transformer_config
 
 GIB = 2**30
 PIXELS_PER_TOKEN_SIDE = 16  # the autoencoder's 8x, then 2x2 packing
@@ -269,8 +269,8 @@ def _references_per_target(spec: Any) -> int:
         if not (control_dir.is_dir() and subset.image_dir.is_dir()):
             most = max(most, 1)
             continue
-        targets = (path.stem for path in _image_files(subset.image_dir))
-        pairing = pair_controls(targets, _image_files(control_dir))
+        targets = (path.stem for path in image_files(subset.image_dir))
+        pairing = pair_controls(targets, image_files(control_dir))
         most = max(most, max((len(controls) for controls in pairing.controls.values()), default=1))
     return most
 
@@ -453,7 +453,7 @@ def transformer_shape(path: Path, shown: str) -> TransformerShape | None:
     if family not in FLUX2_FAMILIES or path.is_dir():
         return family_shape(family, transformer_config(path, shown))
     try:
-        return family_shape(family, infer_flux2_config(_header_shapes("pretrained_model", path, shown)))
+        return family_shape(family, infer_flux2_config(header_shapes("pretrained_model", path, shown)))
     except InvalidInputError:
         return None
 

@@ -43,7 +43,7 @@ class HeaderShape:
     shape: tuple[int, ...]
 
 
-def _header_shapes(field: str, path: Path, shown: str) -> dict[str, list[int]]:
+def header_shapes(field: str, path: Path, shown: str) -> dict[str, list[int]]:
     """Every tensor's shape from the safetensors header; the weights are not read."""
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise InvalidInputError(
@@ -85,7 +85,7 @@ def check_transformer(path: Path, shown: str) -> DetectedTransformer:
     if path.is_dir():
         source, detect = _folder_config("pretrained_model", path, shown)[1], detect_from_config
     else:
-        source, detect = _header_shapes("pretrained_model", path, shown), detect_from_shapes
+        source, detect = header_shapes("pretrained_model", path, shown), detect_from_shapes
     try:
         return detect(source)
     except InvalidInputError as exc:
@@ -102,7 +102,7 @@ def check_component(field: str, path: Path, shown: str) -> None:
     if path.is_dir():
         _folder_config(field, path, shown)
         return
-    if not _header_shapes(field, path, shown):
+    if not header_shapes(field, path, shown):
         raise InvalidInputError(f"{field}: '{shown}' holds no tensors")
 
 
@@ -130,5 +130,5 @@ def transformer_config(path: Path, shown: str) -> dict[str, Any]:
     check_transformer(path, shown)
     if path.is_dir():
         return _folder_config("pretrained_model", path, shown)[1]
-    shapes = _header_shapes("pretrained_model", path, shown)
+    shapes = header_shapes("pretrained_model", path, shown)
     return infer_transformer_config({key: HeaderShape(tuple(shape)) for key, shape in shapes.items()})

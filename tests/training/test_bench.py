@@ -10,7 +10,7 @@ from diffusers import FluxTransformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fluxtrain.training.families.flux2_dev import dev_transformer_config
+from fluxtrain.training.families.detect import released_flux2_config
 from fluxtrain.training.model_files import shipped_config
 from fluxtrain.training.tiny import tiny_transformer_config
 
@@ -66,9 +66,9 @@ def test_flux2_forward_flops_match_torch_counting_every_matmul(bench: ModuleType
         model(**batch)
     expected = bench.flux2_forward_flops(model.config, image_tokens=16, text_tokens=512)
     assert counter.get_total_flops() == expected
-    klein = dev_transformer_config("flux2-klein-4b")
+    klein = released_flux2_config("flux2-klein-4b")
     assert (klein["num_layers"], klein["num_single_layers"], klein["num_attention_heads"]) == (5, 20, 24)
-    dev = dev_transformer_config()
+    dev = released_flux2_config("flux2-dev")
     assert [dev[k] for k in ("num_layers", "num_single_layers", "num_attention_heads")] == [8, 48, 48]
     assert dev["guidance_embeds"] and not klein["guidance_embeds"]
 

@@ -21,11 +21,10 @@ from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.rundir import read_events
 from fluxtrain.training.config import load_config
 from fluxtrain.training.families import flux2
-from fluxtrain.training.families.detect import detect_from_config
+from fluxtrain.training.families.detect import detect_from_config, released_flux2_config
 from fluxtrain.training.families.family import family_for
 from fluxtrain.training.families.flux2_dev import (
     SYSTEM_MESSAGE,
-    dev_transformer_config,
     encode_dev_text,
     load_mistral,
     load_mistral_tokenizer,
@@ -266,10 +265,10 @@ def test_dev_lora_loads_into_flux2_pipeline_and_changes_it(overfit: dict[str, An
 
 
 def test_the_full_size_dev_config_is_detected_as_released_dev() -> None:
-    config = {"_class_name": "Flux2Transformer2DModel", **dev_transformer_config()}
+    config = {"_class_name": "Flux2Transformer2DModel", **released_flux2_config("flux2-dev")}
     assert detect_from_config(config).family == "flux2-dev" and detect_from_config(config).full_size
     with torch.device("meta"):
-        model = Flux2Transformer2DModel(**dev_transformer_config())
+        model = Flux2Transformer2DModel(**released_flux2_config("flux2-dev"))
     assert 31e9 < sum(p.numel() for p in model.parameters()) < 33e9  # FLUX.2 [dev] is a 32B transformer
 
 

@@ -44,6 +44,22 @@ FLUX2_VARIANTS = (
     Flux2Variant("flux2-klein-4b", "FLUX.2 [klein] 4B", 7680, 5, 20, 3072, False, "Qwen3-4B"),
     Flux2Variant("flux2-klein-9b", "FLUX.2 [klein] 9B", 12288, 8, 24, 4096, False, "Qwen3-8B"),
 )
+
+
+def released_flux2_config(family: ModelFamily) -> dict[str, Any]:
+    """Flux2Transformer2DModel kwargs of a released FLUX.2 size (its blocks, widths, guidance
+    embedding; the rest diffusers' defaults), for benchmarks at full size with random weights."""
+    variant = next(v for v in FLUX2_VARIANTS if v.family == family)
+    return {
+        "num_layers": variant.num_layers,
+        "num_single_layers": variant.num_single_layers,
+        "num_attention_heads": variant.hidden // 128,
+        "attention_head_dim": 128,
+        "joint_attention_dim": variant.joint_attention_dim,
+        "guidance_embeds": variant.guidance,
+    }
+
+
 FAMILY_TITLES: dict[str, str] = {
     "flux1": "FLUX.1",
     "flux1-kontext": "FLUX.1 Kontext",

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoTokenizer, MistralConfig, MistralModel,
 from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.families import flux2
-from fluxtrain.training.families.detect import FLUX2_VARIANTS, ModelFamily, block_count
+from fluxtrain.training.families.detect import block_count
 from fluxtrain.training.families.klein import Klein, KleinFiles
 from fluxtrain.training.families.mistral_files import (
     DEEPEST_TEXT_LAYER,
@@ -52,22 +52,6 @@ SYSTEM_MESSAGE = (
     "object relationships, object\nattribution and actions without speculation."
 )
 """BFL's system message for FLUX.2 [dev] prompts (flux2 `system_messages.py`), as diffusers has it."""
-
-
-def dev_transformer_config(family: ModelFamily = "flux2-dev") -> dict[str, Any]:
-    """Flux2Transformer2DModel kwargs of the released FLUX.2 [dev] (32B): 8 double and 48 single
-    blocks, 48 heads of 128, 15360-wide text features, the guidance embedding; for benchmarks.
-    `family` names another released FLUX.2 size (klein 4B / 9B: its blocks and widths, no guidance
-    embedding), the rest the diffusers defaults."""
-    variant = next(v for v in FLUX2_VARIANTS if v.family == family)
-    return {
-        "num_layers": variant.num_layers,
-        "num_single_layers": variant.num_single_layers,
-        "num_attention_heads": variant.hidden // 128,
-        "attention_head_dim": 128,
-        "joint_attention_dim": variant.joint_attention_dim,
-        "guidance_embeds": variant.guidance,
-    }
 
 
 def load_mistral_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
