@@ -315,9 +315,6 @@ class ImageWorkers:
                     worker.starting = False
             self._wake(None)
 
-    def pids(self) -> list[int]:
-        return [worker.process.pid for worker in self._workers]
-
     async def run(self, job: Callable[..., T], *args: object) -> T:
         """`job(*args)` in a worker; WorkerCrashedError when it kills even a process of its own."""
         message = encode((job, args))
