@@ -29,6 +29,7 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from fluxtrain.datasets.jpeg_markers import strip_metadata
+from fluxtrain.datasets.png_inflate import repacked
 
 pillow_heif.register_heif_opener()
 Image.MAX_IMAGE_PIXELS = None
@@ -209,6 +210,8 @@ def normalize_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
 def reencode_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
     """Decode `data` and re-encode it as sRGB baseline JPEG q95, orientation applied, metadata dropped."""
     with _open(data, max_pixels) as image:
+        fast = repacked(data) if image.format == "PNG" else None
+    with _open(fast or data, max_pixels) as image:
         frame = _load_first_frame(image)
         icc = frame.info.get("icc_profile")
         try:
