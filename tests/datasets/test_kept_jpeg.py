@@ -7,6 +7,7 @@ progressive, optimised tables, 4:4:4 and 4:2:0 subsampling, restart markers, gre
 """
 
 import asyncio
+import contextlib
 import io
 import json
 import random
@@ -17,7 +18,7 @@ from PIL import Image, ImageCms, ImageOps
 from fluxtrain.datasets import images
 from fluxtrain.datasets.images import ImageRejectedError, NormalizedImage, normalize_image, reencode_image
 from fluxtrain.datasets.ingest import download_images
-from fluxtrain.datasets.jpeg_markers import MalformedJpegError, strip_metadata
+from fluxtrain.datasets.jpeg_markers import MalformedJpegError, strip_metadata, without_scan_data
 from fluxtrain.settings import Settings
 from tests.datasets.support import LoopbackServer, Reply, encode
 from tests.datasets.test_images import linear_grey_profile, swapped_primaries_profile
@@ -215,6 +216,37 @@ def test_random_damage_never_crashes_and_the_decode_path_decides() -> None:
         for _ in range(generator.randint(1, 4)):
             damaged[generator.randrange(2, min(len(damaged), 900))] = generator.randrange(256)
         assert_decode_decides(bytes(damaged))
+
+
+@pytest.mark.parametrize("where", ["anywhere", "in the scans"])
+def test_the_skeleton_check_refuses_exactly_what_a_full_decode_refuses(where: str) -> None:
+    """Damaged files in every clean form: kept only when the whole file decodes (then pixel-exact),
+    otherwise decided by the decode path. Enough of them must have a sound marker structure and
+    still fail to decode (the cases only the skeleton check catches) for this to mean something."""
+    generator = random.Random(1 if where == "anywhere" else 2)
+    forms = list(CLEAN_FORMS.values())
+    refused = 0
+    for trial in range(300):
+        mode, params = forms[trial % len(forms)]
+        size = (generator.randint(8, 160), generator.randint(8, 160))
+        clean = encode(photo(mode, size), "JPEG", **params)
+        first = 2 if where == "anywhere" else clean.index(b"\xff\xda") + 14
+        damaged = bytearray(clean)
+        for _ in range(generator.randint(1, 6)):
+            damaged[generator.randrange(first, len(damaged) - 2)] = generator.randrange(256)
+        with contextlib.suppress(MalformedJpegError):
+            strip_metadata(bytes(damaged))
+            refused += outcome(previous_normalize, bytes(damaged))[0] == "refused"
+        assert_decode_decides(bytes(damaged))
+    assert refused >= (20 if where == "anywhere" else 3)
+
+
+def test_the_skeleton_keeps_every_segment_and_no_scan_data() -> None:
+    clean = strip_metadata(encode(photo(), "JPEG", quality=85, progressive=True))
+    skeleton = without_scan_data(clean)
+    assert segments(skeleton)[0] == segments(clean)[0]
+    assert skeleton.count(b"\xff\xda") == clean.count(b"\xff\xda") > 1
+    assert skeleton.endswith(b"\xff\xd9") and len(skeleton) < len(clean) // 4
 
 
 @pytest.mark.parametrize(
