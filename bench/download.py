@@ -614,9 +614,13 @@ def side_by_side(*, n: int, python: str | None) -> None:
 
         def cell(outcome: Outcome, bound: float | None = bound) -> str:
             versus = f", {outcome.wall_s / bound:.2f}x the bound" if bound else ""
+            split = ""
+            if outcome.worker_cpu_s:
+                loop_cpu = outcome.cpu_s - outcome.worker_cpu_s
+                split = f" ({loop_cpu / n * 1000:.1f} loop + {outcome.worker_cpu_s / n * 1000:.1f} workers)"
             return (
                 f"{outcome.wall_s:.2f} s, {n / outcome.wall_s:.0f} img/s, "
-                f"{outcome.cpu_s / n * 1000:.1f} ms CPU/img{versus}"
+                f"{outcome.cpu_s / n * 1000:.1f} ms CPU/img{split}{versus}"
             )
 
         ratio = f"**{theirs.wall_s / ours.wall_s:.2f}x**" if theirs else "-"
