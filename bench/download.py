@@ -12,7 +12,7 @@ the same URLs at the same total concurrency, re-encoding to JPEG quality 95 like
 
     .venv/bin/python bench/download.py [--n 1000] [--concurrency 32] [--latency 0] [--jpeg] \\
         [--img2dataset-python /tmp/i2d-venv/bin/python]
-    .venv/bin/python bench/download.py --side-by-side [--n 1000] --img2dataset-python /work/i2d/bin/python
+    .venv/bin/python bench/download.py --side-by-side [--n 1000] [--runs 3] --img2dataset-python /work/i2d/bin/python
 """
 
 from __future__ import annotations
@@ -574,39 +574,54 @@ REGIMES = (
 )
 
 
-def side_by_side(*, n: int, python: str | None) -> None:
-    """Every regime of REGIMES for both tools, then one table of them side by side."""
-    rows: list[tuple[Regime, float | None, Outcome, Outcome | None]] = []
+def _median_outcome(outcomes: list[Outcome]) -> Outcome:
+    return sorted(outcomes, key=lambda outcome: outcome.wall_s)[len(outcomes) // 2]
+
+
+def side_by_side(*, n: int, python: str | None, runs: int) -> None:
+    """Every regime of REGIMES for both tools, `runs` times in turn, then one table: each tool's
+    median run, and the median (and range) of the run-by-run ratios, which drift less than the
+    machine does."""
+    rows: list[tuple[Regime, float | None, list[Outcome], list[Outcome]]] = []
     for regime in REGIMES:
         bound = n * regime.latency / regime.concurrency if regime.latency > 0 else None
         print(f"\n== {regime.label} (load average {' '.join(f'{v:.2f}' for v in os.getloadavg())})")
+        ours: list[Outcome] = []
+        theirs: list[Outcome] = []
         with image_server(regime.latency, jpeg=regime.jpeg, kind=regime.server, side=regime.side) as server:
             suffix = "jpg" if regime.jpeg else "png"
             urls = [f"http://127.0.0.1:{server.port}/img/{i:06d}.{suffix}" for i in range(n)]
-            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-", dir=WORKDIR) as tmp:
-                ours = run_fluxtrain(
-                    server=server,
-                    urls=urls,
-                    concurrency=regime.concurrency,
-                    per_host=regime.concurrency,
-                    workdir=Path(tmp),
-                    profile=False,
-                    cprofile=False,
-                )
-            _report(ours, n=n, bound=bound)
-            theirs = None
-            if python:
-                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
-                    theirs = run_img2dataset(
-                        python=python,
-                        server=server,
-                        urls=urls,
-                        concurrency=regime.concurrency,
-                        workdir=Path(tmp),
+            for _ in range(runs):
+                with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-", dir=WORKDIR) as tmp:
+                    ours.append(
+                        run_fluxtrain(
+                            server=server,
+                            urls=urls,
+                            concurrency=regime.concurrency,
+                            per_host=regime.concurrency,
+                            workdir=Path(tmp),
+                            profile=False,
+                            cprofile=False,
+                        )
                     )
-                _report(theirs, n=n, bound=bound)
+                _report(ours[-1], n=n, bound=bound)
+                if python:
+                    with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
+                        theirs.append(
+                            run_img2dataset(
+                                python=python,
+                                server=server,
+                                urls=urls,
+                                concurrency=regime.concurrency,
+                                workdir=Path(tmp),
+                            )
+                        )
+                    _report(theirs[-1], n=n, bound=bound)
         rows.append((regime, bound, ours, theirs))
-    print(f"\nside by side, n={n} distinct URLs ({IMAGE_SIDE} px unless the regime says), download phase")
+    print(
+        f"\nside by side, n={n} distinct URLs ({IMAGE_SIDE} px unless the regime says), download phase, "
+        f"median of {runs} run(s) each"
+    )
     print("| regime | latency bound | fluxtrain | img2dataset | fluxtrain / img2dataset |")
     print("|---|---|---|---|---|")
     for regime, bound, ours, theirs in rows:
@@ -623,10 +638,15 @@ def side_by_side(*, n: int, python: str | None) -> None:
                 f"{outcome.cpu_s / n * 1000:.1f} ms CPU/img{split}{versus}"
             )
 
-        ratio = f"**{theirs.wall_s / ours.wall_s:.2f}x**" if theirs else "-"
-        print(
-            f"| {regime.label} | {bound_text} | {cell(ours)} | {cell(theirs) if theirs else '-'} | {ratio} |"
-        )
+        ratio = "-"
+        if theirs:
+            ratios = sorted(t.wall_s / o.wall_s for o, t in zip(ours, theirs, strict=True))
+            ratio = f"**{statistics.median(ratios):.2f}x**"
+            if len(ratios) > 1:
+                ratio += f" ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+        mine = cell(_median_outcome(ours))
+        peer = cell(_median_outcome(theirs)) if theirs else "-"
+        print(f"| {regime.label} | {bound_text} | {mine} | {peer} | {ratio} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -667,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.side_by_side:
         python = None if args.skip_img2dataset else find_img2dataset_python(args.img2dataset_python)
         print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; python {sys.version.split()[0]}")
-        side_by_side(n=args.n, python=python)
+        side_by_side(n=args.n, python=python, runs=args.runs)
         print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
         return 0
     per_host = args.per_host or args.concurrency
