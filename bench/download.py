@@ -12,7 +12,8 @@ the same URLs at the same total concurrency, re-encoding to JPEG quality 95 like
 
     .venv/bin/python bench/download.py [--n 1000] [--concurrency 32] [--latency 0] [--jpeg] \\
         [--img2dataset-python /tmp/i2d-venv/bin/python]
-    .venv/bin/python bench/download.py --side-by-side [--n 1000] [--runs 3] --img2dataset-python /work/i2d/bin/python
+    .venv/bin/python bench/download.py --side-by-side [--n 1000] [--runs 3] \\
+        --img2dataset-python /work/i2d/bin/python
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ DISTINCT_BODIES = 8
 WORKDIR: str | None = None
 """Where both tools write their images (--workdir; default the system's temporary folder)."""
 PNG_SIGNATURE_AND_IHDR = 8 + 25
+SETTLE_SECONDS = 1.0
 
 
 def make_bodies(count: int, side: int, *, jpeg: bool) -> list[bytes]:
@@ -301,6 +303,12 @@ def _kept_count(folder: Path) -> int:
     return sum(1 for entry in manifest.values() if entry.get("stored") == "kept")
 
 
+def settle() -> None:
+    """Flush the files earlier runs wrote, so their writeback does not run during the next timed run."""
+    os.sync()
+    time.sleep(SETTLE_SECONDS)
+
+
 def run_fluxtrain(
     *,
     server: ImageServer,
@@ -333,6 +341,7 @@ def run_fluxtrain(
                 watcher.cancel()
 
     image_workers(settings.image_workers).start()
+    settle()
     requests_before, server_cpu_before = server.served.value, server.cpu_seconds()
     cpu_before, workers_before = _own_cpu_seconds(), _worker_cpu(server)
     with probe.installed() if probe else nullcontext():
@@ -381,6 +390,7 @@ def run_fluxtrain_cli(
         "COLUMNS": "100",
     }
     command = [str(Path(sys.executable).with_name("fluxtrain")), "download", "bench", "--file", str(url_list)]
+    settle()
     requests_before, server_cpu_before = server.served.value, server.cpu_seconds()
     cpu_before = _children_cpu_seconds()
     started = time.perf_counter()
@@ -481,6 +491,7 @@ def run_img2dataset(
         "enable_wandb": False,
         "disallowed_header_directives": [],
     }
+    settle()
     requests_before, server_cpu_before = server.served.value, server.cpu_seconds()
     cpu_before = _children_cpu_seconds()
     started = time.perf_counter()
