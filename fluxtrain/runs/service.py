@@ -29,7 +29,7 @@ from fluxtrain.runs.webhooks import check_webhook
 from fluxtrain.settings import Settings
 from fluxtrain.training import memory
 from fluxtrain.training.config import TrainConfig, check_dataset_for_training, refuse_cuda_only_options
-from fluxtrain.training.data import check_training_images_left, count_images, held_out_count
+from fluxtrain.training.data import count_images, held_out_count, run_images
 from fluxtrain.training.edit_pairs import MAX_REFERENCES, check_run_family
 from fluxtrain.training.families.detect import model_fields
 from fluxtrain.training.families.mistral_files import check_mistral_text_encoder
@@ -87,8 +87,6 @@ def resolve_config(*, settings: Settings, request: BaseModel) -> TrainConfig:
         config = config.model_copy(update={"model_family": family})  # the trainer trains the pairs as linted
     if config.validation_split is not None:
         held_out_count(config.validation_split, count_images(toml))
-    if validation_toml is not None:
-        check_training_images_left(toml, validation_toml)
     if settings.executor == "local":
         _check_local_host(settings, config, gpus=getattr(request, "gpus", 1))
         config = _fit_local_memory(settings, config)
@@ -161,6 +159,8 @@ def create_run(
     lint = lint_run_dataset(settings=settings, config=config, gpus=getattr(request, "gpus", 1))
     if lint.errors:
         raise InvalidInputError(f"dataset {lint.dataset} cannot be trained: {lint.error_message()}")
+    if config.validation_split is not None or config.validation_dataset_config is not None:
+        run_images(config)
     run_id = uuid.uuid4().hex
     folder = run_dir(settings, run_id)
     folder.mkdir(parents=True)

@@ -230,31 +230,6 @@ def count_images(toml_path: Path) -> int:
     )
 
 
-def check_training_images_left(toml_path: Path, held_out_toml: Path) -> None:
-    """Refuse a validation dataset that holds every training image (by content, as `hold_out` drops
-    them), so `/train` answers 422 instead of queueing a run that fails. Unreadable files are left
-    to the lint."""
-    training = _image_hashes(toml_path)
-    if training and training <= _image_hashes(held_out_toml):
-        raise InvalidInputError(
-            f"validation_dataset '{held_out_toml.stem}' holds every image of the training dataset and "
-            "leaves none to train on"
-        )
-
-
-def _image_hashes(toml_path: Path) -> set[str]:
-    config = load_dataset_config(toml_path)
-    hashes: set[str] = set()
-    for dataset in config.datasets:
-        for subset in dataset.subsets:
-            for path in image_files(subset.image_dir) if subset.image_dir.is_dir() else []:
-                try:
-                    hashes.add(hashlib.sha256(path.read_bytes()).hexdigest())
-                except OSError:
-                    continue
-    return hashes
-
-
 def held_out_count(split: float | int, images: int) -> int:
     """How many of `images` a `validation_split` holds out: a count as given, a fraction of them rounded
     half up and at least one. A split that leaves no image to train on is refused."""
@@ -291,14 +266,27 @@ def hold_out(data: TrainingData, config: TrainConfig) -> tuple[TrainingData, Tra
     held_content = {image.sha256 for image in held}
     training = [image for image in data.images if image.sha256 not in held_content]
     if not training:
+        if config.validation_dataset_config is not None:
+            raise InvalidInputError(
+                f"validation_dataset '{Path(config.validation_dataset_config).stem}' holds every image of "
+                "the training dataset and leaves none to train on"
+            )
         raise InvalidInputError(
-            "every training image is also a held-out validation image: none is left to train on"
+            f"validation_split {config.validation_split} holds out {len(held)} image(s) and every other "
+            "image is a copy of one of them (same content): none is left to train on"
         )
     held = [_as_held_out(image) for image in held]
     return (
         replace(data, images=training, buckets=_bucket_counts(training)),
         replace(data, images=held, buckets=_bucket_counts(held)),
     )
+
+
+def run_images(config: TrainConfig) -> tuple[TrainingData, TrainingData | None]:
+    """The run's training and held-out images exactly as the trainer takes them; `/train` calls it
+    too, so a validation split or dataset that leaves nothing to train on (duplicates included) is a
+    422 before any run exists."""
+    return hold_out(load_training_data(config.dataset_config, enable_bucket=config.enable_bucket), config)
 
 
 def epoch_batches(data: TrainingData, *, epoch: int, seed: int) -> list[list[int]]:

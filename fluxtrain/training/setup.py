@@ -27,7 +27,7 @@ from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.training import cache as feature_cache
 from fluxtrain.training import state
 from fluxtrain.training.config import TrainConfig
-from fluxtrain.training.data import StepPlan, TrainingData, hold_out, load_training_data, plan_steps
+from fluxtrain.training.data import StepPlan, TrainingData, plan_steps, run_images
 from fluxtrain.training.distributed import exclude_frozen_from_ddp
 from fluxtrain.training.edit_pairs import lint_edit_pairs, pair_family
 from fluxtrain.training.families.family import Family, FamilyFiles, family_for
@@ -83,9 +83,7 @@ def set_up(
 ) -> Setup:
     """Build the run's Setup; `counter` is resumed in place. Raises StoppedInSetUp on a stop request."""
     set_seed(config.seed)
-    data, held_out = hold_out(
-        load_training_data(config.dataset_config, enable_bucket=config.enable_bucket), config
-    )
+    data, held_out = run_images(config)
     dataset = load_dataset_config(config.dataset_config)
     transformer = resolve_model_path(models_root, "pretrained_model", config.pretrained_model)
     name = pair_family(transformer, config.pretrained_model, requested=config.model_family, config=dataset)

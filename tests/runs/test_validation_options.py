@@ -60,6 +60,7 @@ def test_validation_fields_reach_run_json(run_settings: Settings, db: Database) 
         ({"validation_dataset": "empty"}, "validation_dataset 'empty' lists no images"),
         ({"validation_dataset": "three"}, "validation_dataset 'three' holds every image of the training"),
         ({"validation_dataset": "copy"}, "validation_dataset 'copy' holds every image of the training"),
+        ({"dataset": "twins", "validation_split": 1}, "every other image is a copy of one of them"),
     ],
 )
 def test_validation_options_that_cannot_work_are_refused_before_a_run_exists(
@@ -69,6 +70,8 @@ def test_validation_options_that_cannot_work_are_refused_before_a_run_exists(
     _dataset(run_settings, "held", 1)
     _dataset(run_settings, "empty", 0)
     _dataset(run_settings, "copy", 4)  # the same pictures as "three" under the same names, and one more
+    twins = _dataset(run_settings, "twins", 1).parent / "twins"
+    (twins / "again.png").write_bytes((twins / "0.png").read_bytes())  # two files, one picture
     with pytest.raises(InvalidInputError) as caught:
         _create(run_settings, db, **fields)
     assert needle in str(caught.value)
