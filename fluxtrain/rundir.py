@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fluxtrain.fsutil import tail_lines
+from fluxtrain.fsutil import atomic_write_json, tail_lines
 
 LORA_SUFFIX = ".safetensors"
 SAMPLE_SUFFIX = ".png"
@@ -75,6 +75,11 @@ class RunDir:
         return self.root / "uploads-state.json"
 
     @property
+    def removed(self) -> Path:
+        """Artifacts the trainer deleted on purpose (keep_best_only), whose remote copies go too."""
+        return self.root / "removed.json"
+
+    @property
     def lint_warnings(self) -> Path:
         """The dataset lint's warnings at `/train`, written once by `runs` when the run is created."""
         return self.root / "lint-warnings.json"
@@ -105,6 +110,19 @@ class RunDir:
         return sorted(
             p for p in self.output.glob(f"*{LORA_SUFFIX}") if p.is_file() and not p.name.startswith(".")
         )
+
+    def removed_keys(self) -> set[str]:
+        """`removed.json`: the `key()`s of artifacts deleted on purpose; empty when none was."""
+        try:
+            data = json.loads(self.removed.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        return {str(key) for key in data} if isinstance(data, list) else set()
+
+    def note_removed(self, paths: list[Path]) -> None:
+        """Add deleted artifacts to `removed.json` (the trainer's main process is its only writer)."""
+        if paths:
+            atomic_write_json(self.removed, sorted(self.removed_keys() | {self.key(p) for p in paths}))
 
     def uploaded_urls(self) -> dict[str, str]:
         """`uploads.json`: remote URLs keyed by `key()`; empty before the first upload."""

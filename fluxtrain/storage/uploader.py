@@ -4,7 +4,10 @@ A run's files go to `<prefix>/<run_id>/<path in run dir>`, e.g.
 `s3://bucket/prefix/<run_id>/output/mylora-000001.safetensors`. Only finished files are sent:
 every regular file under `output/` and `samples/` whose path has no part starting with '.'
 (the trainer writes to hidden temporary names and renames). A file whose size or mtime changed
-since its upload is sent again. Local files are never deleted or modified.
+since its upload is sent again. Local files are never deleted or modified here; a file the trainer
+deleted on purpose (`keep_best_only` removes the other epoch checkpoints) is listed in
+`RunDir.removed`, and its remote copy is deleted too. A file that merely vanished keeps its copy:
+the remote store is where a lost local run dir is recovered from.
 
 Two files in the run dir record what was sent, both written atomically (temp file + rename):
 
@@ -36,7 +39,13 @@ Each outcome is also appended to the run's events (`fluxtrain.rundir`), as the t
     {"event": "upload_failed", "time": 1732540001.25, "file": "output/mylora.safetensors",
      "error": "...", "attempts": 2, "retry_in": 4.0}
 
-(`retry_in` is null when no further try is planned: the final sync gave up.)
+(`retry_in` is null when no further try is planned: the final sync gave up.) A remote copy deleted
+after its file was removed on purpose, or a deletion that failed and is tried on the next pass:
+
+    {"event": "upload_removed", "time": 1732540001.25, "file": "output/mylora-000001.safetensors",
+     "url": "s3://..."}
+    {"event": "upload_remove_failed", "time": 1732540001.25, "file": "output/mylora-000001.safetensors",
+     "url": "s3://...", "error": "..."}
 
 Use `sync_once` on every executor tick, or an `ArtifactSync` thread per run, and `final_sync`
 (or `ArtifactSync.stop()`) when the run ends.
@@ -44,6 +53,7 @@ Use `sync_once` on every executor tick, or an `ArtifactSync` thread per run, and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -95,6 +105,8 @@ class SyncReport(BaseModel):
     uploaded: list[str] = Field(default_factory=list)
     failed: list[str] = Field(default_factory=list)
     pending: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+    remove_failed: list[str] = Field(default_factory=list)
 
 
 def _short(exc: BaseException) -> str:
@@ -248,7 +260,31 @@ def sync_once(
             _save_state(run_dir, state)
             _append_event(run_dir, "upload", file=relpath, url=url, size=stat.st_size)
             report.uploaded.append(relpath)
+        _remove_deleted(store, run_dir, state, report)
     return report
+
+
+def _remove_deleted(store: RemoteStore, run_dir: Path, state: UploadState, report: SyncReport) -> None:
+    """Delete the remote copies of files the trainer removed on purpose; a failure waits for the next pass."""
+    removed = RunDir(run_dir).removed_keys()
+    if removed & state.failed.keys():
+        for relpath in removed & state.failed.keys():
+            del state.failed[relpath]  # nothing is left to send
+        _save_state(run_dir, state)
+    for relpath in sorted(removed & state.uploaded.keys()):
+        url = state.uploaded[relpath].url
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                store.fs.rm_file(store.path(f"{run_dir.name}/{relpath}"))
+        except Exception as exc:  # every library and network error is worth another pass
+            logger.warning("deleting %s failed: %s", url, _short(exc))
+            _append_event(run_dir, "upload_remove_failed", file=relpath, url=url, error=_short(exc))
+            report.remove_failed.append(relpath)
+            continue
+        del state.uploaded[relpath]
+        _save_state(run_dir, state)
+        _append_event(run_dir, "upload_removed", file=relpath, url=url)
+        report.removed.append(relpath)
 
 
 def final_sync(
@@ -269,8 +305,9 @@ def final_sync(
             store=store, run_dir=run_dir, force=True, give_up=last, backoff_s=backoff_s, until=until
         )
         total.uploaded.extend(report.uploaded)
-        total.failed, total.pending = report.failed, report.pending
-        if not (report.failed or report.pending):
+        total.removed.extend(report.removed)
+        total.failed, total.pending, total.remove_failed = report.failed, report.pending, report.remove_failed
+        if not (report.failed or report.pending or report.remove_failed):
             break
         remaining = until - time.time()
         if last or remaining <= 0:

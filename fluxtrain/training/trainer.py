@@ -327,7 +327,8 @@ class Trainer:
         best = min(present.items(), key=lambda item: item[1])
         mark_best_checkpoint(final.parent / best[0])
         if self.config.keep_best_only:
-            for path in self.run_dir.lora_files():
-                if path.name not in (best[0], final.name):
-                    path.unlink()
+            others = [p for p in self.run_dir.lora_files() if p.name not in (best[0], final.name)]
+            for path in others:
+                path.unlink()
+            self.run_dir.note_removed(others)
         return best

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fluxtrain.rundir import RunDir
 from fluxtrain.storage.remote import RemoteStore
 from fluxtrain.storage.uploader import (
     ArtifactSync,
@@ -220,3 +221,61 @@ def test_final_sync_stops_at_its_deadline_and_reports_what_was_left(
     ]
     assert "ran out of its 0 s" in gave_up[0]["error"]
     assert (run_dir / "samples" / "000010-0.png").exists()
+
+
+def test_a_checkpoint_removed_on_purpose_loses_its_remote_copy_and_a_vanished_one_keeps_it(
+    moto_server: object, s3_store: RemoteStore, run_dir: Path
+) -> None:
+    s3_store.fs.mkdir("artifacts")
+    (run_dir / "output" / "mylora-000002.safetensors").write_bytes(b"checkpoint-2")
+    sync_once(store=s3_store, run_dir=run_dir)
+    first, second = (run_dir / "output" / f"mylora-00000{epoch}.safetensors" for epoch in (1, 2))
+    first.unlink()  # keep_best_only's removal, recorded as the trainer records it
+    RunDir(run_dir).note_removed([first])
+    second.unlink()  # gone without a record: its remote copy is the backup
+
+    report = sync_once(store=s3_store, run_dir=run_dir)
+    assert report.removed == ["output/mylora-000001.safetensors"]
+    assert not s3_store.fs.exists(s3_store.path(f"{RUN_ID}/output/mylora-000001.safetensors"))
+    kept = s3_store.path(f"{RUN_ID}/output/mylora-000002.safetensors")
+    assert s3_store.fs.cat_file(kept) == b"checkpoint-2"
+    assert json.loads((run_dir / "uploads.json").read_text()) == {
+        "output/mylora-000002.safetensors": f"{PREFIX}/output/mylora-000002.safetensors",
+        "samples/000010-0.png": f"{PREFIX}/samples/000010-0.png",
+    }
+    removed = [e for e in _events(run_dir) if e["event"] == "upload_removed"]
+    assert removed == [
+        {
+            "event": "upload_removed",
+            "time": removed[0]["time"],
+            "file": "output/mylora-000001.safetensors",
+            "url": f"{PREFIX}/output/mylora-000001.safetensors",
+        }
+    ]
+    assert sync_once(store=s3_store, run_dir=run_dir).removed == [], "deleted once"
+
+
+def test_a_failed_remote_deletion_is_tried_again_by_the_final_sync(
+    moto_server: object, s3_store: RemoteStore, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_store.fs.mkdir("artifacts")
+    sync_once(store=s3_store, run_dir=run_dir)
+    checkpoint = run_dir / "output" / "mylora-000001.safetensors"
+    checkpoint.unlink()
+    RunDir(run_dir).note_removed([checkpoint])
+    real_rm = s3_store.fs.rm_file
+    calls: list[str] = []
+
+    def flaky_rm(path: str, **kwargs: object) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise ConnectionError("the endpoint went away")
+        real_rm(path, **kwargs)
+
+    monkeypatch.setattr(s3_store.fs, "rm_file", flaky_rm)
+    report = final_sync(store=s3_store, run_dir=run_dir, backoff_s=0.01, sleep=lambda _: None)
+    assert report.removed == ["output/mylora-000001.safetensors"] and report.remove_failed == []
+    assert len(calls) == 2
+    assert not s3_store.fs.exists(s3_store.path(f"{RUN_ID}/output/mylora-000001.safetensors"))
+    failed = [e for e in _events(run_dir) if e["event"] == "upload_remove_failed"]
+    assert len(failed) == 1 and "the endpoint went away" in failed[0]["error"]

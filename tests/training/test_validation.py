@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fluxtrain.errors import InvalidInputError
-from fluxtrain.rundir import read_events
+from fluxtrain.rundir import RunDir, read_events
 from fluxtrain.training.config import TrainConfig, load_config
 from fluxtrain.training.data import epoch_batches, held_out_count, hold_out, load_training_data
 from fluxtrain.training.trainer import StopFlag, Trainer
@@ -256,6 +256,7 @@ def test_the_best_is_the_lowest_and_keep_best_only_keeps_it_and_the_final_file(
     trainer.file_losses = dict(losses)
     assert trainer.settle_best(output / "tiny.safetensors", 0.4) == ("tiny-000002.safetensors", 0.31)
     assert sorted(p.name for p in output.iterdir()) == ["tiny-000002.safetensors", "tiny.safetensors"]
+    assert RunDir(run).removed_keys() == {"output/tiny-000001.safetensors", "output/tiny-000003.safetensors"}
     assert _metadata(output / "tiny-000002.safetensors") == {"ss_epoch": "1", "best_checkpoint": "true"}
     assert "best_checkpoint" not in _metadata(output / "tiny.safetensors")
 
