@@ -11,11 +11,17 @@ A `bytes` of RAW_BYTES or more inside the message (a downloaded body) is a raw p
 it goes from the parent's own buffer into the socket, so the body is never copied on the way.
 The parent first sends its `sys.path`, then jobs `(function, args)`; this side answers
 `("ready",)` once, then `(True, value)` or `(False, exception)` per job.
+
+A worker runs NICENESS steps below its parent: image work is batch work, and whenever the parent's
+event loop (fetching, serving the API) or anything else on the host needs a core, it gets it first;
+the workers still take every cycle left over. Measured against a ThreadingHTTPServer on the same two
+cores (README, Downloads), this took the download from 4.72-4.77 s to 4.36-4.51 s.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import socket
 import struct
@@ -25,6 +31,7 @@ from typing import Any
 LENGTH = struct.Struct("!Q")
 COUNT = struct.Struct("!I")
 RAW_BYTES = 64 * 1024
+NICENESS = 10
 
 
 class _Pickler(pickle.Pickler):
@@ -115,6 +122,7 @@ def _send(sock: socket.socket, parts: list[bytes]) -> None:
 
 
 def main(fd: int) -> None:
+    os.nice(NICENESS)
     sock = socket.socket(fileno=fd)
     path = read_frame(sock)
     if path is None:

@@ -201,3 +201,8 @@ def echo_after(value: object, seconds: float) -> tuple[object, int]:
 def loaded_modules() -> list[str]:
     """A worker job: the modules its interpreter has imported."""
     return sorted(sys.modules)
+
+
+def niceness() -> int:
+    """A worker job: its process's nice value."""
+    return os.nice(0)

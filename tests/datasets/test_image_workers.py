@@ -1,6 +1,7 @@
 """Image work in worker processes: the same bytes as in this process, and a crash fails one URL only."""
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fluxtrain.datasets import ingest
+from fluxtrain.datasets.image_worker import NICENESS
 from fluxtrain.datasets.image_workers import image_workers
 from fluxtrain.datasets.images import normalize_image
 from fluxtrain.datasets.ingest import DownloadResult, download_images
@@ -65,6 +67,10 @@ def test_workers_import_no_model_libraries_and_the_parents_main_is_not_rerun() -
     assert "PIL.Image" in modules and "fluxtrain.datasets.images" in modules
     for heavy in ("torch", "transformers", "diffusers", "fluxtrain.cli", "fluxtrain.api", "__mp_main__"):
         assert heavy not in modules
+
+
+def test_workers_yield_the_cpu_to_the_event_loop() -> None:
+    assert asyncio.run(image_workers(2).run(support.niceness)) == min(19, os.nice(0) + NICENESS)
 
 
 def test_answers_reach_their_own_jobs_with_two_jobs_queued_in_each_worker() -> None:
