@@ -241,6 +241,29 @@ def test_the_skeleton_check_refuses_exactly_what_a_full_decode_refuses(where: st
     assert refused >= (20 if where == "anywhere" else 3)
 
 
+def segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def test_a_progressive_scan_whose_dc_values_overflow_is_not_kept() -> None:
+    """libjpeg's progressive decoder refuses a DC value past the int range, a fact of the entropy
+    data alone: 69,696 blocks (2112x2112 grey) of +32767 each. Such a file is decoded whole."""
+    side, one_code = 2112, bytes([1] + [0] * 15)
+    data = b"".join(
+        [
+            b"\xff\xd8",
+            segment(0xDB, b"\x00" + bytes([1] * 64)),
+            segment(0xC2, (8).to_bytes(1, "big") + side.to_bytes(2, "big") * 2 + b"\x01\x01\x11\x00"),
+            segment(0xC4, b"\x00" + one_code + bytes([15])),
+            segment(0xDA, b"\x01\x01\x00\x00\x00\x00"),
+            b"\x7f\xff\x00" * (side // 8) ** 2,
+            b"\xff\xd9",
+        ]
+    )
+    assert outcome(previous_normalize, data)[0] == "refused"
+    assert_decode_decides(data)
+
+
 def test_the_skeleton_keeps_every_segment_and_no_scan_data() -> None:
     clean = strip_metadata(encode(photo(), "JPEG", quality=85, progressive=True))
     skeleton = without_scan_data(clean)
