@@ -6,9 +6,14 @@ but it takes any valid zlib stream: the same filtered scanlines in stored blocks
 and a checksum, so Pillow still does everything else (unfiltering, palettes, transparency, text
 and eXIf chunks, APNG frames) exactly as before and the pixels are the same by construction.
 
-Only the common case is repacked: 8-bit, not interlaced, image data in consecutive IDAT chunks
-that inflate to exactly the size IHDR implies, at most MAX_RAW_BYTES. Anything else (and anything
-malformed) is answered with None, so Pillow decides about the original bytes as it always has.
+Only the common case is repacked: 8-bit, not interlaced, image data in at most MAX_CHUNKS
+consecutive IDAT chunks holding one zlib stream (a header zlib accepts, its Adler-32 checked at
+its end) that inflates to exactly the size IHDR implies, at most MAX_RAW_BYTES. Anything else (and
+anything malformed) is answered with None, so Pillow decides about the original bytes as it always
+has. One difference remains: ISA-L decodes a deflate block whose Huffman code is incomplete, which
+zlib refuses; the stream's checksum must still match, so such a (hand-made) file gives exactly the
+pixels its encoder checksummed, where Pillow would have refused it. The repacked copy lives next to
+the decoded image, so a repacked PNG costs up to 2 x MAX_RAW_BYTES more memory than Pillow alone.
 Callers check the pixel bound on the header first.
 """
 
@@ -19,7 +24,8 @@ import struct
 from isal import isal_zlib
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_RAW_BYTES = 256 * 1024 * 1024
+MAX_RAW_BYTES = 64 * 1024 * 1024
+MAX_CHUNKS = 1 << 15
 _CHUNK_HEAD = struct.Struct(">I4s")
 _IHDR = struct.Struct(">IIBBBBB")
 _CRC = struct.Struct(">I")
@@ -56,7 +62,7 @@ def _chunks(data: bytes) -> tuple[list[memoryview], list[memoryview], list[memor
         if end > len(data):
             return None
         if kind == b"IDAT":
-            if after:
+            if after or len(payloads) == MAX_CHUNKS:
                 return None
             payloads.append(view[position + _CHUNK_HEAD.size : end - _CRC.size])
         else:
@@ -67,10 +73,23 @@ def _chunks(data: bytes) -> tuple[list[memoryview], list[memoryview], list[memor
     return (before, payloads, after) if payloads else None
 
 
+def _zlib_header_ok(stream: bytes) -> bool:
+    """Deflate with a window of at most 32 KiB, a valid check value, no preset dictionary: the
+    headers zlib accepts (ISA-L also takes a larger window)."""
+    if len(stream) < 2:
+        return False
+    method, flags = stream[0], stream[1]
+    return method & 0x0F == 8 and method >> 4 <= 7 and (method << 8 | flags) % 31 == 0 and not flags & 0x20
+
+
 def _inflate(payloads: list[memoryview], size: int) -> bytes | None:
-    """The scanlines, or None when the stream holds fewer or more than `size` bytes."""
-    raw = isal_zlib.decompressobj().decompress(b"".join(payloads), size + 1)
-    return raw if len(raw) == size else None
+    """The scanlines, or None unless the stream ends, checksum verified, after exactly `size` bytes."""
+    stream = b"".join(payloads)
+    if not _zlib_header_ok(stream):
+        return None
+    inflater = isal_zlib.decompressobj()
+    raw = inflater.decompress(stream, size + 1)
+    return raw if len(raw) == size and inflater.eof else None
 
 
 def _stored_idat(raw: bytes) -> list[bytes | memoryview]:

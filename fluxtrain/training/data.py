@@ -103,6 +103,13 @@ def _read_caption(image_path: Path, extensions: tuple[str, ...]) -> str | None:
     return None
 
 
+def _content_hash(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise InvalidInputError(f"image {path} cannot be read: {exc.strerror or exc}") from exc
+
+
 def _image_size(path: Path) -> Size:
     try:
         with Image.open(path) as image:
@@ -150,9 +157,9 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
                 image_files(control_dir) if control_dir and control_dir.is_dir() else [],
             )
             for path in files:
-                sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                sha = _content_hash(path)
                 controls = pairing.controls.get(path.stem, [])
-                control_sha = [hashlib.sha256(control.read_bytes()).hexdigest() for control in controls]
+                control_sha = [_content_hash(control) for control in controls]
                 caption = _read_caption(path, extensions)
                 if caption is None:
                     caption, uncaptioned = class_tokens, uncaptioned + 1

@@ -85,6 +85,22 @@ def test_a_corrupt_image_is_named(tmp_path: Path, dataset: Path) -> None:
         load_training_data(dataset)
 
 
+def test_an_image_that_cannot_be_opened_is_named(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = dataset.parent / "images" / "b.jpg"
+    real_read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        if path == gone:
+            raise PermissionError(13, "Permission denied")
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(InvalidInputError, match=rf"image .*{gone.name} cannot be read: Permission denied"):
+        load_training_data(dataset)
+
+
 def test_txt_captions_are_read_when_the_toml_keeps_kohyas_default_extension(
     tmp_path: Path, dataset: Path
 ) -> None:
