@@ -265,8 +265,9 @@ def sync_once(
 
 
 def _remove_deleted(store: RemoteStore, run_dir: Path, state: UploadState, report: SyncReport) -> None:
-    """Delete the remote copies of files the trainer removed on purpose; a failure waits for the next pass."""
-    removed = RunDir(run_dir).removed_keys()
+    """Delete the remote copies of files the trainer removed on purpose (and that are still gone);
+    a failure waits for the next pass."""
+    removed = {key for key in RunDir(run_dir).removed_keys() if not (run_dir / key).exists()}
     if removed & state.failed.keys():
         for relpath in removed & state.failed.keys():
             del state.failed[relpath]  # nothing is left to send

@@ -279,3 +279,14 @@ def test_a_failed_remote_deletion_is_tried_again_by_the_final_sync(
     assert not s3_store.fs.exists(s3_store.path(f"{RUN_ID}/output/mylora-000001.safetensors"))
     failed = [e for e in _events(run_dir) if e["event"] == "upload_remove_failed"]
     assert len(failed) == 1 and "the endpoint went away" in failed[0]["error"]
+
+
+def test_a_removed_name_that_is_back_on_disk_keeps_its_remote_copy(
+    moto_server: object, s3_store: RemoteStore, run_dir: Path
+) -> None:
+    s3_store.fs.mkdir("artifacts")
+    checkpoint = run_dir / "output" / "mylora-000001.safetensors"
+    RunDir(run_dir).note_removed([checkpoint])  # listed, yet the file is there
+    report = sync_once(store=s3_store, run_dir=run_dir)
+    assert "output/mylora-000001.safetensors" in report.uploaded and report.removed == []
+    assert s3_store.fs.exists(s3_store.path(f"{RUN_ID}/output/mylora-000001.safetensors"))
