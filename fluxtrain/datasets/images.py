@@ -47,6 +47,12 @@ _KEPT_FORMATS = ("JPEG",)
 # A profile counts as sRGB when converting through it moves no probe colour by more than this.
 _SRGB_TOLERANCE = 2
 _ORIENTATION = 0x0112
+# Every scan of a progressive JPEG is a pass over every block: a small file of thousands of empty
+# scans costs seconds to decode (2,000 added to a 4096 px file: 2.1 s instead of 0.27 s). Encoders
+# write 10 or so; 256 is generous.
+# SOS markers are counted in the raw bytes, metadata included (an EXIF thumbnail adds its own).
+MAX_JPEG_SCANS = 256
+_SOS = b"\xff\xda"
 
 Stored = Literal["kept", "reencoded"]
 
@@ -82,11 +88,17 @@ def open_image(
     return image
 
 
+def _too_many_scans(data: bytes) -> bool:
+    return data.startswith(b"\xff\xd8") and data.count(_SOS) > MAX_JPEG_SCANS
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageRejectedError("not an image: the body is empty")
     if _looks_like_markup(data):
         raise ImageRejectedError("not an image: looks like SVG, HTML or XML (refused)")
+    if _too_many_scans(data):
+        raise ImageRejectedError(f"decompression bomb: a JPEG of more than {MAX_JPEG_SCANS} scans")
     try:
         return open_image(io.BytesIO(data), max_pixels=max_pixels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -186,7 +198,7 @@ def _kept_jpeg(data: bytes, max_pixels: int) -> NormalizedImage | None:
     truncated scan) is answered with None, so the decode path decides about those bytes exactly
     as it always has.
     """
-    if not data.startswith(b"\xff\xd8"):
+    if not data.startswith(b"\xff\xd8") or _too_many_scans(data):
         return None
     try:
         with open_image(io.BytesIO(data), max_pixels=max_pixels, formats=_KEPT_FORMATS) as image:

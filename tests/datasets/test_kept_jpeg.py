@@ -264,6 +264,22 @@ def test_a_progressive_scan_whose_dc_values_overflow_is_not_kept() -> None:
     assert_decode_decides(data)
 
 
+def with_empty_scans(data: bytes, count: int) -> bytes:
+    """`data` with `count` more (empty) AC scans of its first component before EOI."""
+    empty_scan = segment(0xDA, b"\x01\x01\x00\x01\x3f\x00")
+    return data[:-2] + empty_scan * count + data[-2:]
+
+
+def test_a_jpeg_of_more_scans_than_any_encoder_writes_is_refused_before_decoding() -> None:
+    source = encode(photo("L"), "JPEG", quality=85, progressive=True)
+    bomb = with_empty_scans(source, images.MAX_JPEG_SCANS)
+    assert outcome(normalize_image, bomb) == (
+        "refused",
+        f"decompression bomb: a JPEG of more than {images.MAX_JPEG_SCANS} scans",
+    )
+    assert_decode_decides(with_empty_scans(source, 100))
+
+
 def test_the_skeleton_keeps_every_segment_and_no_scan_data() -> None:
     clean = strip_metadata(encode(photo(), "JPEG", quality=85, progressive=True))
     skeleton = without_scan_data(clean)
