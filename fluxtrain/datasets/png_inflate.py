@@ -6,15 +6,15 @@ but it takes any valid zlib stream: the same filtered scanlines in stored blocks
 and a checksum, so Pillow still does everything else (unfiltering, palettes, transparency, text
 and eXIf chunks, APNG frames) exactly as before and the pixels are the same by construction.
 
-Only the common case is repacked: 8-bit, not interlaced, image data in at most MAX_CHUNKS
-consecutive IDAT chunks holding one zlib stream (a header zlib accepts, its Adler-32 checked at
-its end) that inflates to exactly the size IHDR implies, at most MAX_RAW_BYTES. Anything else (and
-anything malformed) is answered with None, so Pillow decides about the original bytes as it always
-has. One difference remains: ISA-L decodes a deflate block whose Huffman code is incomplete, which
-zlib refuses; the stream's checksum must still match, so such a (hand-made) file gives exactly the
-pixels its encoder checksummed, where Pillow would have refused it. The repacked copy lives next to
-the decoded image, so a repacked PNG costs up to 2 x MAX_RAW_BYTES more memory than Pillow alone.
-Callers check the pixel bound on the header first.
+Only the common case is repacked: 8-bit, not interlaced, at most MAX_CHUNKS chunks in all, the
+image data in consecutive IDAT chunks holding one zlib stream (a header zlib accepts, its Adler-32
+checked at its end) that inflates to exactly the size IHDR implies, at most MAX_RAW_BYTES.
+Anything else (and anything malformed) is answered with None, so Pillow decides about the
+original bytes as it always has. One difference remains: ISA-L decodes a deflate block whose
+Huffman code is incomplete, which zlib refuses; the stream's checksum must still match, so such a
+(hand-made) file gives exactly the pixels its encoder checksummed, where Pillow would have refused
+it. The repacked copy lives next to the decoded image, so a repacked PNG costs up to
+2 x MAX_RAW_BYTES more memory than Pillow alone. Callers check the pixel bound on the header first.
 """
 
 from __future__ import annotations
@@ -56,13 +56,15 @@ def _chunks(data: bytes) -> tuple[list[memoryview], list[memoryview], list[memor
     payloads: list[memoryview] = []
     after: list[memoryview] = []
     position = len(SIGNATURE)
-    while position + _CHUNK_HEAD.size <= len(data):
+    for _ in range(MAX_CHUNKS):
+        if position + _CHUNK_HEAD.size > len(data):
+            break
         length, kind = _CHUNK_HEAD.unpack_from(data, position)
         end = position + _CHUNK_HEAD.size + length + _CRC.size
         if end > len(data):
             return None
         if kind == b"IDAT":
-            if after or len(payloads) == MAX_CHUNKS:
+            if after:
                 return None
             payloads.append(view[position + _CHUNK_HEAD.size : end - _CRC.size])
         else:
@@ -70,6 +72,8 @@ def _chunks(data: bytes) -> tuple[list[memoryview], list[memoryview], list[memor
         position = end
         if kind == b"IEND":
             break
+    else:
+        return None
     return (before, payloads, after) if payloads else None
 
 
