@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # a multi-GB CUDA build. The package itself only asks for torch>=2.5.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install install-ray install-test run demo test test-container lint gpu-check gpu-check-cpu clean
+.PHONY: install install-ray install-test run demo test test-e2e test-container lint gpu-check gpu-check-cpu clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -42,7 +42,12 @@ demo: install
 	$(BIN)/fluxtrain demo
 
 test: install-test
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not e2e"
+
+# The multi-process scenarios (services killed and adopted, PostgreSQL replicas, the demo, --reload):
+# three minutes on the 2-core dev machine, which would take `make test` past its 15-minute budget.
+test-e2e: install-test
+	$(BIN)/pytest -q -m e2e
 
 # Builds the Dockerfile with buildah over a debootstrapped Debian (cached in
 # /var/cache/fluxtrain-test) and smoke-tests the image; needs root, buildah and debootstrap.

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.e2e]
 
 
 def test_demo_trains_a_lora_reports_its_time_budget_and_stops_everything(tmp_path: Path) -> None:

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 import fluxtrain
+
+pytestmark = pytest.mark.e2e
 
 CLI = "from fluxtrain.cli.main import app; app()"
 

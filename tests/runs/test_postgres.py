@@ -36,7 +36,7 @@ from tests.runs.postgres_server import PostgresServer, free_port, server_bin_dir
 from tests.runs.service_doubles import write_trainable_dataset
 from tests.service_process import wait_healthy
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.e2e]
 BIN_DIR = server_bin_dir()
 if BIN_DIR is None:
     pytest.skip("no PostgreSQL server (initdb): apt-get install postgresql", allow_module_level=True)

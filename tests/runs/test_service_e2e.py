@@ -31,7 +31,7 @@ from fluxtrain.settings import Settings
 from fluxtrain.training.tiny import write_tiny_flux_files
 from tests.service_process import wait_healthy
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.e2e]
 TINY = {"gradient_checkpointing": False, "mixed_precision": "no", "learning_rate": 1e-3}
 
 
