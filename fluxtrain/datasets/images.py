@@ -227,18 +227,24 @@ def reencode_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
     """Decode `data` and re-encode it as sRGB baseline JPEG q95, orientation applied, metadata dropped."""
     with _open(data, max_pixels) as image:
         fast = repacked(data) if image.format == "PNG" else None
-    with _open(fast or data, max_pixels) as image:
-        frame = _load_first_frame(image)
-        icc = frame.info.get("icc_profile")
-        try:
-            turned = frame.getexif().get(_ORIENTATION, 1) != 1
-            upright = ImageOps.exif_transpose(frame) if turned else frame
-        except (OSError, ValueError, SyntaxError, KeyError, TypeError):
-            upright = frame
-        try:
-            rgb = _to_rgb(upright, icc)
-        except (OSError, ValueError) as exc:
-            raise ImageRejectedError(f"unsupported image mode {upright.mode}: {exc}") from exc
+        if fast is None:
+            return _reencoded(image)
+    with _open(fast, max_pixels) as image:
+        return _reencoded(image)
+
+
+def _reencoded(image: Image.Image) -> NormalizedImage:
+    frame = _load_first_frame(image)
+    icc = frame.info.get("icc_profile")
+    try:
+        turned = frame.getexif().get(_ORIENTATION, 1) != 1
+        upright = ImageOps.exif_transpose(frame) if turned else frame
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+        upright = frame
+    try:
+        rgb = _to_rgb(upright, icc)
+    except (OSError, ValueError) as exc:
+        raise ImageRejectedError(f"unsupported image mode {upright.mode}: {exc}") from exc
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False)
     return NormalizedImage(jpeg=out.getvalue(), width=rgb.width, height=rgb.height)

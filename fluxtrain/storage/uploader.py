@@ -268,9 +268,10 @@ def _remove_deleted(store: RemoteStore, run_dir: Path, state: UploadState, repor
     """Delete the remote copies of files the trainer removed on purpose (and that are still gone);
     a failure waits for the next pass."""
     removed = {key for key in RunDir(run_dir).removed_keys() if not (run_dir / key).exists()}
-    if removed & state.failed.keys():
-        for relpath in removed & state.failed.keys():
-            del state.failed[relpath]  # nothing is left to send
+    stale = removed & state.failed.keys()  # nothing is left to send
+    for relpath in stale:
+        del state.failed[relpath]
+    if stale:
         _save_state(run_dir, state)
     for relpath in sorted(removed & state.uploaded.keys()):
         url = state.uploaded[relpath].url
