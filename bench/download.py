@@ -468,6 +468,14 @@ def split_concurrency(concurrency: int, cores: int) -> tuple[int, int]:
     return processes, concurrency // processes
 
 
+def run_img2dataset_fresh(*, python: str, server: ImageServer, urls: list[str], concurrency: int) -> Outcome:
+    """`run_img2dataset` in a temporary folder of its own, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
+        return run_img2dataset(
+            python=python, server=server, urls=urls, concurrency=concurrency, workdir=Path(tmp)
+        )
+
+
 def run_img2dataset(
     *, python: str, server: ImageServer, urls: list[str], concurrency: int, workdir: Path
 ) -> Outcome:
@@ -617,16 +625,11 @@ def side_by_side(*, n: int, python: str | None, runs: int) -> None:
                     )
                 _report(ours[-1], n=n, bound=bound)
                 if python:
-                    with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
-                        theirs.append(
-                            run_img2dataset(
-                                python=python,
-                                server=server,
-                                urls=urls,
-                                concurrency=regime.concurrency,
-                                workdir=Path(tmp),
-                            )
+                    theirs.append(
+                        run_img2dataset_fresh(
+                            python=python, server=server, urls=urls, concurrency=regime.concurrency
                         )
+                    )
                     _report(theirs[-1], n=n, bound=bound)
         rows.append((regime, bound, ours, theirs))
     print(
@@ -743,17 +746,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     _report(results["fluxtrain CLI"][-1], n=args.n, bound=bound)
             if python:
-                with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
-                    results["img2dataset"].append(
-                        run_img2dataset(
-                            python=python,
-                            server=server,
-                            urls=urls,
-                            concurrency=args.concurrency,
-                            workdir=Path(tmp),
-                        )
-                    )
-                    _report(results["img2dataset"][-1], n=args.n, bound=bound)
+                peer = run_img2dataset_fresh(
+                    python=python, server=server, urls=urls, concurrency=args.concurrency
+                )
+                results["img2dataset"].append(peer)
+                _report(results["img2dataset"][-1], n=args.n, bound=bound)
     if not python and not args.skip_img2dataset:
         print(
             "img2dataset: not found, comparison skipped. Install it in its own venv "
