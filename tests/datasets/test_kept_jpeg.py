@@ -18,7 +18,7 @@ from PIL import Image, ImageCms, ImageOps
 from fluxtrain.datasets import images
 from fluxtrain.datasets.images import ImageRejectedError, NormalizedImage, normalize_image, reencode_image
 from fluxtrain.datasets.ingest import download_images
-from fluxtrain.datasets.jpeg_markers import MalformedJpegError, strip_metadata, without_scan_data
+from fluxtrain.datasets.jpeg_markers import MalformedJpegError, strip_metadata
 from fluxtrain.settings import Settings
 from tests.datasets.support import LoopbackServer, Reply, encode
 from tests.datasets.test_images import linear_grey_profile, swapped_primaries_profile
@@ -281,11 +281,12 @@ def test_a_jpeg_of_more_scans_than_any_encoder_writes_is_refused_before_decoding
 
 
 def test_the_skeleton_keeps_every_segment_and_no_scan_data() -> None:
-    clean = strip_metadata(encode(photo(), "JPEG", quality=85, progressive=True))
-    skeleton = without_scan_data(clean)
+    stripped = strip_metadata(encode(photo(), "JPEG", quality=85, progressive=True))
+    clean, skeleton = stripped.jpeg, stripped.skeleton
     assert segments(skeleton)[0] == segments(clean)[0]
     assert skeleton.count(b"\xff\xda") == clean.count(b"\xff\xda") > 1
     assert skeleton.endswith(b"\xff\xd9") and len(skeleton) < len(clean) // 4
+    assert stripped.scans == clean.count(b"\xff\xda")
 
 
 @pytest.mark.parametrize(
@@ -321,4 +322,13 @@ def test_the_manifest_says_which_images_were_kept(server: LoopbackServer, open_s
         "rotated.jpg": "reencoded",
         "drawing.jpg": "reencoded",
     }
-    assert (folder / "clean.jpg").read_bytes() == strip_metadata(clean)
+    assert (folder / "clean.jpg").read_bytes() == strip_metadata(clean).jpeg
+
+
+def test_scan_markers_inside_metadata_do_not_count_as_scans() -> None:
+    """The bound counts the scans a decoder would run, which the stripping walk counts: bytes that
+    only look like SOS markers inside a comment do not make a clean file a bomb."""
+    clean = encode(photo(), "JPEG", quality=90)
+    noisy = clean[:2] + segment(0xFE, b"\xff\xda" * (images.MAX_JPEG_SCANS + 1)) + clean[2:]
+    kept = normalize_image(noisy, max_pixels=LIMIT)
+    assert (kept.stored, kept.jpeg) == ("kept", strip_metadata(clean).jpeg)
