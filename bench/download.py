@@ -56,8 +56,8 @@ from fluxtrain.settings import Settings
 DEFAULT_CONCURRENCY: int = Settings.model_fields["download_concurrency"].default
 IMAGE_SIDE = 512
 DISTINCT_BODIES = 8
-WORKDIR: str | None = None
-"""Where both tools write their images (--workdir; default the system's temporary folder)."""
+RUNS_ROOT: Path | None = None
+"""The folder every run of this bench writes into (`run_folder`), removed when the bench ends."""
 PNG_SIGNATURE_AND_IHDR = 8 + 25
 SETTLE_SECONDS = 1.0
 
@@ -303,6 +303,19 @@ def _kept_count(folder: Path) -> int:
     return sum(1 for entry in manifest.values() if entry.get("stored") == "kept")
 
 
+def run_folder(prefix: str) -> Path:
+    """A fresh folder for one run, under RUNS_ROOT, kept until the bench ends.
+
+    Deleting each run's thousands of files before the next run would tax that run: on a filesystem
+    without a journal (the development VM's ext4) the kernel steps over just-freed inodes one by
+    one when it creates a file (`recently_deleted`), which took a new 50 KB file from 20 us to
+    80-110 us after 7,000 deletions, and still 55 us 40 s later; img2dataset, which writes three
+    files per image, would pay it three times.
+    """
+    assert RUNS_ROOT is not None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=RUNS_ROOT))
+
+
 def settle() -> None:
     """Flush the files earlier runs wrote, so their writeback does not run during the next timed run."""
     os.sync()
@@ -469,11 +482,10 @@ def split_concurrency(concurrency: int, cores: int) -> tuple[int, int]:
 
 
 def run_img2dataset_fresh(*, python: str, server: ImageServer, urls: list[str], concurrency: int) -> Outcome:
-    """`run_img2dataset` in a temporary folder of its own, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="img2dataset-bench-", dir=WORKDIR) as tmp:
-        return run_img2dataset(
-            python=python, server=server, urls=urls, concurrency=concurrency, workdir=Path(tmp)
-        )
+    """`run_img2dataset` in a fresh folder of its own (`run_folder`)."""
+    return run_img2dataset(
+        python=python, server=server, urls=urls, concurrency=concurrency, workdir=run_folder("img2dataset-")
+    )
 
 
 def run_img2dataset(
@@ -611,18 +623,17 @@ def side_by_side(*, n: int, python: str | None, runs: int) -> None:
             suffix = "jpg" if regime.jpeg else "png"
             urls = [f"http://127.0.0.1:{server.port}/img/{i:06d}.{suffix}" for i in range(n)]
             for _ in range(runs):
-                with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-", dir=WORKDIR) as tmp:
-                    ours.append(
-                        run_fluxtrain(
-                            server=server,
-                            urls=urls,
-                            concurrency=regime.concurrency,
-                            per_host=regime.concurrency,
-                            workdir=Path(tmp),
-                            profile=False,
-                            cprofile=False,
-                        )
+                ours.append(
+                    run_fluxtrain(
+                        server=server,
+                        urls=urls,
+                        concurrency=regime.concurrency,
+                        per_host=regime.concurrency,
+                        workdir=run_folder("fluxtrain-"),
+                        profile=False,
+                        cprofile=False,
                     )
+                )
                 _report(ours[-1], n=n, bound=bound)
                 if python:
                     theirs.append(
@@ -694,10 +705,15 @@ def main(argv: list[str] | None = None) -> int:
         "and print one table; --n applies, the other options are the regimes'",
     )
     args = parser.parse_args(argv)
-    global WORKDIR
-    WORKDIR = args.workdir
     if args.latency < 0:
         parser.error("--latency must be >= 0")
+    global RUNS_ROOT
+    with tempfile.TemporaryDirectory(prefix="download-bench-", dir=args.workdir) as root:
+        RUNS_ROOT = Path(root)
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     if args.side_by_side:
         python = None if args.skip_img2dataset else find_img2dataset_python(args.img2dataset_python)
         print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; python {sys.version.split()[0]}")
@@ -720,31 +736,29 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             suffix = "jpg" if args.jpeg else "png"
             urls = [f"http://127.0.0.1:{server.port}/r{run}/img/{i:06d}.{suffix}" for i in range(args.n)]
-            with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-", dir=WORKDIR) as tmp:
-                results["fluxtrain"].append(
-                    run_fluxtrain(
+            results["fluxtrain"].append(
+                run_fluxtrain(
+                    server=server,
+                    urls=urls,
+                    concurrency=args.concurrency,
+                    per_host=per_host,
+                    workdir=run_folder("fluxtrain-"),
+                    profile=args.profile and run == 0,
+                    cprofile=args.cprofile and run == 0,
+                )
+            )
+            _report(results["fluxtrain"][-1], n=args.n, bound=bound)
+            if not args.skip_cli:
+                results["fluxtrain CLI"].append(
+                    run_fluxtrain_cli(
                         server=server,
                         urls=urls,
                         concurrency=args.concurrency,
                         per_host=per_host,
-                        workdir=Path(tmp),
-                        profile=args.profile and run == 0,
-                        cprofile=args.cprofile and run == 0,
+                        workdir=run_folder("fluxtrain-cli-"),
                     )
                 )
-                _report(results["fluxtrain"][-1], n=args.n, bound=bound)
-            if not args.skip_cli:
-                with tempfile.TemporaryDirectory(prefix="fluxtrain-cli-bench-", dir=WORKDIR) as tmp:
-                    results["fluxtrain CLI"].append(
-                        run_fluxtrain_cli(
-                            server=server,
-                            urls=urls,
-                            concurrency=args.concurrency,
-                            per_host=per_host,
-                            workdir=Path(tmp),
-                        )
-                    )
-                    _report(results["fluxtrain CLI"][-1], n=args.n, bound=bound)
+                _report(results["fluxtrain CLI"][-1], n=args.n, bound=bound)
             if python:
                 peer = run_img2dataset_fresh(
                     python=python, server=server, urls=urls, concurrency=args.concurrency
