@@ -188,15 +188,24 @@ def _needs_no_change(image: Image.Image) -> bool:
     return not icc or (image.mode == "RGB" and _is_srgb(icc))
 
 
+def _tags_need_no_change(data: bytes, max_pixels: int) -> bool:
+    """Whether the EXIF, XMP and ICC segments of `data` (which `strip_metadata` drops) ask for nothing:
+    no orientation to apply, no profile but sRGB, not a multi-picture file."""
+    with open_image(io.BytesIO(data), max_pixels=max_pixels, formats=_KEPT_FORMATS) as image:
+        return _needs_no_change(image)
+
+
 def _kept_jpeg(data: bytes, max_pixels: int) -> NormalizedImage | None:
     """`data` stripped of metadata when it needs no change and decodes whole; None otherwise.
 
-    "Decodes whole" is checked at 1/8 scale, in grey, where libjpeg still reads every table and
-    scan header but skips the full-size inverse DCT and colour conversion. A baseline file is
-    checked on its skeleton (`Stripped`): the sequential decoder refuses nothing inside the
-    entropy data, so that takes 0.15 ms at 512 px instead of 0.6 ms. A progressive file is
-    decoded whole at 1/8 scale, since the progressive decoder does refuse some entropy data (a DC
-    value that overflows). Its scans are counted by the walk that strips it, not by a search of
+    Only a file with EXIF, XMP or ICC segments (`Stripped.tagged`) is opened as it came, to read
+    what they ask for; the rest is judged on its stripped form, whose frame and colour segments
+    are the original's. "Decodes whole" is checked at 1/8 scale, in grey, where libjpeg still
+    reads every table and scan header but skips the full-size inverse DCT and colour conversion.
+    A baseline file is checked on its skeleton (`Stripped`): the sequential decoder refuses nothing
+    inside the entropy data, so that takes 0.15 ms at 512 px instead of 0.6 ms. A progressive file
+    is decoded whole at 1/8 scale, since the progressive decoder does refuse some entropy data (a
+    DC value that overflows). Its scans are counted by the walk that strips it, not by a search of
     the raw bytes (a third of this check's time at 50 KB). Any trouble at all (a hostile header,
     a bad segment length, a truncated scan, too many scans) is answered with None, so the decode
     path decides about those bytes exactly as it always has.
@@ -204,18 +213,16 @@ def _kept_jpeg(data: bytes, max_pixels: int) -> NormalizedImage | None:
     if not data.startswith(b"\xff\xd8"):
         return None
     try:
-        with open_image(io.BytesIO(data), max_pixels=max_pixels, formats=_KEPT_FORMATS) as image:
-            if not _needs_no_change(image):
-                return None
-            mode, progressive = image.mode, bool(image.info.get("progressive"))
         stripped = strip_metadata(data)
         if stripped.scans > MAX_JPEG_SCANS:
             return None
-        probe = stripped.jpeg if progressive else stripped.skeleton
-        with Image.open(io.BytesIO(probe), formats=_KEPT_FORMATS) as clean:
-            width, height = clean.size
-            if clean.mode != mode or width * height > max_pixels:
+        if stripped.tagged and not _tags_need_no_change(data, max_pixels):
+            return None
+        probe = stripped.jpeg if stripped.progressive else stripped.skeleton
+        with open_image(io.BytesIO(probe), max_pixels=max_pixels, formats=_KEPT_FORMATS) as clean:
+            if not _needs_no_change(clean):
                 return None
+            width, height = clean.size
             clean.draft("L", (max(1, width // 8), max(1, height // 8)))
             clean.load()
             return NormalizedImage(jpeg=stripped.jpeg, width=width, height=height, stored="kept")

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 SOI = 0xD8
 EOI = 0xD9
 SOS = 0xDA
-_FRAMES = frozenset({0xC0, 0xC2})
+_PROGRESSIVE = 0xC2
+_FRAMES = frozenset({0xC0, _PROGRESSIVE})
 _TABLES = frozenset({0xC4, 0xDB, 0xDD})
 _APP0 = 0xE0
 _APP14 = 0xEE
+_TAGS = frozenset({0xE1, 0xE2})
 _COM = 0xFE
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _JFIF_HEADER_LENGTH = 14  # "JFIF\0", version, units, densities, thumbnail width and height
@@ -66,11 +68,16 @@ class Stripped:
     progressive decoder also refuses some entropy data (a DC value that overflows), so its files
     need the whole decode.
     `scans`: how many scans `jpeg` holds, so a caller can bound the decode's passes.
+    `progressive`: whether the frame is progressive (SOF2).
+    `tagged`: whether `data` held an APP1 (EXIF, XMP) or APP2 (ICC profile, MPF) segment, the only
+    ones that can ask for a rotation or a colour conversion.
     """
 
     jpeg: bytes
     skeleton: bytes
     scans: int
+    progressive: bool
+    tagged: bool
 
 
 def strip_metadata(data: bytes) -> Stripped:
@@ -80,7 +87,7 @@ def strip_metadata(data: bytes) -> Stripped:
     out = [b"\xff\xd8"]
     skeleton = [b"\xff\xd8"]
     position = 2
-    frame_seen = False
+    frame_seen = progressive = tagged = False
     scans = 0
     size = len(data)
     while True:
@@ -96,7 +103,13 @@ def strip_metadata(data: bytes) -> Stripped:
                 raise MalformedJpegError("EOI before any frame or scan")
             out.append(b"\xff\xd9")
             skeleton.append(b"\xff\xd9")
-            return Stripped(jpeg=b"".join(out), skeleton=b"".join(skeleton), scans=scans)
+            return Stripped(
+                jpeg=b"".join(out),
+                skeleton=b"".join(skeleton),
+                scans=scans,
+                progressive=progressive,
+                tagged=tagged,
+            )
         if position + 4 > size:
             raise MalformedJpegError("ends inside a segment length")
         length = int.from_bytes(data[position + 2 : position + 4], "big")
@@ -109,7 +122,7 @@ def strip_metadata(data: bytes) -> Stripped:
         if marker in _FRAMES:
             if frame_seen or not payload or payload[0] != 8:
                 raise MalformedJpegError("a second frame or a precision other than 8 bits")
-            frame_seen = True
+            frame_seen, progressive = True, marker == _PROGRESSIVE
             kept = segment
         elif marker in _TABLES:
             kept = segment
@@ -125,6 +138,8 @@ def strip_metadata(data: bytes) -> Stripped:
             kept = _jfif_without_thumbnail(payload)
         elif marker == _APP14 and payload.startswith(b"Adobe"):
             kept = segment
+        elif marker in _TAGS:
+            tagged = True
         elif not (0xE0 <= marker <= 0xEF or marker == _COM):
             raise MalformedJpegError(f"unsupported marker 0xFF{marker:02X}")
         if kept is not None:

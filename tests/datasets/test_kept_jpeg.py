@@ -332,3 +332,12 @@ def test_scan_markers_inside_metadata_do_not_count_as_scans() -> None:
     noisy = clean[:2] + segment(0xFE, b"\xff\xda" * (images.MAX_JPEG_SCANS + 1)) + clean[2:]
     kept = normalize_image(noisy, max_pixels=LIMIT)
     assert (kept.stored, kept.jpeg) == ("kept", strip_metadata(clean).jpeg)
+
+
+@pytest.mark.parametrize("form", list(CLEAN_FORMS))
+def test_the_walk_says_which_files_carry_orientation_or_colour_tags(form: str) -> None:
+    """Only a tagged file (EXIF, XMP, ICC) is opened as it came; the others are judged stripped."""
+    mode, params = CLEAN_FORMS[form]
+    stripped = strip_metadata(encode(photo(mode), "JPEG", **params))
+    assert stripped.tagged == bool({"exif", "xmp", "icc_profile"} & params.keys())
+    assert stripped.progressive == bool(params.get("progressive"))
