@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -18,8 +19,12 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
+@lru_cache(maxsize=4096)
 def parse_ip(host: str) -> IPAddress | None:
-    """Read `host` as an IP address the way a C resolver would, so no spelling slips past the check."""
+    """Read `host` as an IP address the way a C resolver would, so no spelling slips past the check.
+
+    Cached: a batch's URLs mostly share a few hosts, and each is read twice per URL (`check_url`).
+    """
     text = host.strip().strip("[]")
     if "%" in text:
         text = text.split("%", 1)[0]
@@ -76,6 +81,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address
     return found
 
 
+@lru_cache(maxsize=4096)
 def _why_not_global(address: IPAddress) -> str | None:
     checks = (
         (address.is_unspecified, "unspecified"),

