@@ -31,6 +31,9 @@ _TAGS = frozenset({0xE1, 0xE2})
 _COM = 0xFE
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _JFIF_HEADER_LENGTH = 14  # "JFIF\0", version, units, densities, thumbnail width and height
+# Encoders write tens of segments (a few hundred for a progressive file with an extended XMP); a
+# 50 MB body of empty comments holds 12 million, which this walk would take 6 s over.
+MAX_SEGMENTS = 4096
 
 
 class MalformedJpegError(ValueError):
@@ -88,9 +91,12 @@ def strip_metadata(data: bytes) -> Stripped:
     skeleton = [b"\xff\xd8"]
     position = 2
     frame_seen = progressive = tagged = False
-    scans = 0
+    scans = segments = 0
     size = len(data)
     while True:
+        segments += 1
+        if segments > MAX_SEGMENTS:
+            raise MalformedJpegError(f"more than {MAX_SEGMENTS} segments")
         if position + 2 > size or data[position] != 0xFF:
             raise MalformedJpegError(f"no marker at offset {position}")
         while position + 1 < size and data[position + 1] == 0xFF:
@@ -146,3 +152,21 @@ def strip_metadata(data: bytes) -> Stripped:
             out.append(kept)
             skeleton.append(kept)
         position = end
+
+
+def header_segments(data: bytes, limit: int) -> int:
+    """How many segments come before the first scan of `data` (a JPEG), counting no further than
+    `limit` + 1; the count so far where the structure breaks off (the decoder judges that).
+
+    Pillow reads these segments in Python, one call per segment, before libjpeg takes over."""
+    position, count, size = 2, 0, len(data)
+    while count <= limit and position + 4 <= size and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:
+            position += 1
+            continue
+        count += 1
+        if marker in (SOS, EOI):
+            break
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return count

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import random
+import time
 
 import pytest
 from PIL import Image, ImageCms, ImageOps
@@ -18,7 +19,7 @@ from PIL import Image, ImageCms, ImageOps
 from fluxtrain.datasets import images
 from fluxtrain.datasets.images import ImageRejectedError, NormalizedImage, normalize_image, reencode_image
 from fluxtrain.datasets.ingest import download_images
-from fluxtrain.datasets.jpeg_markers import MalformedJpegError, strip_metadata
+from fluxtrain.datasets.jpeg_markers import MAX_SEGMENTS, MalformedJpegError, header_segments, strip_metadata
 from fluxtrain.settings import Settings
 from tests.datasets.support import LoopbackServer, Reply, encode
 from tests.datasets.test_images import linear_grey_profile, swapped_primaries_profile
@@ -341,3 +342,28 @@ def test_the_walk_says_which_files_carry_orientation_or_colour_tags(form: str) -
     stripped = strip_metadata(encode(photo(mode), "JPEG", **params))
     assert stripped.tagged == bool({"exif", "xmp", "icc_profile"} & params.keys())
     assert stripped.progressive == bool(params.get("progressive"))
+
+
+def test_a_jpeg_of_millions_of_empty_segments_is_refused_at_once() -> None:
+    """50 MB of empty comments before the frame: Pillow's header parser would take about 12 s."""
+    clean = encode(photo(), "JPEG", quality=90)
+    bomb = clean[:2] + b"\xff\xfe\x00\x02" * (50 * 1024 * 1024 // 4) + clean[2:]
+    started = time.perf_counter()
+    assert outcome(normalize_image, bomb) == (
+        "refused",
+        f"refused: a JPEG of more than {images.MAX_JPEG_HEADER_SEGMENTS} segments before its image data",
+    )
+    assert time.perf_counter() - started < 1.0
+    assert header_segments(clean, images.MAX_JPEG_HEADER_SEGMENTS) < 20
+
+
+def test_a_jpeg_whose_segments_after_the_scan_run_into_millions_is_re_encoded_quickly() -> None:
+    """The stripping walk gives up past MAX_SEGMENTS; libjpeg skips such segments in C."""
+    clean = encode(photo(), "JPEG", quality=90)
+    padded = clean[:-2] + b"\xff\xfe\x00\x02" * 1_000_000 + clean[-2:]
+    with pytest.raises(MalformedJpegError, match=f"more than {MAX_SEGMENTS} segments"):
+        strip_metadata(padded)
+    started = time.perf_counter()
+    result = normalize_image(padded, max_pixels=LIMIT)
+    assert result.stored == "reencoded" and (result.width, result.height) == (96, 64)
+    assert time.perf_counter() - started < 1.0
