@@ -29,7 +29,8 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from fluxtrain.datasets.jpeg_markers import header_segments, strip_metadata
-from fluxtrain.datasets.png_inflate import repacked
+from fluxtrain.datasets.png_inflate import SIGNATURE as PNG_SIGNATURE
+from fluxtrain.datasets.png_inflate import chunk_count, repacked
 
 pillow_heif.register_heif_opener()
 Image.MAX_IMAGE_PIXELS = None
@@ -58,6 +59,9 @@ _SOS = b"\xff\xda"
 # Pillow reads a JPEG's segments up to the first scan in Python, about 0.25 s per megabyte of empty
 # comments: a 50 MB body of them would hold a worker for 12 s. Encoders write tens.
 MAX_JPEG_HEADER_SEGMENTS = 1024
+# The same for a PNG's chunks, which Pillow reads one Python call each (about 2 us: 4 million
+# empty ones fit in 50 MB). An encoder writing 8 KB of image data per chunk stays far below.
+MAX_PNG_CHUNKS = 1 << 16
 
 Stored = Literal["kept", "reencoded"]
 
@@ -115,6 +119,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejectedError(
             f"refused: a JPEG of more than {MAX_JPEG_HEADER_SEGMENTS} segments before its image data"
         )
+    if data.startswith(PNG_SIGNATURE) and chunk_count(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:
+        raise ImageRejectedError(f"refused: a PNG of more than {MAX_PNG_CHUNKS} chunks")
     try:
         return open_image(io.BytesIO(data), max_pixels=max_pixels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -128,3 +128,18 @@ def repacked(data: bytes) -> bytes | None:
     if raw is None:
         return None
     return b"".join([*before, *_stored_idat(raw), *after])
+
+
+def chunk_count(data: bytes, limit: int) -> int:
+    """How many chunks `data` (a PNG) holds, counting no further than `limit` + 1; the count so far
+    where the structure breaks off (the decoder judges that).
+
+    Pillow reads every chunk, image data included, with a Python call of its own."""
+    position, count, size = len(SIGNATURE), 0, len(data)
+    while count <= limit and position + _CHUNK_HEAD.size <= size:
+        length, kind = _CHUNK_HEAD.unpack_from(data, position)
+        count += 1
+        if kind == b"IEND":
+            break
+        position += _CHUNK_HEAD.size + length + _CRC.size
+    return count

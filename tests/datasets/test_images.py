@@ -1,11 +1,13 @@
 import io
 import struct
+import time
 import zlib
 
 import pillow_heif
 import pytest
 from PIL import Image, ImageCms
 
+from fluxtrain.datasets import images
 from fluxtrain.datasets.images import ImageRejectedError, normalize_image
 from tests.datasets.support import encode
 
@@ -238,3 +240,42 @@ def test_pixel_count_is_checked_from_the_header_before_decoding() -> None:
         normalize_image(png_claiming_size(30000, 30000), max_pixels=LIMIT)
     with pytest.raises(ImageRejectedError, match="decompression bomb"):
         normalize_image(encode(Image.new("RGB", (200, 100)), "PNG"), max_pixels=10_000)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_in_small_chunks(image: Image.Image, piece: int) -> bytes:
+    """`image` (RGB) as a PNG whose image data is cut into IDAT chunks of `piece` bytes."""
+    width, height = image.size
+    rows = image.tobytes()
+    raw = b"".join(b"\x00" + rows[y * width * 3 : (y + 1) * width * 3] for y in range(height))
+    stream = zlib.compress(raw, 1)
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)),
+            *(_png_chunk(b"IDAT", stream[i : i + piece]) for i in range(0, len(stream), piece)),
+            _png_chunk(b"IEND", b""),
+        ]
+    )
+
+
+def test_a_png_of_millions_of_empty_chunks_is_refused_at_once() -> None:
+    """Pillow reads each chunk with a Python call: 4 million empty ones would take it about 9 s."""
+    png = encode(Image.new("RGB", (64, 48), (10, 20, 30)), "PNG")
+    bomb = png[:33] + _png_chunk(b"prVt", b"") * (images.MAX_PNG_CHUNKS + 1) + png[33:]
+    started = time.perf_counter()
+    refusal = f"refused: a PNG of more than {images.MAX_PNG_CHUNKS} chunks"
+    with pytest.raises(ImageRejectedError, match=refusal):
+        normalize_image(bomb, max_pixels=10**8)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_large_png_written_in_small_chunks_is_still_read() -> None:
+    """libpng writes 8 KB of image data per chunk; a 4 MP image cut into 512-byte chunks still passes."""
+    noise = Image.effect_noise((2048, 2048), 64).convert("RGB")
+    png = _png_in_small_chunks(noise, 512)
+    assert png.count(b"IDAT") > 10_000
+    assert normalize_image(png, max_pixels=10**8).width == 2048
