@@ -19,12 +19,25 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
-@lru_cache(maxsize=4096)
+# Hosts up to this long are cached; longer ones (a loose IPv4 spelling may carry any number of
+# leading zeros) are read each time, so a request of huge host names cannot pin memory in the cache.
+_CACHED_HOST_LENGTH = 255
+
+
 def parse_ip(host: str) -> IPAddress | None:
     """Read `host` as an IP address the way a C resolver would, so no spelling slips past the check.
 
     Cached: a batch's URLs mostly share a few hosts, and each is read twice per URL (`check_url`).
     """
+    return _parse_ip_cached(host) if len(host) <= _CACHED_HOST_LENGTH else _parse_ip(host)
+
+
+@lru_cache(maxsize=4096)
+def _parse_ip_cached(host: str) -> IPAddress | None:
+    return _parse_ip(host)
+
+
+def _parse_ip(host: str) -> IPAddress | None:
     text = host.strip().strip("[]")
     if "%" in text:
         text = text.split("%", 1)[0]

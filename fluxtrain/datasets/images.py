@@ -28,7 +28,7 @@ from typing import BinaryIO, Literal
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from fluxtrain.datasets.jpeg_markers import header_segments, strip_metadata
+from fluxtrain.datasets.jpeg_markers import strip_metadata
 from fluxtrain.datasets.png_inflate import SIGNATURE as PNG_SIGNATURE
 from fluxtrain.datasets.png_inflate import chunk_count, repacked
 
@@ -56,9 +56,13 @@ _ORIENTATION = 0x0112
 # the decode path, which refuses it.
 MAX_JPEG_SCANS = 256
 _SOS = b"\xff\xda"
-# Pillow reads a JPEG's segments up to the first scan in Python, about 0.25 s per megabyte of empty
-# comments: a 50 MB body of them would hold a worker for 12 s. Encoders write tens.
-MAX_JPEG_HEADER_SEGMENTS = 1024
+# Pillow reads a JPEG up to its first scan in Python, one step per segment and one per fill, junk
+# or stuffed byte between segments: about 0.25 s per megabyte of empty comments, so a 50 MB body of
+# them would hold a worker for 12 s. Encoders write tens of segments.
+MAX_JPEG_HEADER_STEPS = 1024
+# Markers after which Pillow reads no length (SOI, EOI, RSTn, JPG, JPGn); any other from 0xFFC0 on
+# has a handler that reads one. 0xFFFF is a fill byte, 0xFF00 a stuffed one.
+_LENGTHLESS_MARKERS = frozenset({0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)})
 # The same for a PNG's chunks, which Pillow reads one Python call each (about 2 us: 4 million
 # empty ones fit in 50 MB). An encoder writing 8 KB of image data per chunk stays far below.
 MAX_PNG_CHUNKS = 1 << 16
@@ -101,10 +105,41 @@ def _too_many_scans(data: bytes) -> bool:
     return data.startswith(b"\xff\xd8") and data.count(_SOS) > MAX_JPEG_SCANS
 
 
-def _too_many_header_segments(data: bytes) -> bool:
+def _pillow_header_steps(data: bytes, limit: int) -> int:
+    """How many steps Pillow's JPEG header parser (JpegImagePlugin `_open`) takes on `data` before
+    the first scan, counting no further than `limit` + 1. It mirrors that loop step for step: a
+    segment is one step, and so is each byte it moves over one at a time (fill, stuffed, junk)."""
+    position, size, steps = 3, len(data), 0
+    current = 0xFF
+    while steps <= limit:
+        steps += 1
+        if current != 0xFF or position >= size:
+            if position >= size:
+                break
+            current, position = data[position], position + 1
+            continue
+        marker, position = data[position], position + 1
+        if marker >= 0xC0 and marker != 0xFF:
+            if marker not in _LENGTHLESS_MARKERS:
+                if position + 2 > size:
+                    break
+                position += 2 + max(int.from_bytes(data[position : position + 2], "big") - 2, 0)
+            if marker == 0xDA or position >= size:
+                break
+            current, position = data[position], position + 1
+        elif marker == 0x00:
+            if position >= size:
+                break
+            current, position = data[position], position + 1
+        elif marker != 0xFF:
+            break
+    return steps
+
+
+def _too_many_header_steps(data: bytes) -> bool:
     return (
         data.startswith(b"\xff\xd8")
-        and header_segments(data, MAX_JPEG_HEADER_SEGMENTS) > MAX_JPEG_HEADER_SEGMENTS
+        and _pillow_header_steps(data, MAX_JPEG_HEADER_STEPS) > MAX_JPEG_HEADER_STEPS
     )
 
 
@@ -115,9 +150,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejectedError("not an image: looks like SVG, HTML or XML (refused)")
     if _too_many_scans(data):
         raise ImageRejectedError(f"decompression bomb: a JPEG of more than {MAX_JPEG_SCANS} scans")
-    if _too_many_header_segments(data):
+    if _too_many_header_steps(data):
         raise ImageRejectedError(
-            f"refused: a JPEG of more than {MAX_JPEG_HEADER_SEGMENTS} segments before its image data"
+            f"refused: a JPEG of more than {MAX_JPEG_HEADER_STEPS} segments, fill or junk bytes "
+            "before its image data"
         )
     if data.startswith(PNG_SIGNATURE) and chunk_count(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:
         raise ImageRejectedError(f"refused: a PNG of more than {MAX_PNG_CHUNKS} chunks")
@@ -209,8 +245,8 @@ def _needs_no_change(image: Image.Image) -> bool:
 
 
 def _tags_need_no_change(data: bytes, max_pixels: int) -> bool:
-    """Whether the EXIF, XMP and ICC segments of `data` (which `strip_metadata` drops) ask for nothing:
-    no orientation to apply, no profile but sRGB, not a multi-picture file."""
+    """Whether the application segments of `data` that `strip_metadata` drops ask for nothing (no
+    orientation to apply, no profile but sRGB) and Pillow reads them without trouble."""
     with open_image(io.BytesIO(data), max_pixels=max_pixels, formats=_KEPT_FORMATS) as image:
         return _needs_no_change(image)
 
@@ -218,19 +254,20 @@ def _tags_need_no_change(data: bytes, max_pixels: int) -> bool:
 def _kept_jpeg(data: bytes, max_pixels: int) -> NormalizedImage | None:
     """`data` stripped of metadata when it needs no change and decodes whole; None otherwise.
 
-    Only a file with EXIF, XMP or ICC segments (`Stripped.tagged`) is opened as it came, to read
-    what they ask for; the rest is judged on its stripped form, whose frame and colour segments
-    are the original's. "Decodes whole" is checked at 1/8 scale, in grey, where libjpeg still
-    reads every table and scan header but skips the full-size inverse DCT and colour conversion.
-    A baseline file is checked on its skeleton (`Stripped`): the sequential decoder refuses nothing
-    inside the entropy data, so that takes 0.15 ms at 512 px instead of 0.6 ms. A progressive file
-    is decoded whole at 1/8 scale, since the progressive decoder does refuse some entropy data (a
-    DC value that overflows). Its scans are counted by the walk that strips it, not by a search of
-    the raw bytes (a third of this check's time at 50 KB). Any trouble at all (a hostile header,
-    a bad segment length, a truncated scan, too many scans) is answered with None, so the decode
-    path decides about those bytes exactly as it always has.
+    Only a file with application segments to drop (`Stripped.tagged`: EXIF, XMP, ICC, IPTC, ...)
+    is opened as it came, to read what they ask for; the rest is judged on its stripped form, whose
+    frame, JFIF and Adobe segments are the original's. "Decodes whole" is checked at 1/8 scale, in
+    grey, where libjpeg still reads every table and scan header but skips the full-size inverse
+    DCT and colour conversion. A baseline file is checked on its skeleton (`Stripped`): the
+    sequential decoder refuses nothing inside the entropy data, so that takes 0.15 ms at 512 px
+    instead of 0.6 ms. A progressive file is decoded whole at 1/8 scale, since the progressive
+    decoder does refuse some entropy data (a DC value that overflows). Its scans are counted by the
+    walk that strips it, not by a search of the raw bytes (a third of this check's time at 50 KB),
+    so bytes that only look like scan markers in a comment or after the end no longer count. Any
+    trouble at all (a hostile header, a bad segment length, a truncated scan, too many scans) is
+    answered with None, and the decode path decides about those bytes.
     """
-    if not data.startswith(b"\xff\xd8") or _too_many_header_segments(data):
+    if not data.startswith(b"\xff\xd8") or _too_many_header_steps(data):
         return None
     try:
         stripped = strip_metadata(data)

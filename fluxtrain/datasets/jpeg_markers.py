@@ -27,13 +27,14 @@ _FRAMES = frozenset({0xC0, _PROGRESSIVE})
 _TABLES = frozenset({0xC4, 0xDB, 0xDD})
 _APP0 = 0xE0
 _APP14 = 0xEE
-_TAGS = frozenset({0xE1, 0xE2})
 _COM = 0xFE
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_FILL = re.compile(rb"\xff+")  # a marker's 0xFF and the fill bytes before it
 _JFIF_HEADER_LENGTH = 14  # "JFIF\0", version, units, densities, thumbnail width and height
-# Encoders write tens of segments (a few hundred for a progressive file with an extended XMP); a
-# 50 MB body of empty comments holds 12 million, which this walk would take 6 s over.
-MAX_SEGMENTS = 4096
+# Encoders write tens of segments (a few hundred for a progressive file with an extended XMP) and
+# hardly any fill bytes; a 50 MB body of empty comments holds 12 million segments, which this walk
+# would take 6 s over. Past MAX_STEPS segments and fill bytes it gives up.
+MAX_STEPS = 4096
 
 
 class MalformedJpegError(ValueError):
@@ -72,8 +73,9 @@ class Stripped:
     need the whole decode.
     `scans`: how many scans `jpeg` holds, so a caller can bound the decode's passes.
     `progressive`: whether the frame is progressive (SOF2).
-    `tagged`: whether `data` held an APP1 (EXIF, XMP) or APP2 (ICC profile, MPF) segment, the only
-    ones that can ask for a rotation or a colour conversion.
+    `tagged`: whether `data` held an application segment that `jpeg` leaves out (EXIF and XMP, which
+    can ask for a rotation; ICC, for a colour conversion; MPF, IPTC, ...): the segments a reader
+    such as Pillow reads meaning into, or stumbles on. The JFIF and Adobe segments stay.
     """
 
     jpeg: bytes
@@ -91,16 +93,16 @@ def strip_metadata(data: bytes) -> Stripped:
     skeleton = [b"\xff\xd8"]
     position = 2
     frame_seen = progressive = tagged = False
-    scans = segments = 0
+    scans = steps = 0
     size = len(data)
     while True:
-        segments += 1
-        if segments > MAX_SEGMENTS:
-            raise MalformedJpegError(f"more than {MAX_SEGMENTS} segments")
-        if position + 2 > size or data[position] != 0xFF:
+        run = _FILL.match(data, position) if position + 2 <= size else None
+        if run is None:
             raise MalformedJpegError(f"no marker at offset {position}")
-        while position + 1 < size and data[position + 1] == 0xFF:
-            position += 1
+        position = run.end() - 1
+        steps += run.end() - run.start()
+        if steps > MAX_STEPS:
+            raise MalformedJpegError(f"more than {MAX_STEPS} segments and fill bytes")
         if position + 2 > size:
             raise MalformedJpegError("ends inside a marker")
         marker = data[position + 1]
@@ -144,29 +146,11 @@ def strip_metadata(data: bytes) -> Stripped:
             kept = _jfif_without_thumbnail(payload)
         elif marker == _APP14 and payload.startswith(b"Adobe"):
             kept = segment
-        elif marker in _TAGS:
+        elif 0xE0 <= marker <= 0xEF:
             tagged = True
-        elif not (0xE0 <= marker <= 0xEF or marker == _COM):
+        elif marker != _COM:
             raise MalformedJpegError(f"unsupported marker 0xFF{marker:02X}")
         if kept is not None:
             out.append(kept)
             skeleton.append(kept)
         position = end
-
-
-def header_segments(data: bytes, limit: int) -> int:
-    """How many segments come before the first scan of `data` (a JPEG), counting no further than
-    `limit` + 1; the count so far where the structure breaks off (the decoder judges that).
-
-    Pillow reads these segments in Python, one call per segment, before libjpeg takes over."""
-    position, count, size = 2, 0, len(data)
-    while count <= limit and position + 4 <= size and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF:
-            position += 1
-            continue
-        count += 1
-        if marker in (SOS, EOI):
-            break
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return count

@@ -2,6 +2,7 @@ import ipaddress
 
 import pytest
 
+from fluxtrain.datasets import addresses
 from fluxtrain.datasets.addresses import parse_ip, refusal_reason
 
 LOOPBACK_ONLY = [ipaddress.ip_network("127.0.0.0/8")]
@@ -26,6 +27,14 @@ LOOPBACK_ONLY = [ipaddress.ip_network("127.0.0.0/8")]
 )
 def test_loose_ip_spellings_read_as_the_resolver_does(spelling: str, meaning: str) -> None:
     assert parse_ip(spelling) == ipaddress.ip_address(meaning)
+
+
+def test_a_long_spelling_is_read_the_same_but_not_kept_in_the_cache() -> None:
+    """inet_aton takes any number of leading zeros; a megabyte of them must not stay in memory."""
+    long_spelling = "0" * 1_000_000 + "177.0.0.1"
+    before = addresses._parse_ip_cached.cache_info().currsize
+    assert parse_ip(long_spelling) == ipaddress.ip_address("127.0.0.1")
+    assert addresses._parse_ip_cached.cache_info().currsize == before
 
 
 @pytest.mark.parametrize("host", ["example.com", "1.2.3.4.5", "256.1.1.1", "08.1.1.1", "1.2.3.999", ""])

@@ -19,7 +19,7 @@ from PIL import Image, ImageCms, ImageOps
 from fluxtrain.datasets import images
 from fluxtrain.datasets.images import ImageRejectedError, NormalizedImage, normalize_image, reencode_image
 from fluxtrain.datasets.ingest import download_images
-from fluxtrain.datasets.jpeg_markers import MAX_SEGMENTS, MalformedJpegError, header_segments, strip_metadata
+from fluxtrain.datasets.jpeg_markers import MAX_STEPS, MalformedJpegError, strip_metadata
 from fluxtrain.settings import Settings
 from tests.datasets.support import LoopbackServer, Reply, encode
 from tests.datasets.test_images import linear_grey_profile, swapped_primaries_profile
@@ -344,26 +344,66 @@ def test_the_walk_says_which_files_carry_orientation_or_colour_tags(form: str) -
     assert stripped.progressive == bool(params.get("progressive"))
 
 
-def test_a_jpeg_of_millions_of_empty_segments_is_refused_at_once() -> None:
-    """50 MB of empty comments before the frame: Pillow's header parser would take about 12 s."""
+EMPTY_COMMENTS = b"\xff\xfe\x00\x02" * (4 * 1024 * 1024)  # 16 MB, 4 million segments
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"", b"\xff\xd9", b"\xff\x00\x00\x00", b"\xff\xd0", b"\xff\xfe\x00\x00", b"\xff\xc8"],
+    ids=["plain", "EOI first", "stuffed and junk", "RST first", "length 0", "JPG marker"],
+)
+def test_a_jpeg_of_millions_of_empty_segments_is_refused_at_once(prefix: bytes) -> None:
+    """Whatever comes first, Pillow's header parser would read 4 million segments in Python (4 s)."""
     clean = encode(photo(), "JPEG", quality=90)
-    bomb = clean[:2] + b"\xff\xfe\x00\x02" * (50 * 1024 * 1024 // 4) + clean[2:]
+    bomb = clean[:2] + prefix + EMPTY_COMMENTS + clean[2:]
     started = time.perf_counter()
-    assert outcome(normalize_image, bomb) == (
+    kind, reason = outcome(normalize_image, bomb)
+    assert time.perf_counter() - started < 0.5
+    assert (kind, reason) == (
         "refused",
-        f"refused: a JPEG of more than {images.MAX_JPEG_HEADER_SEGMENTS} segments before its image data",
+        f"refused: a JPEG of more than {images.MAX_JPEG_HEADER_STEPS} segments, fill or junk bytes "
+        "before its image data",
     )
-    assert time.perf_counter() - started < 1.0
-    assert header_segments(clean, images.MAX_JPEG_HEADER_SEGMENTS) < 20
+
+
+@pytest.mark.parametrize("filler", [b"\xff", b"\x00"], ids=["fill bytes", "junk bytes"])
+def test_a_jpeg_padded_with_millions_of_bytes_before_its_frame_is_refused_at_once(filler: bytes) -> None:
+    """Pillow steps over fill and junk bytes one Python call each."""
+    clean = encode(photo(), "JPEG", quality=90, exif=gps_exif(orientation=6))
+    bomb = clean[:2] + b"\xff" + filler * (16 * 1024 * 1024) + clean[2:]
+    started = time.perf_counter()
+    assert outcome(normalize_image, bomb)[0] == "refused"
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_few_fill_bytes_between_segments_are_read_as_before() -> None:
+    clean = encode(photo(), "JPEG", quality=90)
+    padded = clean[:2] + b"\xff" * 200 + clean[2:]
+    assert images._pillow_header_steps(clean, images.MAX_JPEG_HEADER_STEPS) < 20
+    result = normalize_image(padded, max_pixels=LIMIT)
+    assert (result.stored, result.jpeg) == ("kept", strip_metadata(clean).jpeg)
 
 
 def test_a_jpeg_whose_segments_after_the_scan_run_into_millions_is_re_encoded_quickly() -> None:
-    """The stripping walk gives up past MAX_SEGMENTS; libjpeg skips such segments in C."""
+    """The stripping walk gives up past MAX_STEPS; libjpeg skips such segments in C."""
     clean = encode(photo(), "JPEG", quality=90)
     padded = clean[:-2] + b"\xff\xfe\x00\x02" * 1_000_000 + clean[-2:]
-    with pytest.raises(MalformedJpegError, match=f"more than {MAX_SEGMENTS} segments"):
+    with pytest.raises(MalformedJpegError, match=f"more than {MAX_STEPS} segments and fill bytes"):
         strip_metadata(padded)
     started = time.perf_counter()
     result = normalize_image(padded, max_pixels=LIMIT)
     assert result.stored == "reencoded" and (result.width, result.height) == (96, 64)
     assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    "segment_bytes",
+    [segment(0xE0, b"JFIF"), segment(0xE0, b"JFIFX"), segment(0xED, b"Photoshop 3.0\x008BIM\x04\x04")],
+    ids=["short JFIF", "JFIF without its NUL", "truncated Photoshop"],
+)
+def test_a_dropped_segment_pillow_stumbles_on_is_left_to_the_decode_path(segment_bytes: bytes) -> None:
+    """Such a file counts as tagged, so it is opened as it came and refused as it always was."""
+    clean = encode(photo(), "JPEG", quality=90)
+    odd = clean[:2] + segment_bytes + clean[2:]
+    assert strip_metadata(odd).tagged
+    assert outcome(normalize_image, odd) == outcome(previous_normalize, odd)

@@ -102,7 +102,7 @@ def test_an_unreadable_ca_bundle_is_a_clear_error(ca_settings: Settings, tmp_pat
 def test_a_ca_bundle_rewritten_in_place_is_read_again(
     localhost_server: LoopbackServer, ca_settings: Settings, ca: trustme.CA, png_bytes: bytes, tmp_path: Path
 ) -> None:
-    """The TLS context is built once per version of the bundle file, not once for good."""
+    """The TLS context is built once per content of the bundle file, not once for good."""
     bundle = tmp_path / "rotating.pem"
     trustme.CA().cert_pem.write_to_path(str(bundle))
     settings = ca_settings.model_copy(update={"ca_bundle": bundle})
