@@ -5,6 +5,9 @@ another process may hold), so they run off the event loop; but one thread hand-o
 of the lock per image cost the loop more than moving the image's bytes. So a batch is
 every image that finished within BATCH_WINDOW of the first, or while the previous batch was
 committing: one hand-off and one hold of the lock for all of them, for at most 20 ms of delay.
+The download's last image does not wait out the window: the committer knows how many images to
+expect, less those whose URL failed before reaching it (`skip`), so a batch of ten that finishes in
+9 ms returns then, not 20 ms later.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ BATCH_WINDOW = 0.02
 class Committer:
     """Commits into one ledger, in arrival order, from one event loop."""
 
-    def __init__(self, book: Ledger, executor: Executor) -> None:
+    def __init__(self, book: Ledger, executor: Executor, *, expected: int) -> None:
         self._book = book
         self._executor = executor
         self._lock = threading.Lock()
         self._pending: list[tuple[Incoming, asyncio.Future[Path]]] = []
         self._draining = False
+        self._left = expected
+        self._window: asyncio.TimerHandle | None = None
 
     async def commit(self, item: Incoming) -> Path:
         """The image's final path once it is named and recorded (its errors raise here)."""
@@ -37,8 +42,23 @@ class Committer:
             self._pending.append((item, future))
             start, self._draining = not self._draining, True
         if start:
-            loop.call_later(BATCH_WINDOW, loop.run_in_executor, self._executor, self._drain, loop)
+            self._window = loop.call_later(BATCH_WINDOW, self._start, loop)
+        self._arrived(loop)
         return await future
+
+    def skip(self) -> None:
+        """One expected image will not come (its URL failed before it got here)."""
+        self._arrived(asyncio.get_running_loop())
+
+    def _arrived(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._left -= 1
+        if self._left <= 0 and self._window is not None:
+            self._window.cancel()
+            self._start(loop)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._window = None
+        loop.run_in_executor(self._executor, self._drain, loop)
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:

@@ -182,38 +182,45 @@ async def download_images(
     allow = settings.allow_networks
     host_slots = HostSlots(settings.download_per_host)
 
+    async def incoming(client: FetchClient, url: str) -> ledger.Incoming:
+        """The URL's body fetched and turned into a temporary JPEG file by a worker."""
+        async with body_slots:
+            checked = check_url(url, allow)
+            async with host_slots.hold(checked.host), fetch_slots:
+                fetched = await fetch_bytes(
+                    client,
+                    url,
+                    checked=checked,
+                    allow=allow,
+                    max_bytes=settings.max_download_bytes,
+                    timeout=settings.download_timeout,
+                )
+            try:
+                written = await workers.run(prepare_into, folder, fetched.content, settings.max_image_pixels)
+            except FileNotFoundError as exc:
+                raise ledger.DatasetDeletedError from exc
+            finally:
+                del fetched
+        return ledger.Incoming(
+            source=ledger.Source(url=url),
+            stem=stems.get(url) or ledger.stem_for_url(url),
+            incoming=written.incoming,
+            entry=written.manifest_entry(),
+        )
+
     async def one(client: FetchClient, url: str) -> None:
         path: str | None = None
         reason: str | None = None
         try:
-            async with body_slots:
-                checked = check_url(url, allow)
-                async with host_slots.hold(checked.host), fetch_slots:
-                    fetched = await fetch_bytes(
-                        client,
-                        url,
-                        checked=checked,
-                        allow=allow,
-                        max_bytes=settings.max_download_bytes,
-                        timeout=settings.download_timeout,
-                    )
-                try:
-                    written = await workers.run(
-                        prepare_into, folder, fetched.content, settings.max_image_pixels
-                    )
-                except FileNotFoundError as exc:
-                    raise ledger.DatasetDeletedError from exc
-                finally:
-                    del fetched
-            incoming = ledger.Incoming(
-                source=ledger.Source(url=url),
-                stem=stems.get(url) or ledger.stem_for_url(url),
-                incoming=written.incoming,
-                entry=written.manifest_entry(),
-            )
-            path = str(await committer.commit(incoming))
+            item = await incoming(client, url)
         except Exception as exc:
+            committer.skip()
             reason = _reason_for(exc)
+        else:
+            try:
+                path = str(await committer.commit(item))
+            except Exception as exc:
+                reason = _reason_for(exc)
         if path is not None:
             result.files[url] = path
         else:
@@ -232,7 +239,7 @@ async def download_images(
     try:
         async with client:
             book = await loop.run_in_executor(executor, ledger.acquire, folder)
-            committer = Committer(book, executor)
+            committer = Committer(book, executor, expected=len(unique))
             try:
                 await asyncio.gather(*(one(client, url) for url in unique))
             finally:

@@ -2,11 +2,13 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from fluxtrain.datasets import commits
 from fluxtrain.datasets.ingest import DownloadResult, download_images
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.settings import Settings
@@ -271,3 +273,21 @@ def test_request_level_limits_raise(open_settings: Settings) -> None:
         )
     with pytest.raises(InvalidInputError):
         asyncio.run(download_images(settings=open_settings, name="../up", urls=["http://a/1"]))
+
+
+@pytest.mark.parametrize("last", ["saved", "failed"])
+def test_the_last_image_does_not_wait_out_the_commit_window(
+    server: LoopbackServer,
+    open_settings: Settings,
+    png_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    last: str,
+) -> None:
+    """Commits are batched over a window; the batch's last image (or last failure) ends it at once."""
+    monkeypatch.setattr(commits, "BATCH_WINDOW", 30.0)
+    urls = [server.add(f"/quick-{index}.png", Reply(body=png_bytes)) for index in range(3)]
+    urls.append(server.add("/last.png", Reply(body=png_bytes if last == "saved" else b"nope", delay=0.3)))
+    started = time.monotonic()
+    result = run(open_settings, urls)
+    assert time.monotonic() - started < 10
+    assert len(result.files) == (4 if last == "saved" else 3)
