@@ -481,13 +481,6 @@ def split_concurrency(concurrency: int, cores: int) -> tuple[int, int]:
     return processes, concurrency // processes
 
 
-def run_img2dataset_fresh(*, python: str, server: ImageServer, urls: list[str], concurrency: int) -> Outcome:
-    """`run_img2dataset` in a fresh folder of its own (`run_folder`)."""
-    return run_img2dataset(
-        python=python, server=server, urls=urls, concurrency=concurrency, workdir=run_folder("img2dataset-")
-    )
-
-
 def run_img2dataset(
     *, python: str, server: ImageServer, urls: list[str], concurrency: int, workdir: Path
 ) -> Outcome:
@@ -637,8 +630,12 @@ def side_by_side(*, n: int, python: str | None, runs: int) -> None:
                 _report(ours[-1], n=n, bound=bound)
                 if python:
                     theirs.append(
-                        run_img2dataset_fresh(
-                            python=python, server=server, urls=urls, concurrency=regime.concurrency
+                        run_img2dataset(
+                            python=python,
+                            server=server,
+                            urls=urls,
+                            concurrency=regime.concurrency,
+                            workdir=run_folder("img2dataset-"),
                         )
                     )
                     _report(theirs[-1], n=n, bound=bound)
@@ -760,8 +757,12 @@ def _bench(args: argparse.Namespace) -> int:
                 )
                 _report(results["fluxtrain CLI"][-1], n=args.n, bound=bound)
             if python:
-                peer = run_img2dataset_fresh(
-                    python=python, server=server, urls=urls, concurrency=args.concurrency
+                peer = run_img2dataset(
+                    python=python,
+                    server=server,
+                    urls=urls,
+                    concurrency=args.concurrency,
+                    workdir=run_folder("img2dataset-"),
                 )
                 results["img2dataset"].append(peer)
                 _report(results["img2dataset"][-1], n=args.n, bound=bound)
