@@ -7,8 +7,10 @@ transformers. FD is this end of a socket pair.
 
 Every message either way is one frame: its length (8 bytes, big-endian, not counting itself), the
 count of raw parts (4 bytes) and their lengths (8 bytes each), a pickle, then the raw parts.
-A `bytes` of RAW_BYTES or more inside the message (a downloaded body) is a raw part, not pickled:
-it goes from the parent's own buffer into the socket, so the body is never copied on the way.
+A job's argument that is a `bytes` of RAW_BYTES or more (a downloaded body) is a raw part, not
+pickled: it goes from the parent's own buffer into the socket, so the body is never copied on the
+way. Only the arguments themselves are looked at, so the rest pickles in C with no Python call per
+object (a persistent-id hook, called for each, took framing a job from 4.4 to 6.9 us).
 The parent first sends its `sys.path`, then jobs `(function, args)`; this side answers
 `("ready",)` once, then `(True, value)` or `(False, exception)` per job.
 
@@ -20,12 +22,12 @@ cores (README, Downloads), this took the download from 4.72-4.77 s to 4.36-4.51 
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import socket
 import struct
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 LENGTH = struct.Struct("!Q")
@@ -34,49 +36,46 @@ RAW_BYTES = 64 * 1024
 NICENESS = 10
 
 
-class _Pickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, raw: list[bytes]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.raw = raw
-
-    def persistent_id(self, obj: object) -> int | None:
-        if type(obj) is bytes and len(obj) >= RAW_BYTES:
-            self.raw.append(obj)
-            return len(self.raw) - 1
-        return None
+def encode(message: object, raw: Sequence[bytes] = ()) -> list[bytes]:
+    """The frame of `message` and then `raw`, as the parts to write in order (`raw` unchanged)."""
+    pickled = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    lengths = [len(part) for part in raw]
+    header = COUNT.pack(len(raw)) + b"".join(map(LENGTH.pack, lengths))
+    return [LENGTH.pack(len(header) + len(pickled) + sum(lengths)) + header + pickled, *raw]
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, raw: list[bytes]) -> None:
-        super().__init__(file)
-        self.raw = raw
-
-    def persistent_load(self, pid: int) -> bytes:
-        return self.raw[pid]
-
-
-def encode(message: object) -> list[bytes]:
-    """The frame of `message`, as the parts to write in order (the raw ones are the caller's own)."""
-    raw: list[bytes] = []
-    buffer = io.BytesIO()
-    _Pickler(buffer, raw).dump(message)
-    pickled = buffer.getvalue()
-    header = COUNT.pack(len(raw)) + b"".join(LENGTH.pack(len(part)) for part in raw)
-    total = len(header) + len(pickled) + sum(len(part) for part in raw)
-    return [LENGTH.pack(total) + header + pickled, *raw]
-
-
-def decode(body: memoryview) -> Any:
-    """The message of a frame's `body` (the frame less its length)."""
+def decode(body: memoryview) -> tuple[Any, list[bytes]]:
+    """The message of a frame's `body` (the frame less its length) and its raw parts."""
     (count,) = COUNT.unpack_from(body)
     lengths = [LENGTH.unpack_from(body, COUNT.size + LENGTH.size * index)[0] for index in range(count)]
     start = COUNT.size + LENGTH.size * count
     end = len(body) - sum(lengths)
+    message = pickle.loads(body[start:end])
     raw = []
     for length in lengths:
         raw.append(bytes(body[end : end + length]))
         end += length
-    return _Unpickler(io.BytesIO(body[start : len(body) - sum(lengths)]), raw).load()
+    return message, raw
+
+
+def encode_job(function: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes]:
+    """The frame of the job `function(*args)`: an argument that is a `bytes` of RAW_BYTES or more
+    travels as a raw part, the rest pickled."""
+    pickled = list(args)
+    raw_at = []
+    for index, arg in enumerate(args):
+        if type(arg) is bytes and len(arg) >= RAW_BYTES:
+            pickled[index] = None
+            raw_at.append(index)
+    return encode((function, pickled, raw_at), [args[index] for index in raw_at])
+
+
+def decode_job(body: memoryview) -> tuple[Callable[..., Any], list[Any]]:
+    """The function and arguments of a job's frame (`encode_job`)."""
+    (function, args, raw_at), raw = decode(body)
+    for index, part in zip(raw_at, raw, strict=True):
+        args[index] = part
+    return function, args
 
 
 def frame_length(buffer: bytearray | memoryview) -> int:
@@ -107,7 +106,7 @@ def read_frame(sock: socket.socket) -> memoryview | None:
 
 def _answer(body: memoryview) -> list[bytes]:
     try:
-        function, args = decode(body)
+        function, args = decode_job(body)
         return encode((True, function(*args)))
     except Exception as exc:
         try:
@@ -127,7 +126,7 @@ def main(fd: int) -> None:
     path = read_frame(sock)
     if path is None:
         return
-    sys.path[:] = decode(path)
+    sys.path[:] = decode(path)[0]
     import fluxtrain.datasets.image_workers  # noqa: F401  (Pillow and the jobs, before the first one)
 
     _send(sock, encode(("ready",)))

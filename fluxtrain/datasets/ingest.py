@@ -172,6 +172,7 @@ async def download_images(
         )
     stems = control_stems(urls, control_for, role)
     folder = _role_folder(settings, name, role)
+    into = str(folder)
     unique = list(dict.fromkeys(urls))
     result = DownloadResult()
     loop = asyncio.get_running_loop()
@@ -196,7 +197,7 @@ async def download_images(
                     timeout=settings.download_timeout,
                 )
             try:
-                written = await workers.run(prepare_into, folder, fetched.content, settings.max_image_pixels)
+                written = await workers.run(prepare_into, into, fetched.content, settings.max_image_pixels)
             except FileNotFoundError as exc:
                 raise ledger.DatasetDeletedError from exc
             finally:
@@ -204,7 +205,7 @@ async def download_images(
         return ledger.Incoming(
             source=ledger.Source(url=url),
             stem=stems.get(url) or ledger.stem_for_url(url),
-            incoming=written.incoming,
+            incoming=Path(written.incoming),
             entry=written.manifest_entry(),
         )
 

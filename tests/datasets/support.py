@@ -183,7 +183,7 @@ def assert_baseline_jpeg(path: Path) -> tuple[int, int]:
 CRASH_MARKER = b"make-the-worker-die"
 
 
-def prepare_or_die(folder: Path, data: bytes, max_pixels: int) -> object:
+def prepare_or_die(folder: str, data: bytes, max_pixels: int) -> object:
     """`image_workers.prepare_into`, except that a body holding CRASH_MARKER kills the worker process."""
     from fluxtrain.datasets.image_workers import prepare_into
 
