@@ -9,7 +9,9 @@ Uploads are normalised in that thread pool. A URL first waits for a slot on its 
 FLUXTRAIN_DOWNLOAD_CONCURRENCY slots, held while it is fetched; its timeout starts after both.
 A fetched body waits for an image worker without holding a connection slot, so a burst of
 answers queued at the workers does not idle the network; the bodies held at once (fetching or
-waiting) are bounded all the same, at BODIES_PER_FETCH_SLOT per connection slot.
+waiting) are bounded all the same: a batch runs BODIES_PER_FETCH_SLOT tasks per connection slot,
+each taking the next URL once its last one is done, so a list of 10,000 URLs is neither 10,000
+tasks nor a wait on a semaphore per URL.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -179,29 +181,29 @@ async def download_images(
     executor = image_executor()
     workers = image_workers(settings.image_workers)
     fetch_slots = asyncio.Semaphore(settings.download_concurrency)
-    body_slots = asyncio.Semaphore(BODIES_PER_FETCH_SLOT * settings.download_concurrency)
     allow = settings.allow_networks
     host_slots = HostSlots(settings.download_per_host)
+    pending = iter(unique)
+    runners = min(len(unique), BODIES_PER_FETCH_SLOT * settings.download_concurrency)
 
     async def incoming(client: FetchClient, url: str) -> ledger.Incoming:
         """The URL's body fetched and turned into a temporary JPEG file by a worker."""
-        async with body_slots:
-            checked = check_url(url, allow)
-            async with host_slots.hold(checked.host), fetch_slots:
-                fetched = await fetch_bytes(
-                    client,
-                    url,
-                    checked=checked,
-                    allow=allow,
-                    max_bytes=settings.max_download_bytes,
-                    timeout=settings.download_timeout,
-                )
-            try:
-                written = await workers.run(prepare_into, into, fetched.content, settings.max_image_pixels)
-            except FileNotFoundError as exc:
-                raise ledger.DatasetDeletedError from exc
-            finally:
-                del fetched
+        checked = check_url(url, allow)
+        async with host_slots.hold(checked.host), fetch_slots:
+            fetched = await fetch_bytes(
+                client,
+                url,
+                checked=checked,
+                allow=allow,
+                max_bytes=settings.max_download_bytes,
+                timeout=settings.download_timeout,
+            )
+        try:
+            written = await workers.run(prepare_into, into, fetched.content, settings.max_image_pixels)
+        except FileNotFoundError as exc:
+            raise ledger.DatasetDeletedError from exc
+        finally:
+            del fetched
         return ledger.Incoming(
             source=ledger.Source(url=url),
             stem=stems.get(url) or ledger.stem_for_url(url),
@@ -209,19 +211,7 @@ async def download_images(
             entry=written.manifest_entry(),
         )
 
-    async def one(client: FetchClient, url: str) -> None:
-        path: str | None = None
-        reason: str | None = None
-        try:
-            item = await incoming(client, url)
-        except Exception as exc:
-            committer.skip()
-            reason = _reason_for(exc)
-        else:
-            try:
-                path = str(await committer.commit(item))
-            except Exception as exc:
-                reason = _reason_for(exc)
+    def finished(url: str, path: str | None, reason: str | None) -> None:
         if path is not None:
             result.files[url] = path
         else:
@@ -229,6 +219,23 @@ async def download_images(
         tracker.record(saved=path is not None)
         if on_result is not None:
             on_result(url, path, reason)
+
+    def committed(url: str, outcome: Path | Exception) -> None:
+        if isinstance(outcome, Exception):
+            finished(url, None, _reason_for(outcome))
+        else:
+            finished(url, str(outcome), None)
+
+    async def runner(client: FetchClient) -> None:
+        """Take the next URL until none is left; its commit finishes without this task."""
+        for url in pending:
+            try:
+                item = await incoming(client, url)
+            except Exception as exc:
+                committer.skip()
+                finished(url, None, _reason_for(exc))
+            else:
+                committer.commit(item, partial(committed, url))
 
     client = make_client(
         allow=allow,
@@ -242,7 +249,8 @@ async def download_images(
             book = await loop.run_in_executor(executor, ledger.acquire, folder)
             committer = Committer(book, executor, expected=len(unique))
             try:
-                await asyncio.gather(*(one(client, url) for url in unique))
+                await asyncio.gather(*(runner(client) for _ in range(runners)))
+                await committer.settled()
             finally:
                 await loop.run_in_executor(executor, _settle, book, result)
     finally:
