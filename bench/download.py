@@ -1,11 +1,12 @@
 """Download benchmark: fluxtrain's downloader against the latency bound and against img2dataset.
 
-A loopback server (127.0.0.1 only, in its own process) answers every request after `--latency`
-seconds (0: at once, no latency bound) with a distinct 512x512 PNG (a handful of photo-like bodies
-made distinct per URL by a text chunk), or with `--jpeg` a clean baseline JPEG q90 (made distinct
-by a COM segment), which fluxtrain keeps without re-encoding. The server is one host, standing for
-many: `--per-host` (default: the concurrency) is fluxtrain's per-host cap for the run, since the
-service default (16) would hold a single-host run at concurrency 32 to half its connections.
+A loopback server (uvicorn on httptools by default, `--server`; 127.0.0.1 only, in its own process,
+on the same cores as the tools it serves) answers every request after `--latency` seconds (0: at
+once, no latency bound) with a distinct 512x512 PNG (a handful of photo-like bodies made distinct
+per URL by a text chunk), or with `--jpeg` a clean baseline JPEG q90 (made distinct by a COM
+segment), which fluxtrain keeps without re-encoding. The server is one host, standing for many:
+`--per-host` (default: the concurrency) is fluxtrain's per-host cap for the run, since the service
+default (16) would hold a single-host run at concurrency 32 to half its connections.
 fluxtrain downloads `--n` distinct URLs from it at `--concurrency`; then img2dataset
 (never a fluxtrain dependency: install it in its own venv and pass `--img2dataset-python`) fetches
 the same URLs at the same total concurrency, re-encoding to JPEG quality 95 like fluxtrain does.
@@ -41,6 +42,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
@@ -97,8 +99,15 @@ def with_comment(jpeg: bytes, text: str) -> bytes:
 
 
 def _serve(
-    sock: socket.socket, bodies: list[bytes], latency: float, served: Synchronized, jpeg: bool
+    sock: socket.socket,
+    bodies: list[bytes],
+    latency: float,
+    served: Synchronized,
+    jpeg: bool,
+    http: str = "httptools",
 ) -> None:
+    """uvicorn with httptools' C parser (h11, its pure-Python fallback, costs the shared cores twice
+    the CPU per request: 0.2 against 0.1 ms on the development VM), or with `http="h11"`."""
     import uvicorn
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -116,7 +125,9 @@ def _serve(
         with served.get_lock():
             served.value += 1
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    config = uvicorn.Config(
+        app, http=http, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -150,7 +161,7 @@ def _serve_threading(
     server.serve_forever()
 
 
-SERVERS = {"uvicorn": _serve, "threading": _serve_threading}
+SERVERS = {"uvicorn": _serve, "uvicorn-h11": partial(_serve, http="h11"), "threading": _serve_threading}
 
 
 @dataclass
@@ -599,6 +610,7 @@ REGIMES = (
     Regime("latency-bound (250 ms), PNG, concurrency 32", 0.25, False, 32),
     Regime("CPU-bound (0 ms), PNG, concurrency 32", 0.0, False, 32),
     Regime("clean JPEG (0 ms), concurrency 32", 0.0, True, 32),
+    Regime("clean JPEG (0 ms), concurrency 32, server on h11", 0.0, True, 32, "uvicorn-h11"),
     Regime("250 ms, PNG, concurrency 64", 0.25, False, 64),
     Regime("250 ms, PNG, concurrency 128", 0.25, False, 128),
     Regime("ThreadingHTTPServer, 250 ms, 256 px PNG, concurrency 64", 0.25, False, 64, "threading", 256),
