@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,17 +15,23 @@ from fluxtrain.api.errors import install_error_handlers
 from fluxtrain.api.limits import BodySizeLimit
 from fluxtrain.api.routes import captions, dataset_config, datasets, health, images, models, runs
 from fluxtrain.api.routes.web import install_web_page
+from fluxtrain.datasets.fetch import make_ssl_context
 from fluxtrain.datasets.image_workers import image_workers
+from fluxtrain.errors import UnavailableError
 from fluxtrain.settings import Settings, get_settings
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Run the training executor for as long as the app serves (only the lease holder acts), and
-    start the image workers now, so the first download does not wait for them to import Pillow."""
+    start the image workers and load the TLS roots now, so the first download waits for neither
+    (Pillow's import in each worker; 16 ms of certificates). A CA bundle that does not load is
+    reported by the downloads that need it, as before."""
     from fluxtrain.runs.executor import start_executor
 
     image_workers(app.state.settings.image_workers)
+    with contextlib.suppress(UnavailableError):
+        await asyncio.to_thread(make_ssl_context, app.state.settings.ca_bundle)
     executor = start_executor(app.state.settings)
     app.state.executor = executor
     try:
