@@ -22,7 +22,7 @@ import hashlib
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -106,25 +106,39 @@ class HostSlots:
         self.per_host = per_host
         self._semaphores: dict[str, asyncio.Semaphore] = {}
 
-    async def claim(self, host: str) -> Callable[[], None] | None:
-        """Wait for a slot on `host`; the release to call, or None when this task holds one already."""
-        if host in _HELD_HOSTS.get():
-            return None
-        semaphore = self._semaphores.setdefault(host, asyncio.Semaphore(self.per_host))
-        await semaphore.acquire()
-        return semaphore.release
+    def hold(self, host: str) -> _HostHold:
+        """Hold a slot on `host` for this task (`async with`), so its requests there take no second one."""
+        return _HostHold(self, host)
 
-    @contextlib.asynccontextmanager
-    async def hold(self, host: str) -> AsyncIterator[None]:
-        """Hold a slot on `host` for this task, so its requests there take no second one."""
-        release = await self.claim(host)
-        token = _HELD_HOSTS.set(_HELD_HOSTS.get() | {host})
-        try:
-            yield
-        finally:
-            _HELD_HOSTS.reset(token)
-            if release is not None:
-                release()
+    def semaphore(self, host: str) -> asyncio.Semaphore:
+        return self._semaphores.setdefault(host, asyncio.Semaphore(self.per_host))
+
+
+class _HostHold:
+    """A class, not a generator-based context manager: two of these open and close per URL."""
+
+    __slots__ = ("_host", "_release", "_slots", "_token")
+
+    def __init__(self, slots: HostSlots, host: str) -> None:
+        self._slots = slots
+        self._host = host
+        self._release: Callable[[], None] | None = None
+        self._token: contextvars.Token[frozenset[str]] | None = None
+
+    async def __aenter__(self) -> None:
+        held = _HELD_HOSTS.get()
+        if self._host in held:
+            return
+        semaphore = self._slots.semaphore(self._host)
+        await semaphore.acquire()
+        self._release = semaphore.release
+        self._token = _HELD_HOSTS.set(held | {self._host})
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _HELD_HOSTS.reset(self._token)
+        if self._release is not None:
+            self._release()
 
 
 class FetchClient:
