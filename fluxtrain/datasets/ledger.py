@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import stat
 import threading
 import time
 import urllib.parse
@@ -213,26 +214,27 @@ class Ledger:
                 return name
         return None
 
-    def _unrecorded_copy(self, stem: str, incoming: Path) -> str | None:
-        """A file under one of `stem`'s names that holds `incoming`'s bytes but has no manifest entry."""
-        candidate, counter = f"{stem}{IMAGE_SUFFIX}", 1
-        size = incoming.stat().st_size
-        while candidate in self.manifest or (self.folder / candidate).exists():
-            path = self.folder / candidate
-            unrecorded = candidate not in self.manifest and path.is_file()
-            if unrecorded and path.stat().st_size == size and path.read_bytes() == incoming.read_bytes():
-                return check_name(candidate, what="image file name")
-            counter += 1
-            candidate = f"{stem}-{counter}{IMAGE_SUFFIX}"
-        return None
+    def _name_for(self, stem: str, incoming: Path) -> str:
+        """The first of `stem`'s names (`stem.jpg`, `stem-2.jpg`, ...) that is free, unless one
+        before it is a file without a manifest entry holding `incoming`'s bytes: then that one.
 
-    def _free_name(self, stem: str) -> str:
-        candidate = f"{stem}{IMAGE_SUFFIX}"
-        counter = 1
-        while candidate in self.manifest or (self.folder / candidate).exists():
+        One walk and, for a new name, one stat: a name is looked at once, and `incoming`'s size is
+        read only when there is an unrecorded file to compare with.
+        """
+        candidate, counter, size = f"{stem}{IMAGE_SUFFIX}", 1, None
+        while True:
+            if candidate not in self.manifest:
+                path = self.folder / candidate
+                try:
+                    found = path.stat()
+                except FileNotFoundError:
+                    return check_name(candidate, what="image file name")
+                if stat.S_ISREG(found.st_mode):
+                    size = incoming.stat().st_size if size is None else size
+                    if found.st_size == size and path.read_bytes() == incoming.read_bytes():
+                        return check_name(candidate, what="image file name")
             counter += 1
             candidate = f"{stem}-{counter}{IMAGE_SUFFIX}"
-        return check_name(candidate, what="image file name")
 
     def saved_upload(self, source: Source) -> Path | None:
         """The file already holding this upload's content, so identical bytes are not decoded again."""
@@ -289,7 +291,7 @@ class Ledger:
         if name is not None and source.url is None:
             item.incoming.unlink()
             return self.folder / name
-        name = name or self._unrecorded_copy(item.stem, item.incoming) or self._free_name(item.stem)
+        name = name or self._name_for(item.stem, item.incoming)
         target = self.folder / name
         os.replace(item.incoming, target)
         self.manifest[name] = {**source.fields(), **item.entry}
