@@ -66,6 +66,14 @@ _LENGTHLESS_MARKERS = frozenset({0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)})
 # The same for a PNG's chunks, which Pillow reads one Python call each (about 2 us: 4 million
 # empty ones fit in 50 MB). An encoder writing 8 KB of image data per chunk stays far below.
 MAX_PNG_CHUNKS = 1 << 16
+# And for a GIF's blocks before its first image, which Pillow also walks in Python, one step per
+# extension, per sub-block and per junk byte between blocks (0.2-0.5 us each): a 50 MB body of
+# 1-byte comments held a worker 5 s. A 16 MB application extension in 255-byte sub-blocks fits.
+MAX_GIF_STEPS = 1 << 16
+_GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+_GIF_COMMENT = 0xFE
+_GIF_APPLICATION = 0xFF
+_NETSCAPE = b"NETSCAPE2.0"
 
 Stored = Literal["kept", "reencoded"]
 
@@ -143,6 +151,50 @@ def _too_many_header_steps(data: bytes) -> bool:
     )
 
 
+def _gif_header_steps(data: bytes, limit: int) -> int:
+    """How many steps Pillow's GIF parser (GifImagePlugin `_seek(0)`) takes on `data` before the
+    first image, counting no further than `limit` + 1. It mirrors that loop: a byte between blocks
+    is one step, an extension one, and each sub-block it reads one. A comment's sub-blocks end at
+    the first empty one; any other extension's first sub-block (and a NETSCAPE2.0 one's second) is
+    read whatever it holds, then sub-blocks until an empty one, so an empty first one does not end
+    the extension."""
+    size = len(data)
+    flags = data[10] if size > 10 else 0
+    position = 13 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)
+    steps = 0
+
+    def sub_block() -> int:
+        nonlocal position, steps
+        steps += 1
+        length = data[position] if position < size else 0
+        position += 1 + length
+        return length
+
+    while position < size and steps <= limit:
+        introducer = data[position]
+        position += 1
+        steps += 1
+        if introducer in (0x2C, 0x3B):
+            break
+        if introducer != 0x21:
+            continue
+        label = data[position] if position < size else 0
+        position += 1
+        first_at = position + 1
+        first = sub_block()
+        if label == _GIF_COMMENT and not first:
+            continue
+        if label == _GIF_APPLICATION and first and data[first_at : first_at + 11] == _NETSCAPE:
+            sub_block()
+        while sub_block() and position < size and steps <= limit:
+            pass
+    return steps
+
+
+def _too_many_gif_steps(data: bytes) -> bool:
+    return data[:6] in _GIF_SIGNATURES and _gif_header_steps(data, MAX_GIF_STEPS) > MAX_GIF_STEPS
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageRejectedError("not an image: the body is empty")
@@ -157,6 +209,11 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         )
     if data.startswith(PNG_SIGNATURE) and chunk_count(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:
         raise ImageRejectedError(f"refused: a PNG of more than {MAX_PNG_CHUNKS} chunks")
+    if _too_many_gif_steps(data):
+        raise ImageRejectedError(
+            f"refused: a GIF of more than {MAX_GIF_STEPS} blocks, sub-blocks or junk bytes before its "
+            "first image"
+        )
     try:
         return open_image(io.BytesIO(data), max_pixels=max_pixels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -315,5 +372,7 @@ def _reencoded(image: Image.Image) -> NormalizedImage:
     except (OSError, ValueError) as exc:
         raise ImageRejectedError(f"unsupported image mode {upright.mode}: {exc}") from exc
     out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False)
+    # No comment either: Pillow would copy the source's (a GIF or JPEG comment, a PNG text chunk
+    # called "comment") into the JPEG, and fail on one over 64 KB.
+    rgb.save(out, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, comment=b"")
     return NormalizedImage(jpeg=out.getvalue(), width=rgb.width, height=rgb.height)

@@ -2,10 +2,11 @@ import io
 import struct
 import time
 import zlib
+from collections.abc import Callable
 
 import pillow_heif
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, PngImagePlugin
 
 from fluxtrain.datasets import images
 from fluxtrain.datasets.images import ImageRejectedError, normalize_image
@@ -279,3 +280,81 @@ def test_a_large_png_written_in_small_chunks_is_still_read() -> None:
     png = _png_in_small_chunks(noise, 512)
     assert png.count(b"IDAT") > 10_000
     assert normalize_image(png, max_pixels=10**8).width == 2048
+
+
+def _gif_parts() -> tuple[bytes, bytes]:
+    """A small GIF cut after its header and global palette: (head, first image onwards)."""
+    gif = encode(Image.new("RGB", (16, 16), RED), "GIF")
+    flags = gif[10]
+    cut = 13 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)
+    return gif[:cut], gif[cut:]
+
+
+def _sub_blocks(payload: bytes, size: int = 255) -> bytes:
+    parts = (payload[start : start + size] for start in range(0, len(payload), size))
+    return b"".join(bytes([len(part)]) + part for part in parts)
+
+
+@pytest.mark.parametrize(
+    "filler",
+    [
+        b"\x21\xfe\x01x\x00" * 2_000_000,  # 10 MB of one-byte comments
+        b"\x21\x01" + b"\x01x" * 5_000_000 + b"\x00",  # one extension of 5 million one-byte sub-blocks
+        b"\x21\xff\x0bNETSCAPE2.0\x00" + b"\x01x" * 5_000_000 + b"\x00",  # read on past an empty one
+        b"\x07" * 10_000_000,  # junk between blocks, passed over a byte at a time
+    ],
+    ids=["comments", "sub-blocks", "after-netscape", "junk"],
+)
+def test_a_gif_of_millions_of_blocks_before_its_image_is_refused_at_once(filler: bytes) -> None:
+    """Pillow walks these in Python, a step each: 10 MB of them would hold a worker about a second."""
+    head, image = _gif_parts()
+    started = time.perf_counter()
+    refusal = f"refused: a GIF of more than {images.MAX_GIF_STEPS} blocks, sub-blocks or junk bytes"
+    with pytest.raises(ImageRejectedError, match=refusal):
+        normalize_image(head + filler + image, max_pixels=LIMIT)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_gif_with_a_large_application_extension_is_still_read() -> None:
+    head, image = _gif_parts()
+    extension = b"\x21\xffICCRGBG1012" + _sub_blocks(bytes(range(256)) * 4096) + b"\x00"
+    assert normalize_image(head + extension + image, max_pixels=LIMIT).width == 16
+
+
+Commented = Callable[[str], bytes]
+
+
+def _comment_gif(text: str) -> bytes:
+    return encode(Image.new("RGB", (16, 16), RED), "GIF", comment=text.encode())
+
+
+def _comment_cmyk_jpeg(text: str) -> bytes:
+    return encode(Image.new("CMYK", (16, 16), (0, 80, 160, 20)), "JPEG", comment=text.encode())
+
+
+def _comment_png(text: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", text)
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), RED).save(out, "PNG", pnginfo=info)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("source", "length"),
+    [
+        (_comment_gif, 40),
+        (_comment_gif, 100_000),
+        (_comment_png, 40),
+        (_comment_png, 100_000),
+        (_comment_cmyk_jpeg, 40),
+    ],
+    ids=["gif", "gif, 100 KB", "png text chunk", "png text chunk, 100 KB", "cmyk jpeg"],
+)
+def test_a_re_encoded_image_keeps_no_comment_of_its_source(source: Commented, length: int) -> None:
+    """Pillow copies a source's comment into the JPEG it saves (and failed on one over 64 KB)."""
+    text = ("private note " * (length // 13 + 1))[:length]
+    result = normalize_image(source(text), max_pixels=LIMIT)
+    assert result.stored == "reencoded"
+    assert b"\xff\xfe" not in result.jpeg[: result.jpeg.index(b"\xff\xda")]
+    assert b"private note" not in result.jpeg
