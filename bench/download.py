@@ -275,7 +275,6 @@ class StageProbe:
         fetch = [self.fetch[u][1] - self.fetch[u][0] for u in urls]
         worker = [self.commit[u][0] - self.fetch[u][1] for u in urls]
         commit = [self.commit[u][1] - self.commit[u][0] for u in urls]
-        back = [self.done[u] - self.commit[u][1] for u in urls]
         held = [self.commit[u][0] - self.fetch[u][0] for u in urls]
         whole = [self.done[u] - self.fetch[u][0] for u in urls]
         tasks = BODIES_PER_FETCH_SLOT * concurrency
@@ -297,8 +296,7 @@ class StageProbe:
         )
         print(line("fetch (request to last byte)", fetch))
         print(line("image worker process (queue + work)", worker))
-        print(line("name file + manifest (batched, thread)", commit))
-        print(line("back on the event loop", back))
+        print(line("commit (window, thread, hand-back)", commit))
         print(line("task held (fetch + worker)", held))
         print(line("fetch start to result", whole))
         print(

@@ -11,12 +11,15 @@ expect, less those whose URL failed before reaching it (`skip`), so a batch of t
 
 A commit's outcome goes to a callback, not to an awaited future: the task that fetched the image
 moves on to its next URL at once instead of waiting out the window, and no future or task wake-up
-is spent per image. `settled` waits for every outcome.
+is spent per image. `settled` waits for every outcome; `close` commits what is pending at once,
+waits for the thread, and calls no callback after it (a download that was cancelled or failed
+reports nothing more, and its ledger is released only once the thread is done with it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -44,6 +47,9 @@ class Committer:
         self._window: asyncio.TimerHandle | None = None
         self._settled: asyncio.Future[None] = self._loop.create_future()
         self._callback_error: BaseException | None = None
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         if expected <= 0:
             self._settled.set_result(None)
 
@@ -53,6 +59,7 @@ class Committer:
             self._pending.append((item, done))
             start, self._draining = not self._draining, True
         if start:
+            self._idle.clear()
             self._window = self._loop.call_later(BATCH_WINDOW, self._start)
         self._arrived()
 
@@ -66,6 +73,14 @@ class Committer:
         await self._settled
         if self._callback_error is not None:
             raise self._callback_error
+
+    async def close(self) -> None:
+        """Commit what is pending now, wait until the thread is done, and call no callback after."""
+        self._closed = True
+        if self._window is not None:
+            self._window.cancel()
+            self._start()
+        await self._idle.wait()
 
     def _arrived(self) -> None:
         self._left -= 1
@@ -88,6 +103,8 @@ class Committer:
                 batch, self._pending = self._pending, []
                 if not batch:
                     self._draining = False
+                    with contextlib.suppress(RuntimeError):
+                        self._loop.call_soon_threadsafe(self._became_idle)
                     return
             try:
                 outcomes: list[Path | Exception] = self._book.commit_files([item for item, _ in batch])
@@ -98,9 +115,16 @@ class Committer:
             except RuntimeError:
                 return
 
+    def _became_idle(self) -> None:
+        with self._lock:
+            if not self._draining:
+                self._idle.set()
+
     def _deliver(self, batch: list[tuple[Incoming, Done]], outcomes: list[Path | Exception]) -> None:
         try:
             for (_, done), outcome in zip(batch, outcomes, strict=True):
+                if self._closed:
+                    break
                 try:
                     done(outcome)
                 except Exception as exc:

@@ -11,8 +11,9 @@ A job's argument that is a `bytes` of RAW_BYTES or more (a downloaded body) is a
 pickled: it goes from the parent's own buffer into the socket, so the body is never copied on the
 way. Only the arguments themselves are looked at, so the rest pickles in C with no Python call per
 object (a persistent-id hook, called for each, took framing a job from 4.4 to 6.9 us).
-The parent first sends its `sys.path`, then jobs `(function, args)`; this side answers
-`("ready",)` once, then `(True, value)` or `(False, exception)` per job.
+The parent first sends its `sys.path`, then jobs (`encode_job`: the function, its arguments with
+None where a raw part goes, and those positions); this side answers `("ready",)` once, then
+`(True, value)` or `(False, exception)` per job.
 
 A worker runs NICENESS steps below its parent: image work is batch work, and whenever the parent's
 event loop (fetching, serving the API) or anything else on the host needs a core, it gets it first;
@@ -121,17 +122,21 @@ def _send(sock: socket.socket, parts: list[bytes]) -> None:
 
 
 def main(fd: int) -> None:
+    """Serve jobs until the parent closes its end (or it went away: no traceback then)."""
     os.nice(NICENESS)
     sock = socket.socket(fileno=fd)
-    path = read_frame(sock)
-    if path is None:
-        return
-    sys.path[:] = decode(path)[0]
-    import fluxtrain.datasets.image_workers  # noqa: F401  (Pillow and the jobs, before the first one)
+    try:
+        path = read_frame(sock)
+        if path is None:
+            return
+        sys.path[:] = decode(path)[0]
+        import fluxtrain.datasets.image_workers  # noqa: F401  (Pillow and the jobs, before the first one)
 
-    _send(sock, encode(("ready",)))
-    while (body := read_frame(sock)) is not None:
-        _send(sock, _answer(body))
+        _send(sock, encode(("ready",)))
+        while (body := read_frame(sock)) is not None:
+            _send(sock, _answer(body))
+    except ConnectionError:
+        return
 
 
 if __name__ == "__main__":

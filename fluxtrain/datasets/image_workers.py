@@ -133,6 +133,7 @@ class _WorkerDied(Exception):
 class _Job:
     message: list[bytes]
     future: asyncio.Future[Any]
+    abandoned: Callable[[Any], object] | None = None
 
 
 @dataclass(eq=False)
@@ -195,15 +196,16 @@ class _Worker:
         self.inbox += data
         messages = []
         start = 0
-        view = memoryview(self.inbox)
-        while (left := len(view) - start) >= LENGTH.size and left >= (length := frame_length(view[start:])):
-            message = decode(view[start + LENGTH.size : start + length])[0]
-            start += length
-            if message == READY:
-                self.ready = True
-            else:
-                messages.append(message)
-        view.release()
+        with memoryview(self.inbox) as view:
+            while (left := len(view) - start) >= LENGTH.size and left >= (
+                length := frame_length(view[start:])
+            ):
+                message = _read_answer(view[start + LENGTH.size : start + length])
+                start += length
+                if message == READY:
+                    self.ready = True
+                else:
+                    messages.append(message)
         del self.inbox[:start]
         return messages
 
@@ -248,6 +250,15 @@ class _Worker:
         self.sock.close()
 
 
+def _read_answer(body: memoryview) -> Any:
+    """An answer's message; one that does not unpickle here (an exception class whose constructor
+    takes other arguments than it keeps, say) fails its job, not the worker's stream."""
+    try:
+        return decode(body)[0]
+    except Exception as exc:
+        return (False, RuntimeError(f"a worker's answer could not be read: {type(exc).__name__}: {exc}"))
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -255,28 +266,29 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _outcome(future: asyncio.Future[Any], answer: tuple[bool, Any]) -> None:
-    if future.done():
-        return
+def _outcome(job: _Job, answer: tuple[bool, Any]) -> None:
     ok, value = answer
-    if ok:
-        future.set_result(value)
+    if job.future.done():
+        if ok and job.future.cancelled() and job.abandoned is not None:
+            job.abandoned(value)
+    elif ok:
+        job.future.set_result(value)
     else:
-        future.set_exception(value)
+        job.future.set_exception(value)
 
 
 async def _run_alone(message: list[bytes]) -> Any:
     """One job in a process of its own; _Gone when it dies there too."""
     loop = asyncio.get_running_loop()
     worker = await asyncio.to_thread(_Worker.spawn)
-    answered: asyncio.Future[Any] = loop.create_future()
+    answered = _Job(message, loop.create_future())
 
     def readable() -> None:
         try:
             answers = worker.take_messages()
         except _Gone as exc:
-            if not answered.done():
-                answered.set_exception(exc)
+            if not answered.future.done():
+                answered.future.set_exception(exc)
             return
         if answers:
             _outcome(answered, answers[0])
@@ -285,7 +297,7 @@ async def _run_alone(message: list[bytes]) -> Any:
     loop.add_reader(worker.sock, readable)
     try:
         worker.send(message)
-        return await answered
+        return await answered.future
     finally:
         worker.close()
 
@@ -318,12 +330,17 @@ class ImageWorkers:
                     worker.starting = False
             self._wake(None)
 
-    async def run(self, job: Callable[..., T], *args: object) -> T:
-        """`job(*args)` in a worker; WorkerCrashedError when it kills even a process of its own."""
+    async def run(
+        self, job: Callable[..., T], *args: object, abandoned: Callable[[T], object] | None = None
+    ) -> T:
+        """`job(*args)` in a worker; WorkerCrashedError when it kills even a process of its own.
+
+        `abandoned` is called with the value of a job whose caller was cancelled while the worker
+        ran it (to remove what the job left behind, a temporary file say)."""
         message = encode_job(job, args)
         while True:
             try:
-                return await self._call(message)
+                return await self._call(message, abandoned)
             except _WorkerDied as died:
                 if died.running:
                     break
@@ -332,9 +349,9 @@ class ImageWorkers:
         except _Gone as exc:
             raise WorkerCrashedError from exc
 
-    async def _call(self, message: list[bytes]) -> Any:
+    async def _call(self, message: list[bytes], abandoned: Callable[[Any], object] | None) -> Any:
         loop = asyncio.get_running_loop()
-        job = _Job(message, loop.create_future())
+        job = _Job(message, loop.create_future(), abandoned)
         worker, first = await self._acquire(loop, job)
         if first:
             loop.add_reader(worker.sock, self._readable, worker)
@@ -414,7 +431,7 @@ class ImageWorkers:
             if released:
                 assert loop is not None
                 loop.remove_reader(worker.sock)
-            _outcome(job.future, answer)
+            _outcome(job, answer)
             self._wake(None if released else loop)
 
     def _bury(self, worker: _Worker) -> None:

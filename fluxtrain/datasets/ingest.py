@@ -10,8 +10,8 @@ FLUXTRAIN_DOWNLOAD_CONCURRENCY slots, held while it is fetched; its timeout star
 A fetched body waits for an image worker without holding a connection slot, so a burst of
 answers queued at the workers does not idle the network; the bodies held at once (fetching or
 waiting) are bounded all the same: a batch runs BODIES_PER_FETCH_SLOT tasks per connection slot,
-each taking the next URL once its last one is done, so a list of 10,000 URLs is neither 10,000
-tasks nor a wait on a semaphore per URL.
+each taking the next URL once its last one is done, so a list of 10,000 URLs is not 10,000 tasks
+waiting on a semaphore for a body slot.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fluxtrain.datasets.fetch import FetchClient, FetchError, HostSlots, check_u
 from fluxtrain.datasets.image_workers import (
     Prepared,
     WorkerCrashedError,
+    Written,
     image_workers,
     prepare,
     prepare_into,
@@ -103,7 +104,7 @@ def _reason_for(exc: Exception) -> str:
         return str(exc)
     if isinstance(exc, OSError):
         return f"could not save the image: {exc.strerror or exc}"
-    logger.exception("unexpected error while ingesting an image")
+    logger.error("unexpected error while ingesting an image", exc_info=exc)
     return f"unexpected error: {type(exc).__name__}"
 
 
@@ -115,6 +116,29 @@ def _in_order(keys: Iterable[str], result: DownloadResult) -> DownloadResult:
         elif key in result.failed:
             ordered.failed[key] = result.failed[key]
     return ordered
+
+
+def _discard_incoming(written: Written) -> None:
+    """The temporary file of a worker's answer nobody waits for any more (its download was cancelled)."""
+    Path(written.incoming).unlink(missing_ok=True)
+
+
+async def _wind_down(tasks: list[asyncio.Future[None]], committer: Committer) -> None:
+    """Stop a download's tasks (all done, one failed, or the download was cancelled) and let its
+    committer finish what was handed to it, so nothing reports or commits after this returns."""
+    for task in tasks:
+        task.cancel()
+    done = asyncio.ensure_future(_stopped(tasks, committer))
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await done
+        raise
+
+
+async def _stopped(tasks: list[asyncio.Future[None]], committer: Committer) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await committer.close()
 
 
 def _settle(book: ledger.Ledger, result: DownloadResult) -> None:
@@ -199,7 +223,9 @@ async def download_images(
                 timeout=settings.download_timeout,
             )
         try:
-            written = await workers.run(prepare_into, into, fetched.content, settings.max_image_pixels)
+            written = await workers.run(
+                prepare_into, into, fetched.content, settings.max_image_pixels, abandoned=_discard_incoming
+            )
         except FileNotFoundError as exc:
             raise ledger.DatasetDeletedError from exc
         finally:
@@ -248,10 +274,12 @@ async def download_images(
         async with client:
             book = await loop.run_in_executor(executor, ledger.acquire, folder)
             committer = Committer(book, executor, expected=len(unique))
+            tasks = [asyncio.ensure_future(runner(client)) for _ in range(runners)]
             try:
-                await asyncio.gather(*(runner(client) for _ in range(runners)))
+                await asyncio.gather(*tasks)
                 await committer.settled()
             finally:
+                await _wind_down(tasks, committer)
                 await loop.run_in_executor(executor, _settle, book, result)
     finally:
         progress.finish(tracker)

@@ -13,6 +13,7 @@ instead of recreating part of it.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -219,7 +220,8 @@ class Ledger:
         before it is a file without a manifest entry holding `incoming`'s bytes: then that one.
 
         One walk and, for a new name, one stat: a name is looked at once, and `incoming`'s size is
-        read only when there is an unrecorded file to compare with.
+        read only when there is an unrecorded file to compare with. A name held by a symbolic link
+        that loops counts as taken.
         """
         candidate, counter, size = f"{stem}{IMAGE_SUFFIX}", 1, None
         while True:
@@ -229,7 +231,11 @@ class Ledger:
                     found = path.stat()
                 except FileNotFoundError:
                     return check_name(candidate, what="image file name")
-                if stat.S_ISREG(found.st_mode):
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    found = None
+                if found is not None and stat.S_ISREG(found.st_mode):
                     size = incoming.stat().st_size if size is None else size
                     if found.st_size == size and path.read_bytes() == incoming.read_bytes():
                         return check_name(candidate, what="image file name")

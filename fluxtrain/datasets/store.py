@@ -60,7 +60,15 @@ def list_images(folder: Path) -> list[Path]:
 def image_names(folder: Path) -> set[str]:
     """The names `list_images` would list, from one directory scan (no Path per file, no sort)."""
     with os.scandir(folder) as entries:
-        return {entry.name for entry in entries if _is_image_name(entry.name) and entry.is_file()}
+        return {entry.name for entry in entries if _is_image_name(entry.name) and _is_file(entry)}
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """`Path.is_file`'s answer for a scanned entry: a symbolic link that loops is no file, not an error."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def control_dir(folder: Path) -> Path:

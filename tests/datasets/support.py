@@ -206,3 +206,15 @@ def loaded_modules() -> list[str]:
 def niceness() -> int:
     """A worker job: its process's nice value."""
     return os.nice(0)
+
+
+class Unreadable(Exception):
+    """An exception that pickles but does not unpickle: its constructor wants what it does not keep."""
+
+    def __init__(self, first: str, second: str) -> None:
+        super().__init__(f"{first} {second}")
+
+
+def raise_unreadable() -> None:
+    """A worker job whose failure cannot be read back by the parent."""
+    raise Unreadable("cannot", "unpickle")

@@ -2,13 +2,14 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import logging
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from fluxtrain.datasets import commits
+from fluxtrain.datasets import commits, ledger
 from fluxtrain.datasets.ingest import DownloadResult, download_images
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.settings import Settings
@@ -291,3 +292,68 @@ def test_the_last_image_does_not_wait_out_the_commit_window(
     result = run(open_settings, urls)
     assert time.monotonic() - started < 10
     assert len(result.files) == (4 if last == "saved" else 3)
+
+
+def test_a_cancelled_download_reports_nothing_after_it_ends_and_leaves_no_temporary_file(
+    server: LoopbackServer, open_settings: Settings, png_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that goes away cancels the download: what was committed is in the manifest, the
+    images waiting for a worker or for the batching window leave no file behind, and no result is
+    reported once the call has ended."""
+    monkeypatch.setattr(commits, "BATCH_WINDOW", 1.0)
+    noise = encode(Image.effect_noise((1200, 1200), 60).convert("RGB"), "PNG")
+    urls = [server.add(f"/quick-{index}.png", Reply(body=png_bytes)) for index in range(3)]
+    urls += [server.add(f"/big-{index}.png", Reply(body=noise)) for index in range(4)]
+    urls.append(server.add("/slow.png", Reply(body=png_bytes, delay=5.0)))
+    calls: list[str] = []
+
+    async def cancel_midway() -> int:
+        def note(url: str, _path: str | None, _reason: str | None) -> None:
+            calls.append(url)
+
+        download = download_images(settings=open_settings, name="set", urls=urls, on_result=note)
+        task = asyncio.ensure_future(download)
+        await asyncio.sleep(0.4)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        reported = len(calls)
+        await asyncio.sleep(2.0)
+        assert len(calls) == reported
+        return reported
+
+    asyncio.run(cancel_midway())
+    folder = open_settings.datasets_dir / "set"
+    assert_clean_folder(folder)
+    assert set(manifest_of(open_settings)) == {path.name for path in folder.glob("*.jpg")}
+
+
+def test_an_unexpected_commit_error_is_logged_with_its_traceback(
+    server: LoopbackServer,
+    open_settings: Settings,
+    png_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(self: object, item: object) -> None:
+        raise ValueError("a bug deep in naming")
+
+    monkeypatch.setattr(ledger.Ledger, "_commit_locked", broken)
+    url = server.add("/a.png", Reply(body=png_bytes))
+    with caplog.at_level(logging.ERROR):
+        result = run(open_settings, [url])
+    assert result.failed == {url: "unexpected error: ValueError"}
+    [record] = [record for record in caplog.records if "unexpected error" in record.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+
+
+def test_a_looping_symlink_under_an_images_name_is_passed_over(
+    server: LoopbackServer, open_settings: Settings, png_bytes: bytes
+) -> None:
+    folder = open_settings.datasets_dir / "set"
+    folder.mkdir(parents=True)
+    (folder / "cat.jpg").symlink_to("cat.jpg")
+    url = server.add("/cat.png", Reply(body=png_bytes))
+    result = asyncio.run(download_images(settings=open_settings, name="set", urls=[url]))
+    assert result.files == {url: str(folder / "cat-2.jpg")}
+    assert (folder / "cat.jpg").is_symlink()

@@ -122,3 +122,15 @@ def test_cancelled_jobs_leave_the_pool_serving() -> None:
         return [value for value, _ in answers]
 
     assert asyncio.run(asyncio.wait_for(cancel_some(), 30)) == list(range(10))
+
+
+def test_an_answer_that_cannot_be_read_back_fails_its_job_and_the_worker_serves_on() -> None:
+    pool = image_workers(1)
+
+    async def after_a_bad_answer() -> object:
+        with pytest.raises(RuntimeError, match="a worker's answer could not be read: TypeError"):
+            await pool.run(support.raise_unreadable)
+        return await asyncio.wait_for(pool.run(support.echo_after, "next", 0), 10)
+
+    value, _ = asyncio.run(after_a_bad_answer())  # type: ignore[misc]
+    assert value == "next"
