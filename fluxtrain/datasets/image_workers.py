@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import contextlib
 import hashlib
+import logging
 import select
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from fluxtrain.datasets.images import NormalizedImage, Stored, normalize_image
 from fluxtrain.datasets.ledger import DatasetDeletedError, write_incoming
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 DEPTH = 2
 READY = ("ready",)
@@ -270,7 +272,10 @@ def _outcome(job: _Job, answer: tuple[bool, Any]) -> None:
     ok, value = answer
     if job.future.done():
         if ok and job.future.cancelled() and job.abandoned is not None:
-            job.abandoned(value)
+            try:
+                job.abandoned(value)
+            except Exception:
+                logger.exception("cleaning up after an abandoned image job failed")
     elif ok:
         job.future.set_result(value)
     else:

@@ -17,6 +17,7 @@ waiting on a semaphore for a body slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -120,7 +121,8 @@ def _in_order(keys: Iterable[str], result: DownloadResult) -> DownloadResult:
 
 def _discard_incoming(written: Written) -> None:
     """The temporary file of a worker's answer nobody waits for any more (its download was cancelled)."""
-    Path(written.incoming).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        Path(written.incoming).unlink()
 
 
 async def _wind_down(tasks: list[asyncio.Future[None]], committer: Committer) -> None:
