@@ -111,6 +111,7 @@ class HostSlots:
         return _HostHold(self, host)
 
     def semaphore(self, host: str) -> asyncio.Semaphore:
+        """The `per_host` slots of `host`, made on its first request."""
         return self._semaphores.setdefault(host, asyncio.Semaphore(self.per_host))
 
 
