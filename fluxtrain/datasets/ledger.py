@@ -8,7 +8,8 @@ a batch at most every FLUSH_SECONDS, merged with what other writers recorded, so
 at most that much of the batch unrecorded; fetching such an image again finds its unrecorded file
 by name and content and records it, rather than saving a duplicate beside it. A batch keeps the
 identity of the folder it started in; once that folder is deleted, its remaining images fail
-instead of recreating part of it.
+instead of recreating part of it. Temporary files a killed process left in the folder are
+removed when a process first opens its ledger (`fsutil.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 from fluxtrain.datasets.locks import dataset_lock
 from fluxtrain.datasets.store import MANIFEST_NAME, image_names, read_manifest, write_manifest
+from fluxtrain.fsutil import TEMPORARY_SUFFIX, remove_stale_temporaries
 from fluxtrain.names import MAX_NAME_LENGTH, check_name
 
 FLUSH_SECONDS = 1.0
@@ -124,7 +126,7 @@ def write_incoming(folder: Path, jpeg: bytes) -> Path:
     file object, once per downloaded image.
     """
     while True:
-        path = folder / f".incoming-{os.getpid()}-{next(_INCOMING_NUMBERS)}.tmp"
+        path = folder / f".incoming-{os.getpid()}-{next(_INCOMING_NUMBERS)}{TEMPORARY_SUFFIX}"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE)
         except FileExistsError:
@@ -327,6 +329,7 @@ def acquire(folder: Path) -> Ledger:
         with _LEDGERS_LOCK:
             ledger = _LEDGERS.get(folder)
             if ledger is None or ledger.identity != identity:
+                remove_stale_temporaries(folder)
                 ledger = Ledger(
                     folder=folder,
                     identity=identity,

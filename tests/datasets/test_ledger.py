@@ -2,10 +2,12 @@
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
+from fluxtrain import fsutil
 from fluxtrain.datasets import ledger
 from fluxtrain.datasets.store import read_manifest, write_manifest
 
@@ -97,3 +99,43 @@ def test_an_incoming_file_is_new_whole_and_readable_whatever_the_umask(tmp_path:
 def test_writing_into_a_deleted_folder_is_a_deleted_dataset(tmp_path: Path) -> None:
     with pytest.raises(ledger.DatasetDeletedError):
         ledger.write_incoming(tmp_path / "gone", b"jpeg")
+
+
+def _aged(path: Path, data: bytes, *, seconds: float) -> Path:
+    path.write_bytes(data)
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+    return path
+
+
+def test_opening_a_ledger_removes_what_killed_writers_left_and_nothing_else(tmp_path: Path) -> None:
+    """Writes in progress older than an hour were abandoned (a live writer renames its file within
+    seconds); fresh ones, visible files, folders and links stay, and a link is never followed."""
+    folder = tmp_path / "datasets" / "set"
+    folder.mkdir(parents=True)
+    hour = fsutil.STALE_TEMPORARY_SECONDS
+    stale_image = _aged(folder / ".incoming-4242-7.tmp", b"half a jpeg", seconds=hour + 60)
+    stale_manifest = _aged(folder / ".manifest.json.k2j4x.tmp", b"{", seconds=hour + 60)
+    fresh = _aged(folder / ".incoming-4242-8.tmp", b"being written", seconds=hour - 60)
+    visible = _aged(folder / "notes.tmp", b"the user's", seconds=hour * 5)
+    (folder / ".cache.tmp").mkdir()
+    outside = _aged(tmp_path / "outside.txt", b"not ours", seconds=hour * 5)
+    link = folder / ".link.tmp"
+    link.symlink_to(outside)
+    os.utime(link, (0, 0), follow_symlinks=False)
+
+    book = ledger.acquire(folder)
+    try:
+        assert not stale_image.exists() and not stale_manifest.exists()
+        assert fresh.read_bytes() == b"being written" and visible.read_bytes() == b"the user's"
+        assert (folder / ".cache.tmp").is_dir() and link.is_symlink() and outside.read_bytes() == b"not ours"
+        again = _aged(folder / ".incoming-4242-9.tmp", b"left while the batch runs", seconds=hour * 2)
+        assert ledger.acquire(folder) is book
+        ledger.release(book)
+        assert again.exists(), "only a process's first open of the ledger looks"
+    finally:
+        ledger.release(book)
+
+
+def test_a_folder_that_is_not_there_has_nothing_stale() -> None:
+    assert fsutil.remove_stale_temporaries(Path("/nonexistent/fluxtrain")) == 0
