@@ -177,7 +177,7 @@ class FlakyBackend(LocalBackend):
 
 def test_transient_launch_failure_requeues_then_starts(run_settings, db, fake_trainer, submit, drive):
     backend = FlakyBackend((str(fake_trainer),), 2, UnavailableError("the cluster is restarting"))
-    executor = Executor(settings=run_settings, db=db, backend=backend, poll_interval=0.05, launch_backoff=0.2)
+    executor = Executor(settings=run_settings, db=db, backend=backend, poll_interval=0.05, launch_backoff=1.0)
     run = submit("demo", max_train_steps=2)
     executor.tick()
     waiting = get_run(db=db, run_id=run.id)

@@ -117,7 +117,7 @@ def test_server_errors_are_retried_with_backoff_then_sent_once(
     hook = listener(codes=(503, 500))
     run = submit("demo", webhook=hook.url)
     cancel_run(db=db, run_id=run.id)
-    outbox = WebhookOutbox(settings=loopback, db=db, backoff=0.2, timeout=2)
+    outbox = WebhookOutbox(settings=loopback, db=db, backoff=1.0, timeout=2)
     assert outbox.send_due() == 0
     waiting = get_run(db=db, run_id=run.id)
     assert waiting.webhook_attempts == 1 and waiting.webhook_retry_at is not None
