@@ -2,11 +2,11 @@
 
 A dataset whose subsets name a `control_directory` trains an edit LoRA: FLUX.1 Kontext on a FLUX.1
 dev file (chosen for it when the request names no family), FLUX.2 [klein] on a klein file (one to
-four references per target); a family that takes no pairs, or an edit family without them, is
-refused outright. The pair findings (`datasets/pair_lint.py`, per
-subset with the dataset's own bucketing) join dataset lint's report: `/train` refuses its errors
-(`datasets.lint_service.lint_run_dataset`), `POST /datasets/{name}/lint` lists them, and the
-trainer's `set_up` checks them again for a run directory written by hand.
+four references per target), FLUX.2 [dev] on a dev file (one to ten); a family that takes no
+pairs, or an edit family without them, is refused outright. The pair findings
+(`datasets/pair_lint.py`, per subset with the dataset's own bucketing) join dataset lint's report:
+`/train` refuses its errors (`datasets.lint_service.lint_run_dataset`), `POST /datasets/{name}/lint`
+lists them, and the trainer's `set_up` checks them again for a run directory written by hand.
 """
 
 from __future__ import annotations
@@ -27,10 +27,16 @@ from fluxtrain.training.model_checks import check_model_family
 
 log = logging.getLogger(__name__)
 
-MAX_REFERENCES: dict[str, int] = {"flux1-kontext": 1, "flux2-klein-4b": 4, "flux2-klein-9b": 4}
+MAX_REFERENCES: dict[str, int] = {
+    "flux1-kontext": 1,
+    "flux2-klein-4b": 4,
+    "flux2-klein-9b": 4,
+    "flux2-dev": 10,
+}
 """Families that train on edit pairs, with the most control images one target may have: Kontext
-takes one; FLUX.2 [klein] 4B and 9B four, BFL's documented limit (diffusers' Flux2KleinPipeline
-caps nothing: it gives each image it is passed the time 10 + 10 i)."""
+takes one; FLUX.2 [klein] 4B and 9B four and FLUX.2 [dev] ten, BFL's documented limits (diffusers'
+Flux2KleinPipeline and Flux2Pipeline cap nothing: each gives the image it is passed i the time
+10 + 10 i)."""
 EDIT_ONLY = frozenset({"flux1-kontext"})
 """Edit families that train nothing but pairs (klein trains plain datasets as well)."""
 

@@ -259,8 +259,8 @@ def _tokens(size: tuple[int, int]) -> int:
 
 
 def _references_per_target(spec: Any) -> int:
-    """The most controls any target of the dataset has (`datasets.pairs`' rule: Kontext one, klein up
-    to four); a control folder not filled yet counts one."""
+    """The most controls any target of the dataset has (`datasets.pairs`' rule; how many a family
+    takes is `edit_pairs.MAX_REFERENCES`); a control folder not filled yet counts one."""
     most = 0
     for subset in spec.subsets:
         control_dir = subset.control_dir

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
 from fluxtrain.training import flow
@@ -27,6 +28,7 @@ from fluxtrain.training.convert_flux2 import diffusers_to_bfl_flux2
 from fluxtrain.training.families.detect import ModelFamily
 from fluxtrain.training.families.family import family_for
 from fluxtrain.training.families.klein import Klein, KleinFiles
+from tests.training import helpers_runs
 
 FILES = {
     "flux2-klein-4b": ("flux-2-klein-4b.safetensors", "qwen_3_4b.safetensors", "qwen3"),
@@ -108,3 +110,27 @@ def write_pretrained_flux2(
     }
     save_file(tensors, dest / transformer)
     return dest
+
+
+def _edits(image: Image.Image, references: int) -> list[Image.Image]:
+    """A target's references: its colour-inverted mirror image, then (for two) its upside-down one."""
+    rgb = image.convert("RGB")
+    return [ImageOps.mirror(ImageOps.invert(rgb)), ImageOps.flip(rgb)][:references]
+
+
+def make_edit_pairs(root: Path, *, references: int, size: int = 64) -> Path:
+    """`helpers_runs.make_dataset`'s two targets with `references` controls each (`a.jpg`, or `a_0`,
+    `a_1`), the TOML naming the control folder."""
+    toml = helpers_runs.make_dataset(root, size=size)
+    control = root / "images" / "control"
+    control.mkdir()
+    for stem in ("a", "b"):
+        with Image.open(root / "images" / f"{stem}.jpg") as image:
+            edits = _edits(image, references)
+        names = [f"{stem}.jpg"] if references == 1 else [f"{stem}_{i}.jpg" for i in range(references)]
+        for name, edit in zip(names, edits, strict=True):
+            edit.save(control / name, quality=95)
+    toml.write_text(
+        toml.read_text(encoding="utf-8") + f'  control_directory = "{control}"\n', encoding="utf-8"
+    )
+    return toml

@@ -36,7 +36,8 @@ def dev_settings(settings: Settings, dev_models: Path) -> Settings:
 def test_dev_files_resolve_into_a_run_config(dev_settings: Settings, named: str | None) -> None:
     request = TrainRequest(output_name="demo", model_family=named, **DEV)
     config = resolve_config(settings=dev_settings, request=request)
-    assert config.model_family == named and config.text_encoder == DEV["text_encoder"]
+    # written into run.json either way, as for every family that trains edit pairs (MAX_REFERENCES)
+    assert config.model_family == "flux2-dev" and config.text_encoder == DEV["text_encoder"]
     family = family_for("flux2-dev")
     files = family.resolve_files(config, dev_settings.models_root)
     assert files.tokenizer == dev_settings.models_root / "tokenizers" / "mistral3"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from peft.utils import get_peft_model_state_dict
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors import safe_open
 
 from fluxtrain.rundir import read_events
@@ -33,6 +33,7 @@ from fluxtrain.training.families.klein import (
 from fluxtrain.training.trainer import StopFlag, Trainer
 from fluxtrain.training.validation import ValidationLoss
 from tests.training import helpers_runs as helpers
+from tests.training.helpers_flux2 import make_edit_pairs
 
 KLEIN_FILES = {
     "pretrained_model": "flux-2-klein-4b.safetensors",
@@ -52,31 +53,8 @@ def _train(run_dir: Path, *, stop_after: int | None = None) -> str:
     return trainer.run()
 
 
-def _edits(image: Image.Image, references: int) -> list[Image.Image]:
-    """A target's references: its colour-inverted mirror image, then (for two) its upside-down one."""
-    rgb = image.convert("RGB")
-    return [ImageOps.mirror(ImageOps.invert(rgb)), ImageOps.flip(rgb)][:references]
-
-
-def make_pairs(root: Path, *, references: int, size: int = 64) -> Path:
-    """The two-image dataset as targets with `references` controls each (`a.jpg`, or `a_0`, `a_1`)."""
-    toml = helpers.make_dataset(root, size=size)
-    control = root / "images" / "control"
-    control.mkdir()
-    for stem in ("a", "b"):
-        with Image.open(root / "images" / f"{stem}.jpg") as image:
-            edits = _edits(image, references)
-        names = [f"{stem}.jpg"] if references == 1 else [f"{stem}_{i}.jpg" for i in range(references)]
-        for name, edit in zip(names, edits, strict=True):
-            edit.save(control / name, quality=95)
-    toml.write_text(
-        toml.read_text(encoding="utf-8") + f'  control_directory = "{control}"\n', encoding="utf-8"
-    )
-    return toml
-
-
 def _edit_run(root: Path, models: Path, cache: Path, *, references: int, **fields: Any) -> Path:
-    toml = make_pairs(root / "data", references=references)
+    toml = make_edit_pairs(root / "data", references=references)
     return helpers.make_run(root / "run", models=models, toml=toml, cache=cache, **KLEIN_FILES, **fields)
 
 

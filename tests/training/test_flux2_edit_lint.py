@@ -1,6 +1,6 @@
-"""FLUX.2 [klein] edit pairs before a run exists: /train takes a klein run on a dataset with up to
-four references per target, refuses more (naming the files), and dataset lint, which knows no
-family yet, warns that only FLUX.2 trains several references."""
+"""FLUX.2 edit pairs before a run exists: /train takes a klein run on a dataset with up to four
+references per target and a [dev] run with up to ten, refuses more (naming the files), and dataset
+lint, which knows no family yet, warns that only FLUX.2 trains several references."""
 
 from __future__ import annotations
 
@@ -23,11 +23,22 @@ KLEIN = {
     "ae": "flux2-vae.safetensors",
     "text_encoder": "qwen_3_4b.safetensors",
 }
+DEV = {
+    "pretrained_model": "flux2-dev.safetensors",
+    "ae": "flux2-vae.safetensors",
+    "text_encoder": "mistral_3_small_flux2_bf16.safetensors",
+}
 
 
 @pytest.fixture
 def klein_settings(settings: Settings, tiny_flux2_models: Path) -> Settings:
     shutil.copytree(tiny_flux2_models, settings.models_root)
+    return settings
+
+
+@pytest.fixture
+def dev_settings(settings: Settings, dev_models: Path) -> Settings:
+    shutil.copytree(dev_models, settings.models_root)
     return settings
 
 
@@ -42,9 +53,11 @@ def _pairs(settings: Settings, references: dict[str, int]) -> None:
     create_dataset_config(settings=settings, request=DatasetConfig(output_name="pairs", trigger_word="zqx"))
 
 
-def _reference_findings(settings: Settings) -> list[tuple[str, str, list[str]]]:
-    config = resolve_config(settings=settings, request=TrainRequest(output_name="pairs", **KLEIN))
-    assert config.model_family == "flux2-klein-4b"
+def _reference_findings(
+    settings: Settings, files: dict[str, str] = KLEIN, family: str = "flux2-klein-4b"
+) -> list[tuple[str, str, list[str]]]:
+    config = resolve_config(settings=settings, request=TrainRequest(output_name="pairs", **files))
+    assert config.model_family == family
     report = lint_run_dataset(settings=settings, config=config)
     return [(f.severity, f.message, f.files) for f in report.findings if f.kind == "too_many_references"]
 
@@ -59,6 +72,13 @@ def test_more_than_four_references_for_klein_are_an_error_naming_the_files(klein
     [(severity, message, files)] = _reference_findings(klein_settings)
     assert severity == "error" and files == ["b.jpg"]
     assert "more than 4 control image(s), the most FLUX.2 [klein] 4B takes: b.jpg" in message
+
+
+def test_a_dev_run_takes_up_to_ten_references_and_refuses_more(dev_settings: Settings) -> None:
+    _pairs(dev_settings, {"a": 10, "b": 11})
+    [(severity, message, files)] = _reference_findings(dev_settings, DEV, "flux2-dev")
+    assert severity == "error" and files == ["b.jpg"]
+    assert "more than 10 control image(s), the most FLUX.2 [dev] takes: b.jpg" in message
 
 
 def test_train_answers_422_for_too_many_references(klein_settings: Settings, client: TestClient) -> None:
@@ -76,13 +96,24 @@ def test_dataset_lint_warns_that_only_flux2_takes_several_references(
     [finding] = findings
     assert finding["severity"] == "warning" and finding["files"] == ["b.jpg"]
     assert "more than 1 control image(s), the most FLUX.1 Kontext takes" in finding["message"]
-    assert "only FLUX.2 [klein] 4B, FLUX.2 [klein] 9B train" in finding["message"]
+    assert "only FLUX.2 [klein] 4B, FLUX.2 [klein] 9B, FLUX.2 [dev] train" in finding["message"]
+
+
+def test_dataset_lint_warns_that_only_dev_takes_more_than_four(
+    settings: Settings, client: TestClient
+) -> None:
+    _pairs(settings, {"a": 1, "b": 6})
+    findings = [f for f in client.post("/datasets/pairs/lint").json()["findings"] if "refer" in f["kind"]]
+    assert {f["severity"] for f in findings} == {"warning"} and all(f["files"] == ["b.jpg"] for f in findings)
+    titles = ("FLUX.1 Kontext", "FLUX.2 [klein] 4B", "FLUX.2 [klein] 9B")
+    assert [f["message"].split("the most ")[1].split(" takes")[0] for f in findings] == list(titles)
+    assert all("only FLUX.2 [dev] train(s) them: b.jpg" in f["message"] for f in findings)
 
 
 def test_dataset_lint_refuses_more_references_than_any_family_takes(
     settings: Settings, client: TestClient
 ) -> None:
-    _pairs(settings, {"a": 1, "b": 6})
+    _pairs(settings, {"a": 1, "b": 11})
     [finding] = [f for f in client.post("/datasets/pairs/lint").json()["findings"] if "refer" in f["kind"]]
     assert finding["severity"] == "error" and finding["files"] == ["b.jpg"]
-    assert "more than 4 control image(s), the most any family takes" in finding["message"]
+    assert "more than 10 control image(s), the most any family takes (FLUX.2 [dev])" in finding["message"]

@@ -11,7 +11,9 @@ layers without the final norm: `hidden_states[30]` is the raw output of layer 29
 folder (Mistral3 or Mistral, sharded or not) or one file (ComfyUI's
 `mistral_3_small_flux2_bf16.safetensors` / `_fp8`), bf16 or fp8; its tokenizer and chat template
 (the FLUX.2-dev repository's `tokenizer/` folder) from `FS_PATH/tokenizers/mistral3`. Guidance: the
-run's `guidance_scale` as a constant, through the transformer's guidance embedding.
+run's `guidance_scale` as a constant, through the transformer's guidance embedding. Edit pairs are
+klein's (each reference packed after the noisy tokens at time 10 + 10 i): `Flux2Pipeline` appends
+its `image`s the same way.
 Shapes cannot say the attention head width, rope theta or norm epsilon: Mistral Small 3.x's are used
 for a single file; a folder's config.json says them.
 """
