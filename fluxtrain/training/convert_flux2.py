@@ -181,12 +181,16 @@ def flux2_rope_axes(head_dim: int) -> tuple[int, ...]:
     return (head_dim // ROPE_AXES,) * ROPE_AXES
 
 
-def infer_flux2_config(bfl_sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Flux2Transformer2DModel kwargs read off a BFL state dict's tensor shapes (or a {key: shape} map).
+def infer_flux2_config(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Flux2Transformer2DModel kwargs read off a state dict's tensor shapes (or a {key: shape} map),
+    in BFL layout or diffusers' (a diffusers-layout single file: its shapes are fused into BFL's on
+    the meta device first, so nothing is copied).
 
     What shapes cannot say (rope theta 2000, eps 1e-6) keeps the class defaults, which are BFL's.
     """
-    sd = strip_prefix(bfl_sd, TRANSFORMER_PREFIXES)
+    sd = strip_prefix(state, TRANSFORMER_PREFIXES)
+    if DIFFUSERS_FLUX2_MARKER in sd:
+        sd = diffusers_to_bfl_flux2({k: torch.empty(_shape(v), device="meta") for k, v in sd.items()})
     try:
         hidden, in_channels = _shape(sd["img_in.weight"])
         head_dim = _shape(sd["single_blocks.0.norm.query_norm.scale"])[0]

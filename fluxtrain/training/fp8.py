@@ -4,8 +4,10 @@ diffusers' layerwise casting stores weights the same way but casts them with for
 autograd keeps the bf16 copy of each weight for the backward pass: without gradient checkpointing
 every copy stays alive until backward, about 16 GiB more than bf16 storage for FLUX.1-dev. Here
 the backward pass casts the float8 weight again instead, so only the float8 weights and the
-activations are kept. The modulation (`norm*.linear`) stays in compute precision, as diffusers
-keeps it, and so do biases.
+activations are kept. Modules named `norm*` (FLUX.1's modulation, every final-layer modulation)
+and `pos_embed` stay in compute precision, and so do biases: the patterns diffusers' layerwise
+casting skips for both transformers, so FLUX.2's shared modulation (`*_modulation*.linear`) is
+stored in float8 there as here (`memory.py` counts it so).
 """
 
 from __future__ import annotations

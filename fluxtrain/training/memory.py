@@ -430,8 +430,6 @@ def check_run_memory(
         return config, None
     path = resolve_model_path(config.models_root, "pretrained_model", config.pretrained_model)
     shape = transformer_shape(path, config.pretrained_model)
-    if shape is None:
-        return config, None
     try:
         step = step_size(config.dataset_config, guidance=shape.guidance, text_tokens=shape.text_tokens)
     except InvalidInputError:
@@ -445,17 +443,16 @@ def family_shape(family: ModelFamily, config: Any) -> TransformerShape:
     return (Flux2Shape if family in FLUX2_FAMILIES else TransformerShape).from_config(config)
 
 
-def transformer_shape(path: Path, shown: str) -> TransformerShape | None:
+def transformer_shape(path: Path, shown: str) -> TransformerShape:
     """The memory shape of the transformer at `path` (a file's header or a folder's config.json),
-    of the family its keys and shapes say; nothing is loaded. None for a FLUX.2 file whose config
-    cannot be read off its shapes (one in diffusers layout): such a run is not judged here."""
+    of the family its keys and shapes say; nothing is loaded."""
     family = check_transformer(path, shown).family
     if family not in FLUX2_FAMILIES or path.is_dir():
         return family_shape(family, transformer_config(path, shown))
     try:
         return family_shape(family, infer_flux2_config(header_shapes("pretrained_model", path, shown)))
-    except InvalidInputError:
-        return None
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"pretrained_model: '{shown}' {exc.message}") from exc
 
 
 def smallest_gpu_bytes() -> int | None:

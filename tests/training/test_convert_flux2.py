@@ -9,7 +9,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
@@ -22,6 +22,7 @@ from fluxtrain.training.convert_flux2 import (
     infer_flux2_config,
     infer_flux2_vae_config,
 )
+from fluxtrain.training.families.klein import load_flux2_transformer
 from fluxtrain.training.tiny_flux2 import (
     KLEIN_TEXT_LAYERS,
     tiny_flux2_transformer_config,
@@ -171,3 +172,20 @@ def test_tiny_text_encoder_and_tokenizer_load_with_the_pipeline_layers(tiny_flux
     assert result.unexpected_keys == [] and result.missing_keys == ["lm_head.weight"]
     hidden = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states
     assert len(hidden) > max(KLEIN_TEXT_LAYERS)
+
+
+def test_a_diffusers_layout_single_file_loads_as_its_bfl_twin(
+    tiny_flux2_models: Path, tmp_path: Path
+) -> None:
+    """The same transformer from its BFL file and from its state dict saved in diffusers layout, and
+    its config read off either file's shapes."""
+    bfl_path = tiny_flux2_models / "flux-2-klein-4b.safetensors"
+    bfl = load_file(bfl_path)
+    twin = tmp_path / "klein-diffusers.safetensors"
+    save_file(bfl_to_diffusers_flux2(bfl), twin)
+    shapes = {k: v.shape for k, v in load_file(twin).items()}
+    assert infer_flux2_config(shapes) == infer_flux2_config(bfl)
+    _assert_same(
+        load_flux2_transformer(twin, dtype=torch.float32).state_dict(),
+        load_flux2_transformer(bfl_path, dtype=torch.float32).state_dict(),
+    )

@@ -330,3 +330,33 @@ def test_a_klein_run_is_judged_from_its_bfl_header(tiny_flux2_models: Path, tmp_
     _, check = check_run_memory(config, available_bytes=GIB)
     step = StepSize(batch_size=1, image_tokens=64, text_tokens=512, resolution=(128, 128))
     assert check is not None and check.estimate_gib == estimate_memory(tiny, config, step).gib()
+
+
+def test_a_klein_file_in_diffusers_layout_is_judged_as_its_bfl_twin(
+    tiny_flux2_models: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from fluxtrain.training.convert_flux2 import bfl_to_diffusers_flux2
+
+    bfl = tiny_flux2_models / "flux-2-klein-4b.safetensors"
+    twin = tmp_path / "klein-diffusers.safetensors"
+    save_file(bfl_to_diffusers_flux2(load_file(bfl)), twin)
+    assert memory.transformer_shape(twin, twin.name) == memory.transformer_shape(bfl, bfl.name)
+    toml = helpers.make_dataset(tmp_path / "data", size=128)
+    config = _config(
+        models_root=tmp_path, dataset_config=toml, cache_dir=tmp_path, pretrained_model=twin.name
+    )
+    with pytest.raises(InvalidInputError, match=r"resolution \(128x128\) or batch_size \(1\)"):
+        check_run_memory(config, available_bytes=GIB // 2)
+
+
+def test_a_flux2_file_whose_config_cannot_be_read_is_named(tiny_flux2_models: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tiny_flux2_models / "flux-2-klein-4b.safetensors")
+    del sd["single_blocks.0.norm.query_norm.scale"]
+    broken = tmp_path / "broken.safetensors"
+    save_file(sd, broken)
+    with pytest.raises(InvalidInputError, match=r"pretrained_model: 'broken.safetensors' .*query_norm"):
+        memory.transformer_shape(broken, broken.name)

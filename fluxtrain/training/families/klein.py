@@ -1,15 +1,15 @@
 """FLUX.2 [klein] 4B / 9B as a `Family`: its files, features, inputs and LoRA targets.
 
 Files: the transformer as a BFL single file (`flux-2-klein-4b.safetensors`, ComfyUI prefixes
-allowed) or a diffusers folder, converted by `convert_flux2.py`; the autoencoder likewise
-(`ae` field); the Qwen3 text encoder (`text_encoder` field) as one Hugging Face-layout file
-(ComfyUI's `qwen_3_4b.safetensors`, bf16 or fp8) or a model folder; its tokenizer and chat
-template from `FS_PATH/tokenizers/qwen3`. Features are `flux2.py`'s: text `hidden` (512 tokens,
-layers 9/18/27 stacked, no pooled vector), normalised 2x2-patchified latents, 4-axis ids, no
-guidance. Edit pairs: each reference's latent (made and cached as the targets') is packed after the
-noisy tokens at time 10 + 10 i, and the prediction is cut back to the targets' tokens. The LoRA
-targets every attention q/k/v/out, the single blocks' fused `to_qkv_mlp_proj` and `to_out`, and
-the MLPs; never the modulation, embedders or final layer.
+allowed, converted by `convert_flux2.py`), a single file in diffusers layout or a diffusers folder;
+the autoencoder as a BFL file (converted likewise) or a folder (`ae` field); the Qwen3 text encoder
+(`text_encoder` field) as one Hugging Face-layout file (ComfyUI's `qwen_3_4b.safetensors`, bf16 or
+fp8) or a model folder; its tokenizer and chat template from `FS_PATH/tokenizers/qwen3`. Features
+are `flux2.py`'s: text `hidden` (512 tokens, layers 9/18/27 stacked, no pooled vector), normalised
+2x2-patchified latents, 4-axis ids, no guidance. Edit pairs: each reference's latent (made and
+cached as the targets') is packed after the noisy tokens at time 10 + 10 i, and the prediction is
+cut back to the targets' tokens. The LoRA targets every attention q/k/v/out, the single blocks'
+fused `to_qkv_mlp_proj` and `to_out`, and the MLPs; never the modulation, embedders or final layer.
 Shapes cannot say Qwen3's rope theta, norm epsilon or context length: Qwen3-4B/8B's are used.
 """
 
@@ -34,6 +34,7 @@ from fluxtrain.training.cache import FeatureCache, file_identity
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.convert import ModuleRule
 from fluxtrain.training.convert_flux2 import (
+    DIFFUSERS_FLUX2_MARKER,
     bfl_to_diffusers_flux2,
     bfl_to_diffusers_flux2_vae,
     flux2_module_rules,
@@ -41,7 +42,7 @@ from fluxtrain.training.convert_flux2 import (
     infer_flux2_vae_config,
 )
 from fluxtrain.training.families import flux2
-from fluxtrain.training.families.detect import ModelFamily, block_count, strip_prefix
+from fluxtrain.training.families.detect import TRANSFORMER_PREFIXES, ModelFamily, block_count, strip_prefix
 from fluxtrain.training.families.family import Reference, TextFeatures
 from fluxtrain.training.flow import TimestepSampling, flux2_mu
 from fluxtrain.training.model_checks import check_model
@@ -154,16 +155,17 @@ def load_qwen3(path: Path, *, dtype: torch.dtype, device: torch.device | str) ->
 
 
 def load_flux2_transformer(path: Path, *, dtype: torch.dtype) -> Flux2Transformer2DModel:
-    """The FLUX.2 transformer from a BFL single file or a diffusers folder, frozen, on the CPU."""
+    """The FLUX.2 transformer from a single file (BFL or diffusers layout) or a diffusers folder,
+    frozen, on the CPU."""
     if path.is_dir():
         model = Flux2Transformer2DModel.from_pretrained(
             _component_folder(path, "transformer"), torch_dtype=dtype, local_files_only=True
         )
     else:
-        bfl = _read_single_file(path)
-        config = infer_flux2_config(bfl)
-        sd = _dequantize(bfl_to_diffusers_flux2(bfl), dtype)
-        del bfl
+        raw = strip_prefix(_read_single_file(path), TRANSFORMER_PREFIXES)
+        config = infer_flux2_config(raw)
+        sd = _dequantize(raw if DIFFUSERS_FLUX2_MARKER in raw else bfl_to_diffusers_flux2(raw), dtype)
+        del raw
         with init_empty_weights():
             model = Flux2Transformer2DModel(**config)
         _assign_weights(model, sd, path.name)
