@@ -20,14 +20,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 from PIL import Image, ImageOps
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from transformers import Mistral3ForConditionalGeneration
 
 from fluxtrain.training import flow
 from fluxtrain.training.convert_flux2 import diffusers_to_bfl_flux2
 from fluxtrain.training.families.detect import ModelFamily
 from fluxtrain.training.families.family import family_for
-from fluxtrain.training.families.klein import Klein, KleinFiles
+from fluxtrain.training.families.flux2_dev import load_mistral_tokenizer
+from fluxtrain.training.families.klein import (
+    Klein,
+    KleinFiles,
+    load_flux2_autoencoder,
+    load_flux2_transformer,
+    load_qwen3,
+    load_qwen3_tokenizer,
+)
+from fluxtrain.training.tiny_flux2_dev import tiny_mistral3_config
 from tests.training import helpers_runs
 
 FILES = {
@@ -35,6 +46,7 @@ FILES = {
     "flux2-dev": ("flux2-dev.safetensors", "mistral_3_small_flux2_bf16.safetensors", "mistral3"),
 }
 """Per family: the tiny transformer, text encoder and tokenizer folder (`tiny_flux2*.py`)."""
+AUTOENCODER = "flux2-vae.safetensors"
 GUIDANCE = 1.0
 """The trainer's default `guidance_scale`, given to a transformer with a guidance embedding ([dev])."""
 PRETRAIN_STEPS = {"flux2-klein-4b": 250, "flux2-dev": 400}
@@ -63,7 +75,7 @@ def write_pretrained_flux2(
     transformer, text_encoder, tokenizer = FILES[family_name]
     files = KleinFiles(
         transformer=source / transformer,
-        ae=source / "flux2-vae.safetensors",
+        ae=source / AUTOENCODER,
         text_encoder=source / text_encoder,
         tokenizer=source / "tokenizers" / tokenizer,
     )
@@ -134,3 +146,52 @@ def make_edit_pairs(root: Path, *, references: int, size: int = 64) -> Path:
         toml.read_text(encoding="utf-8") + f'  control_directory = "{control}"\n', encoding="utf-8"
     )
     return toml
+
+
+def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The FLUX.2 pipelines' own scheduler."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
+    )
+
+
+def klein_pipeline(models: Path) -> Flux2KleinPipeline:
+    """The tiny klein pipeline, loaded as the trainer loads its files."""
+    transformer, text_encoder, tokenizer = FILES["flux2-klein-4b"]
+    return Flux2KleinPipeline(
+        scheduler=_scheduler(),
+        vae=load_flux2_autoencoder(models / AUTOENCODER, dtype=torch.float32, device="cpu"),
+        text_encoder=load_qwen3(models / text_encoder, dtype=torch.float32, device="cpu"),
+        tokenizer=load_qwen3_tokenizer(models / "tokenizers" / tokenizer),
+        transformer=load_flux2_transformer(models / transformer, dtype=torch.float32),
+    )
+
+
+def mistral3(models: Path) -> Mistral3ForConditionalGeneration:
+    """The [dev] pipeline's text encoder class holding the tiny file's language model (its untouched
+    vision tower is never run on text)."""
+    tokenizer = load_mistral_tokenizer(models / "tokenizers" / FILES["flux2-dev"][2])
+    model = Mistral3ForConditionalGeneration(tiny_mistral3_config(len(tokenizer)))
+    language = {
+        f"model.language_model.{k.removeprefix('model.')}": v.float()
+        for k, v in load_file(models / FILES["flux2-dev"][1]).items()
+    }
+    result = model.load_state_dict(language, strict=False)
+    assert not result.unexpected_keys
+    assert all(
+        k.startswith(("model.vision_tower.", "model.multi_modal_projector.", "lm_head."))
+        for k in result.missing_keys
+    )
+    return model.eval()
+
+
+def dev_pipeline(models: Path) -> Flux2Pipeline:
+    """The diffusers FLUX.2 [dev] pipeline assembled from the tiny files through our converters."""
+    transformer, _, tokenizer = FILES["flux2-dev"]
+    return Flux2Pipeline(
+        scheduler=_scheduler(),
+        vae=load_flux2_autoencoder(models / AUTOENCODER, dtype=torch.float32, device="cpu"),
+        text_encoder=mistral3(models),
+        tokenizer=load_mistral_tokenizer(models / "tokenizers" / tokenizer),
+        transformer=load_flux2_transformer(models / transformer, dtype=torch.float32),
+    )

@@ -1,18 +1,21 @@
-"""FLUX.2 [klein] edit LoRAs on the tiny klein files: reference tokens and ids equal
-Flux2KleinPipeline's own, samples are the pipeline's, edit pairs with one and with two references
-halve a fixed-evaluation loss (on a briefly pretrained tiny base), the LoRA drives the pipeline
-called with the reference images, and resume is exact."""
+"""FLUX.2 edit LoRAs, [klein] and [dev], on their tiny files: reference tokens and ids equal the
+pipelines' own, samples are `Flux2KleinPipeline` / `Flux2Pipeline(image=[...])`'s ([dev] with its
+guidance), edit pairs with one and with two references halve a fixed-evaluation loss (on a briefly
+pretrained tiny base), the LoRA drives the pipeline called with the reference images, and resume is
+exact."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers import DiffusionPipeline
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors import safe_open
@@ -22,28 +25,41 @@ from fluxtrain.training.cache import image_tensor
 from fluxtrain.training.config import load_config
 from fluxtrain.training.data import load_training_data
 from fluxtrain.training.families import flux2
-from fluxtrain.training.families.klein import (
-    Klein,
-    load_flux2_autoencoder,
-    load_flux2_transformer,
-    load_qwen3,
-    load_qwen3_tokenizer,
-    reference_tokens,
-)
+from fluxtrain.training.families.detect import ModelFamily
+from fluxtrain.training.families.family import family_for
+from fluxtrain.training.families.klein import Klein, load_flux2_transformer, reference_tokens
 from fluxtrain.training.trainer import StopFlag, Trainer
 from fluxtrain.training.validation import ValidationLoss
 from tests.training import helpers_runs as helpers
-from tests.training.helpers_flux2 import make_edit_pairs
+from tests.training.helpers_flux2 import AUTOENCODER, FILES, dev_pipeline, klein_pipeline, make_edit_pairs
 
-KLEIN_FILES = {
-    "pretrained_model": "flux-2-klein-4b.safetensors",
-    "ae": "flux2-vae.safetensors",
-    "text_encoder": "qwen_3_4b.safetensors",
+
+@dataclass(frozen=True)
+class EditFamily:
+    """A FLUX.2 family as these tests train it: its tiny files (the fixtures holding the random and
+    the pretrained ones), its diffusers pipeline, and the guidance its samples are checked at."""
+
+    name: ModelFamily
+    models: str
+    base: str
+    pipeline: Callable[[Path], DiffusionPipeline]
+    guidance: float
+
+    @property
+    def files(self) -> dict[str, str]:
+        transformer, text_encoder, _ = FILES[self.name]
+        return {"pretrained_model": transformer, "ae": AUTOENCODER, "text_encoder": text_encoder}
+
+
+FAMILIES = {
+    "klein": EditFamily("flux2-klein-4b", "tiny_flux2_models", "klein_base", klein_pipeline, 1.0),
+    "dev": EditFamily("flux2-dev", "dev_models", "dev_base", dev_pipeline, 4.0),
 }
 PROMPT = f"{helpers.TRIGGER}, red and blue stripes"
 STEPS = 160
-"""LoRA steps on the pretrained tiny base (`helpers_flux2`): 2.84 -> 0.72 (0.25 of the base model's
-fixed-evaluation loss) with one reference and with two; on the random tiny files 2.36 -> 2.14."""
+"""LoRA steps on the pretrained tiny base (`helpers_flux2`), the base model's fixed-evaluation loss
+and the LoRA's, with one reference / two: klein 2.84 -> 0.72 / 2.85 -> 0.72 (0.25), [dev]
+2.58 -> 0.67 / 2.58 -> 0.69 (0.26-0.27); klein on the random tiny files only 2.36 -> 2.14."""
 
 
 def _train(run_dir: Path, *, stop_after: int | None = None) -> str:
@@ -53,28 +69,18 @@ def _train(run_dir: Path, *, stop_after: int | None = None) -> str:
     return trainer.run()
 
 
-def _edit_run(root: Path, models: Path, cache: Path, *, references: int, **fields: Any) -> Path:
+def _edit_run(
+    root: Path, family: EditFamily, models: Path, cache: Path, *, references: int, **fields: Any
+) -> Path:
     toml = make_edit_pairs(root / "data", references=references)
-    return helpers.make_run(root / "run", models=models, toml=toml, cache=cache, **KLEIN_FILES, **fields)
+    return helpers.make_run(root / "run", models=models, toml=toml, cache=cache, **family.files, **fields)
 
 
-def _pipeline(models: Path) -> Flux2KleinPipeline:
-    """The tiny klein pipeline, loaded as the trainer loads its files, with klein's own scheduler."""
-    files = {field: models / name for field, name in KLEIN_FILES.items()}
-    return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
-        ),
-        vae=load_flux2_autoencoder(files["ae"], dtype=torch.float32, device="cpu"),
-        text_encoder=load_qwen3(files["text_encoder"], dtype=torch.float32, device="cpu"),
-        tokenizer=load_qwen3_tokenizer(models / "tokenizers" / "qwen3"),
-        transformer=load_flux2_transformer(files["pretrained_model"], dtype=torch.float32),
-    )
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_flux2_models: Path) -> Flux2KleinPipeline:
-    return _pipeline(tiny_flux2_models)
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_pipe(request: pytest.FixtureRequest) -> tuple[EditFamily, DiffusionPipeline]:
+    """Each family with its pipeline on the random tiny files."""
+    family = FAMILIES[request.param]
+    return family, family.pipeline(request.getfixturevalue(family.models))
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +96,13 @@ def controls(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [first, root / "wide.png"]
 
 
-def test_reference_tokens_and_ids_equal_the_pipelines(pipe: Flux2KleinPipeline, controls: list[Path]) -> None:
+def test_reference_tokens_and_ids_equal_the_pipelines(
+    family_pipe: tuple[EditFamily, DiffusionPipeline], controls: list[Path]
+) -> None:
     """The cached path (file -> pixels -> normalised, patchified latent) and `reference_tokens`
     give what `prepare_image_latents` gives for the same images, batch of two, ids 10 and 20."""
-    family = Klein("flux2-klein-4b")
+    edit, pipe = family_pipe
+    family = family_for(edit.name)
     images = [Image.open(path).convert("RGB") for path in controls]
     processed = [
         pipe.image_processor.preprocess(image, height=image.height, width=image.width, resize_mode="crop")
@@ -140,10 +149,12 @@ def test_references_follow_the_noisy_tokens_and_are_sliced_off() -> None:
 
 
 def test_samples_render_as_the_pipeline_does_with_the_references(
-    pipe: Flux2KleinPipeline, controls: list[Path]
+    family_pipe: tuple[EditFamily, DiffusionPipeline], controls: list[Path]
 ) -> None:
-    """`Klein.generate` with two references is `Flux2KleinPipeline(image=[...])` to the pixel."""
-    family = Klein("flux2-klein-4b")
+    """The family's `generate` with two references is the pipeline's `image=[...]` to the pixel, at
+    the family's guidance; without them it is another picture."""
+    edit, pipe = family_pipe
+    family = family_for(edit.name)
     images = [Image.open(path).convert("RGB") for path in controls]
     with torch.no_grad():
         hidden, _ = pipe.encode_prompt([PROMPT], device=torch.device("cpu"))
@@ -153,7 +164,7 @@ def test_samples_render_as_the_pipeline_does_with_the_references(
         height=64,
         width=64,
         num_inference_steps=2,
-        guidance_scale=1.0,
+        guidance_scale=edit.guidance,
         generator=torch.Generator("cpu").manual_seed(7),
         output_type="np",
     ).images[0]
@@ -170,7 +181,7 @@ def test_samples_render_as_the_pipeline_does_with_the_references(
             width=64,
             height=64,
             steps=2,
-            guidance_scale=1.0,
+            guidance_scale=edit.guidance,
             seed=7,
             device=torch.device("cpu"),
             dtype=torch.float32,
@@ -183,11 +194,12 @@ def test_samples_render_as_the_pipeline_does_with_the_references(
     assert np.abs(render(None) - ours).max() > 1e-3
 
 
-def _fixed_losses(run: Path) -> tuple[float, float]:
+def _fixed_losses(run: Path, family_name: ModelFamily) -> tuple[float, float]:
     """(base model, trained LoRA) on the run's own pairs, as the trainer's validation measures held-out
-    images: cached latents, references and captions, fixed noise and timesteps (`training/validation.py`)."""
+    images: cached latents, references and captions, fixed noise and timesteps (`training/validation.py`),
+    with the guidance the trainer gives the family."""
     config = load_config(run / "run.json")
-    family = Klein("flux2-klein-4b")
+    family = family_for(family_name)
     files = family.resolve_files(config, config.models_root)
     data = load_training_data(config.dataset_config)
     measure = ValidationLoss(data, family.open_cache(config.cache_dir, files, config), seed=0, family=family)
@@ -195,27 +207,32 @@ def _fixed_losses(run: Path) -> tuple[float, float]:
     transformer.load_lora_adapter(
         str(run / "output" / "tiny.safetensors"), adapter_name="edit", prefix="transformer"
     )
+    guidance = config.guidance_scale if transformer.config.guidance_embeds else None
     losses = [
         measure.measure(
-            transformer, base=base, guidance=None, dtype=torch.float32, autocast=contextlib.nullcontext
+            transformer, base=base, guidance=guidance, dtype=torch.float32, autocast=contextlib.nullcontext
         ).loss
         for base in (True, False)
     ]
     return losses[0], losses[1]
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-reference", "two-references"])
-def edit_run(
-    request: pytest.FixtureRequest, klein_base: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
+@pytest.fixture(
+    scope="module",
+    params=[(name, references) for name in FAMILIES for references in (1, 2)],
+    ids=lambda param: f"{param[0]}-{param[1]}-reference{'s' if param[1] > 1 else ''}",
+)
+def edit_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two 64 px targets (16 tokens) with one or two 64 px references each, trained STEPS steps on the
-    pretrained base and measured before and after on themselves (fixed noise and timesteps:
-    `training/validation.py`)."""
-    references = request.param
-    root = tmp_path_factory.mktemp(f"klein-edit-{references}")
+    family's pretrained base and measured before and after on themselves (fixed noise and timesteps:
+    `training/validation.py`); the family comes from the file, the request names none."""
+    name, references = request.param
+    family = FAMILIES[name]
+    root = tmp_path_factory.mktemp(f"{name}-edit-{references}")
     run = _edit_run(
         root,
-        klein_base,
+        family,
+        request.getfixturevalue(family.base),
         root / "cache",
         references=references,
         max_train_steps=STEPS,
@@ -226,14 +243,14 @@ def edit_run(
         sample_every_n_steps=STEPS,
         sample_steps=2,
     )
-    return {"root": root, "run": run, "references": references, "outcome": _train(run)}
+    return {"root": root, "run": run, "family": family, "references": references, "outcome": _train(run)}
 
 
 def test_flux2_edit_loss_falls_on_its_pairs_and_samples(edit_run: dict[str, Any]) -> None:
     assert edit_run["outcome"] == "finished"
     run: Path = edit_run["run"]
     assert [e["step"] for e in helpers.step_events(run)] == list(range(1, STEPS + 1))
-    base, trained = _fixed_losses(run)
+    base, trained = _fixed_losses(run, edit_run["family"].name)
     assert trained < 0.5 * base, (base, trained)
     caching = next(e for e in read_events(run / "events.jsonl") if e["event"] == "caching")
     assert caching["latents_encoded"] == 2 + 2 * edit_run["references"]  # targets and their controls
@@ -242,9 +259,10 @@ def test_flux2_edit_loss_falls_on_its_pairs_and_samples(edit_run: dict[str, Any]
 
 
 def test_flux2_edit_lora_loads_into_the_pipeline_and_changes_its_edit(
-    edit_run: dict[str, Any], klein_base: Path
+    edit_run: dict[str, Any], request: pytest.FixtureRequest
 ) -> None:
-    pipe = _pipeline(klein_base)
+    family: EditFamily = edit_run["family"]
+    pipe = family.pipeline(request.getfixturevalue(family.base))
     folder = edit_run["run"].parent / "data" / "images" / "control"
     references = sorted(folder.glob("a*.jpg"))
     assert len(references) == edit_run["references"]
@@ -273,14 +291,16 @@ def test_flux2_edit_lora_loads_into_the_pipeline_and_changes_its_edit(
 
 
 def test_flux2_edit_resume_continues_with_identical_losses(
-    edit_run: dict[str, Any], tiny_flux2_models: Path, tmp_path: Path
+    edit_run: dict[str, Any], request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    family: EditFamily = edit_run["family"]
+    models = request.getfixturevalue(family.models)
     cache = edit_run["root"] / "cache"
     references = edit_run["references"]
     fields = {"max_train_steps": 6, "learning_rate": 1e-2}
-    whole = _edit_run(tmp_path / "whole", tiny_flux2_models, cache, references=references, **fields)
+    whole = _edit_run(tmp_path / "whole", family, models, cache, references=references, **fields)
     assert _train(whole) == "finished"
-    split = _edit_run(tmp_path / "split", tiny_flux2_models, cache, references=references, **fields)
+    split = _edit_run(tmp_path / "split", family, models, cache, references=references, **fields)
     assert _train(split, stop_after=3) == "interrupted"
     assert _train(split) == "finished"
     expected = {e["step"]: e["loss"] for e in helpers.step_events(whole)}
