@@ -121,8 +121,9 @@ def _skewed_pairs(
 def _reference_findings(
     counts: dict[str, int], references: Mapping[str, int], where: str
 ) -> list[LintFinding]:
-    """An error for the targets with more references than any family asked about takes, a warning
-    naming the families that do take them for the targets only some take."""
+    """An error for the targets with more references than any family asked about takes, and for the
+    targets only some take a warning per limit they pass (families with the same limit named
+    together) naming the families that do take them."""
     most = max(references.values(), default=0)
     crowded = [name for name, count in counts.items() if count > most]
     findings = []
@@ -138,16 +139,20 @@ def _reference_findings(
                 crowded,
             )
         )
+    by_limit: dict[int, list[str]] = {}
     for title, limit in references.items():
+        by_limit.setdefault(limit, []).append(title)
+    for limit, titles in sorted(by_limit.items()):
         beyond = [name for name, count in counts.items() if limit < count <= most]
         if beyond:
             takers = ", ".join(t for t, n in references.items() if n >= max(counts[b] for b in beyond))
+            who = f"{titles[0]} takes" if len(titles) == 1 else f"{', '.join(titles)} take"
             findings.append(
                 _finding(
                     "too_many_references",
                     "warning",
                     f"{where}: {len(beyond)} target(s) have more than {limit} control image(s), the most "
-                    f"{title} takes; only {takers} train(s) them: {_named(beyond)}",
+                    f"{who}; only {takers} train(s) them: {_named(beyond)}",
                     beyond,
                 )
             )
