@@ -243,6 +243,8 @@ def test_the_form_comes_from_the_schema_and_shows_errors_beside_fields(tab: Tab,
     assert split.get_attribute("min") == "0" and split.get_attribute("max") is None
     models = page.locator("#model-files option").evaluate_all("options => options.map(o => o.value)")
     assert {"flux1-dev.sft", "ae.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors"} <= set(models)
+    for field in ("pretrained_model", "ae", "clip_l", "t5xxl", "text_encoder"):
+        assert page.locator(f"#train-{field}").get_attribute("list") == "model-files", field
     page.click("button[data-preset='48+ GB']")
     assert page.locator("#train-optimizer").input_value() == "adamw"
     assert page.locator("#dsconfig-batch_size").input_value() == "2"

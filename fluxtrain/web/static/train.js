@@ -9,7 +9,8 @@ const SEED_FIELDS = [
   "output_name", "dataset", "max_train_epochs", "learning_rate", "network_dim", "save_every_n_epochs",
   "pretrained_model", "clip_l", "t5xxl", "ae", "enable_bucket", "full_bf16",
 ];
-const MODEL_FIELDS = ["pretrained_model", "ae", "clip_l", "t5xxl"];
+// The model-file fields offered the models folder's files: FLUX.1's four and FLUX.2's text encoder.
+const MODEL_FIELDS = ["pretrained_model", "ae", "clip_l", "t5xxl", "text_encoder"];
 
 // What fits in how much GPU memory (fluxgym's and kohya's usual FLUX.1 LoRA recipes).
 export const MEMORY_PRESETS = {
