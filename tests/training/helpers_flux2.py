@@ -47,6 +47,14 @@ FILES = {
 }
 """Per family: the tiny transformer, text encoder and tokenizer folder (`tiny_flux2*.py`)."""
 AUTOENCODER = "flux2-vae.safetensors"
+
+
+def run_files(family_name: ModelFamily) -> dict[str, str]:
+    """The `/train` model fields naming the tiny files of `family_name`."""
+    transformer, text_encoder, _ = FILES[family_name]
+    return {"pretrained_model": transformer, "ae": AUTOENCODER, "text_encoder": text_encoder}
+
+
 GUIDANCE = 1.0
 """The trainer's default `guidance_scale`, given to a transformer with a guidance embedding ([dev])."""
 PRETRAIN_STEPS = {"flux2-klein-4b": 250, "flux2-dev": 400}

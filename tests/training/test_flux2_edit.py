@@ -31,7 +31,7 @@ from fluxtrain.training.families.klein import Klein, load_flux2_transformer, ref
 from fluxtrain.training.trainer import StopFlag, Trainer
 from fluxtrain.training.validation import ValidationLoss
 from tests.training import helpers_runs as helpers
-from tests.training.helpers_flux2 import AUTOENCODER, FILES, dev_pipeline, klein_pipeline, make_edit_pairs
+from tests.training.helpers_flux2 import dev_pipeline, klein_pipeline, make_edit_pairs, run_files
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ class EditFamily:
 
     @property
     def files(self) -> dict[str, str]:
-        transformer, text_encoder, _ = FILES[self.name]
-        return {"pretrained_model": transformer, "ae": AUTOENCODER, "text_encoder": text_encoder}
+        return run_files(self.name)
 
 
 FAMILIES = {

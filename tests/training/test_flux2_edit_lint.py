@@ -17,17 +17,10 @@ from fluxtrain.datasets.lint_service import lint_run_dataset
 from fluxtrain.runs.schemas import TrainRequest
 from fluxtrain.runs.service import resolve_config
 from fluxtrain.settings import Settings
+from tests.training.helpers_flux2 import run_files
 
-KLEIN = {
-    "pretrained_model": "flux-2-klein-4b.safetensors",
-    "ae": "flux2-vae.safetensors",
-    "text_encoder": "qwen_3_4b.safetensors",
-}
-DEV = {
-    "pretrained_model": "flux2-dev.safetensors",
-    "ae": "flux2-vae.safetensors",
-    "text_encoder": "mistral_3_small_flux2_bf16.safetensors",
-}
+KLEIN = run_files("flux2-klein-4b")
+DEV = run_files("flux2-dev")
 
 
 @pytest.fixture
