@@ -37,6 +37,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "HEIF", "AVIF")
 JPEG_QUALITY = 95
+JPEG_MAX_SIDE = 65500  # libjpeg's limit: a wider or taller image cannot be stored as a JPEG
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WHITE = (255, 255, 255)
@@ -230,11 +231,16 @@ def _load_first_frame(image: Image.Image) -> Image.Image:
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit and floating-point grey as 8-bit grey; other modes as they are."""
+    """16-bit and floating-point grey as 8-bit grey; other modes as they are.
+
+    Float images from scientific and HDR tools usually hold 0..1, others 0..255: one whose largest
+    value is at most 1.0 is scaled by 255. Pillow's conversion to "L" clips what lies outside 0..255.
+    """
     if image.mode in _SIXTEEN_BIT_MODES:
         return image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
     if image.mode == "F":
-        return image.point(lambda value: min(max(value, 0), 255)).convert("L")
+        _, high = image.getextrema()
+        return (image.point(lambda value: value * 255) if high <= 1.0 else image).convert("L")
     return image
 
 
@@ -352,6 +358,10 @@ def normalize_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
 def reencode_image(data: bytes, *, max_pixels: int) -> NormalizedImage:
     """Decode `data` and re-encode it as sRGB baseline JPEG q95, orientation applied, metadata dropped."""
     with _open(data, max_pixels) as image:
+        if max(image.size) > JPEG_MAX_SIDE:
+            raise ImageRejectedError(
+                f"refused: {image.width}x{image.height} px; a JPEG holds at most {JPEG_MAX_SIDE} px a side"
+            )
         fast = repacked(data) if image.format == "PNG" else None
         if fast is None:
             return _reencoded(image)

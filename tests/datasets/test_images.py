@@ -102,6 +102,32 @@ def test_grayscale_and_sixteen_bit_become_rgb() -> None:
     assert close(decoded(data).getpixel((4, 4)), (156, 156, 156), tolerance=3)
 
 
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [([0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]), ([-4.0, 64.0, 128.0, 300.0], [0, 64, 128, 255])],
+    ids=["unit-range", "byte-range"],
+)
+def test_floating_point_grey_becomes_eight_bit(values: list[float], expected: list[int]) -> None:
+    """32-bit float TIFFs hold 0..1 (scaled by 255) or 0..255 (clipped); both become grey RGB."""
+    source = Image.new("F", (4, 1))
+    source.putdata(values)
+    wide = source.resize((64, 16), Image.Resampling.NEAREST)
+    data = encode(wide, "TIFF")
+    with Image.open(io.BytesIO(data)) as reopened:
+        assert reopened.mode == "F"
+    image = decoded(data)
+    for index, grey in enumerate(expected):
+        assert close(image.getpixel((index * 16 + 8, 8)), (grey, grey, grey), tolerance=3)
+
+
+def test_a_side_longer_than_a_jpeg_holds_is_refused_from_the_header() -> None:
+    data = encode(Image.new("L", (70_000, 1)), "PNG")
+    started = time.perf_counter()
+    with pytest.raises(ImageRejectedError, match="70000x1 px; a JPEG holds at most 65500 px a side"):
+        normalize_image(data, max_pixels=LIMIT)
+    assert time.perf_counter() - started < 0.5
+
+
 def swapped_primaries_profile() -> bytes:
     """sRGB with its red and green primaries exchanged: pixels tagged with it mean the other colour."""
     profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
