@@ -14,8 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from fluxtrain.datasets.images import ImageRejectedError, open_image
 from fluxtrain.datasets.store import control_dir, dataset_dir, list_images
-from fluxtrain.errors import NotFoundError
+from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_bytes
 from fluxtrain.names import safe_join
 from fluxtrain.settings import Settings
@@ -38,10 +39,16 @@ def dataset_image(settings: Settings, name: str, image: str) -> Path:
     return path
 
 
-def _render(image: Path) -> bytes:
-    with Image.open(image) as source:
-        source.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-        preview = source.convert("RGB")
+def _render(image: Path, max_pixels: int) -> bytes:
+    """The preview; a file placed by hand that is no image, or too large, is a 422 naming it."""
+    try:
+        with open_image(image, max_pixels=max_pixels) as source:
+            source.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            preview = source.convert("RGB")
+    except ImageRejectedError as exc:
+        raise InvalidInputError(f"no thumbnail of {image.name}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidInputError(f"no thumbnail of {image.name}: it cannot be decoded as an image") from exc
     preview.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     preview.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
@@ -57,25 +64,27 @@ def control_image(settings: Settings, name: str, image: str) -> Path:
     return path
 
 
-def _cached_preview(path: Path, folder: Path) -> Path:
+def _cached_preview(path: Path, folder: Path, max_pixels: int) -> Path:
     """The preview of `path` in `folder`, made on first use; older previews of that stem dropped."""
     stat = path.stat()
     cached = folder / f"{path.stem}.{stat.st_size}-{stat.st_mtime_ns}.jpg"
     if not cached.is_file():
+        preview = _render(path, max_pixels)
         _drop_stem(folder, path.stem)
-        atomic_write_bytes(cached, _render(path))
+        atomic_write_bytes(cached, preview)
     return cached
 
 
 def thumbnail(*, settings: Settings, name: str, image: str) -> Path:
     """The cached preview of one image (at most THUMBNAIL_SIDE px a side), made on first use."""
-    return _cached_preview(dataset_image(settings, name, image), thumbnails_dir(settings, name))
+    path = dataset_image(settings, name, image)
+    return _cached_preview(path, thumbnails_dir(settings, name), settings.max_image_pixels)
 
 
 def control_thumbnail(*, settings: Settings, name: str, image: str) -> Path:
     """The cached preview of one control image, as `thumbnail` makes a target's."""
     folder = control_dir(thumbnails_dir(settings, name))
-    return _cached_preview(control_image(settings, name, image), folder)
+    return _cached_preview(control_image(settings, name, image), folder, settings.max_image_pixels)
 
 
 def drop_thumbnails(*, settings: Settings, name: str, image: str | None = None) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from fluxtrain.api.app import create_app
 from fluxtrain.settings import Settings
 
 
@@ -47,6 +50,38 @@ def test_a_replaced_image_gets_a_new_thumbnail(client: TestClient, settings: Set
     with Image.open(io.BytesIO(second.content)) as thumb:
         assert thumb.size == (80, 20)
     assert len(list((settings.data_root / "thumbnails" / "pets").glob("small.*"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (lambda: _jpeg(Image.new("RGB", (64, 64), (9, 9, 9)))[:300], "cannot be decoded"),
+        (lambda: b"", "cannot be decoded"),
+        (lambda: b"hello, not a picture\n", "cannot be decoded"),
+        (lambda: _jpeg(Image.new("RGB", (400, 300))), "decompression bomb: 400x300 is 120000 pixels"),
+    ],
+    ids=["truncated", "empty", "text", "over-the-pixel-bound"],
+)
+def test_a_file_that_makes_no_thumbnail_is_a_422_naming_it(
+    settings: Settings, content: Callable[[], bytes], why: str
+) -> None:
+    """Files put into a dataset folder by hand: the grid asks for every thumbnail, so none may 500."""
+    folder = _dataset(settings)
+    (folder / "odd.jpg").write_bytes(content())
+    limited = settings.model_copy(update={"max_image_pixels": 100_000})
+    with TestClient(create_app(limited)) as client:
+        response = client.get("/datasets/pets/thumbnails/odd.jpg")
+        assert response.status_code == 422
+        assert response.json()["detail"].startswith("no thumbnail of odd.jpg: ")
+        assert why in response.json()["detail"]
+        assert client.get("/datasets/pets/thumbnails/small.jpg").status_code == 200
+    assert [p.name.split(".")[0] for p in (settings.data_root / "thumbnails" / "pets").iterdir()] == ["small"]
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def test_full_image_download(client: TestClient, settings: Settings) -> None:
