@@ -67,11 +67,9 @@ def caption_dataset(
     options = GenerationOptions(
         prompt=model_prompt(prompt, task), max_new_tokens=max_new_tokens, num_beams=num_beams
     )
-    kept: dict[Path, str] = {}
-    if not overwrite:
-        kept = {image: text for image in chosen if (text := read_caption(image)) and text.strip()}
-    pending = [image for image in chosen if image not in kept]
     result = CaptionResult()
+    kept, result.failed = ({}, {}) if overwrite else _existing_captions(chosen)
+    pending = [image for image in chosen if image not in kept and image.name not in result.failed]
     written: dict[Path, str] = {}
     if on_progress is not None:
         on_progress(0, len(pending))
@@ -114,6 +112,22 @@ def caption_request(
         images=request.images,
         on_progress=on_progress,
     )
+
+
+def _existing_captions(images: list[Path]) -> tuple[dict[Path, str], dict[str, str]]:
+    """The non-blank captions to keep, and the images whose caption file cannot be read: those are
+    left alone (it may be the user's own text in another encoding) until `overwrite` replaces it."""
+    kept: dict[Path, str] = {}
+    unreadable: dict[str, str] = {}
+    for image in images:
+        try:
+            text = read_caption(image)
+        except InvalidInputError as exc:
+            unreadable[image.name] = f"{exc}; caption with overwrite to replace it"
+            continue
+        if text and text.strip():
+            kept[image] = text
+    return kept, unreadable
 
 
 def _chosen(folder: Path, found: list[Path], names: list[str] | None, dataset: str) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fluxtrain.datasets.pairs import pair_controls
@@ -15,7 +16,7 @@ from fluxtrain.datasets.store import (
     read_caption,
     read_manifest,
 )
-from fluxtrain.errors import NotFoundError
+from fluxtrain.errors import InvalidInputError, NotFoundError
 from fluxtrain.settings import Settings
 
 
@@ -33,6 +34,7 @@ class ImageRecord:
     caption: str | None
     manifest: dict[str, Any] | None
     controls: list[str] = field(default_factory=list)
+    caption_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,9 @@ def describe_dataset(*, settings: Settings, name: str) -> DatasetRecord:
             ImageRecord(
                 file=image.name,
                 path=str(image),
-                caption=read_caption(image),
                 manifest=manifest.get(image.name),
                 controls=[control.name for control in pairing.controls.get(image.stem, [])],
+                **_caption_fields(image),
             )
             for image in targets
         ]
@@ -77,3 +79,11 @@ def describe_dataset(*, settings: Settings, name: str) -> DatasetRecord:
         raise NotFoundError(f"dataset '{name}' does not exist") from exc
     unpaired = [control.name for control in pairing.unpaired]
     return DatasetRecord(name=name, path=str(folder), images=images, unpaired_controls=unpaired)
+
+
+def _caption_fields(image: Path) -> dict[str, str | None]:
+    """The caption, or why its file cannot be read: one such file must not hide the whole dataset."""
+    try:
+        return {"caption": read_caption(image)}
+    except InvalidInputError as exc:
+        return {"caption": None, "caption_error": str(exc)}

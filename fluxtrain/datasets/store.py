@@ -87,9 +87,19 @@ def caption_path(image: Path, extension: str = CAPTION_SUFFIX) -> Path:
 
 
 def read_caption(image: Path) -> str | None:
-    """The caption file's text exactly as stored (a hand-written caption is shown as it was sent)."""
+    """The caption file's text exactly as stored (a hand-written caption is shown as it was sent).
+
+    A caption another tool wrote in another encoding is an InvalidInputError naming it: guessing
+    the encoding would show, and on the next save store, text the user never wrote."""
     path = caption_path(image)
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"caption {path.name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at {exc.start})"
+        ) from exc
 
 
 def write_caption(image: Path, caption: str) -> None:

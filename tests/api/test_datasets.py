@@ -202,6 +202,22 @@ def test_listing_detail_delete_and_404(client: TestClient, settings: Settings) -
     assert client.get("/datasets/d1").status_code == 404
 
 
+def test_a_caption_file_that_is_not_utf8_is_named_and_the_rest_is_shown(
+    client: TestClient, settings: Settings
+) -> None:
+    parts = [("files", ("a.png", png((200, 0, 0)), "image/png")), ("files", ("b.png", png(), "image/png"))]
+    client.post("/datasets/d1/images", files=parts)
+    (settings.datasets_dir / "d1" / "a.txt").write_bytes(b"photo \xff\xfe bad")
+    (settings.datasets_dir / "d1" / "b.txt").write_text("a caption")
+    images = {image["file"]: image for image in client.get("/datasets/d1").json()["images"]}
+    assert images["a.jpg"]["caption"] is None
+    assert images["a.jpg"]["caption_error"] == "caption a.txt is not UTF-8 text (byte 0xff at 6)"
+    assert images["b.jpg"]["caption"] == "a caption" and images["b.jpg"]["caption_error"] is None
+    assert client.put("/datasets/d1/captions/a.jpg", json={"caption": "fixed"}).status_code == 200
+    fixed = client.get("/datasets/d1").json()["images"][0]
+    assert fixed["caption"] == "fixed" and fixed["caption_error"] is None
+
+
 ROUTES = [
     ("POST", "/download-images", {"json": {"urls": ["ftp://x/y"], "output_name": "k"}}),
     ("POST", "/datasets/k/images", {"files": [("files", ("a.png", b"not an image", "image/png"))]}),

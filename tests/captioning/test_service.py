@@ -53,6 +53,24 @@ def test_overwrite_replaces_existing_captions(caption_settings: Settings, make_d
     assert (folder / "img0.txt").read_text(encoding="utf-8") == result.captions["img0.jpg"]
 
 
+def test_a_caption_file_in_another_encoding_is_left_alone_unless_overwritten(
+    caption_settings: Settings, make_dataset
+) -> None:
+    folder = make_dataset(count=2)
+    foreign = "mycat, caf\u00e9 au lait".encode("cp1252")
+    (folder / "img0.txt").write_bytes(foreign)
+    result = caption_dataset(settings=caption_settings, name="cats", trigger_word="mycat", **FAST)
+    why = "caption img0.txt is not UTF-8 text (byte 0xe9 at 10); caption with overwrite to replace it"
+    assert result.failed == {"img0.jpg": why}
+    assert (folder / "img0.txt").read_bytes() == foreign
+    assert sorted(result.captions) == ["img1.jpg"]
+    again = caption_dataset(
+        settings=caption_settings, name="cats", trigger_word="mycat", overwrite=True, **FAST
+    )
+    assert again.failed == {} and sorted(again.captions) == ["img0.jpg", "img1.jpg"]
+    assert (folder / "img0.txt").read_text(encoding="utf-8") == again.captions["img0.jpg"]
+
+
 def test_a_fully_captioned_dataset_does_not_load_the_model(
     caption_settings: Settings, make_dataset, load_count: list[Path]
 ) -> None:

@@ -209,6 +209,29 @@ def test_a_targets_control_images_are_shown_and_uploaded_from_its_card(
     assert tab.take_errors() == []
 
 
+def test_unreadable_files_put_in_by_hand_are_named_on_their_cards(tab: Tab, service: Service) -> None:
+    """A caption in another encoding and a broken image: the grid shows, each card says what is wrong."""
+    folder = service.settings.datasets_dir / "handmade"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), (20, 120, 200)).save(folder / "good.jpg")
+    (folder / "good.txt").write_bytes("zqx, caf\u00e9".encode("cp1252"))
+    (folder / "broken.jpg").write_bytes((folder / "good.jpg").read_bytes()[:200])
+    page = tab.page
+    page.goto(service.url + "/#/datasets/handmade")
+    good = page.locator('figure[data-image="good.jpg"]')
+    state = good.locator(".state", has_text="caption good.txt is not UTF-8 text")
+    state.wait_for()
+    assert state.inner_text().endswith("; saving replaces it")
+    page.locator('figure[data-image="broken.jpg"] .noimg', has_text="no preview").wait_for()
+    assert _status_of_resource(tab.take_errors(), 422)
+    text = good.locator("textarea")
+    text.fill("zqx, by hand")
+    text.press("Tab")
+    good.locator(".state.saved", has_text="saved").wait_for()
+    assert (folder / "good.txt").read_text(encoding="utf-8") == "zqx, by hand"
+    assert tab.take_errors() == []
+
+
 def _events(service: Service, run_id: str) -> list[dict]:
     path = service.settings.runs_dir / run_id / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

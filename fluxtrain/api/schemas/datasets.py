@@ -56,6 +56,9 @@ class DatasetImage(BaseModel):
     controls: list[str] = Field(
         default_factory=list, description="Its control images in control/, in reference order."
     )
+    caption_error: str | None = Field(
+        None, description="Why its caption file cannot be read (not UTF-8); saving a caption replaces it."
+    )
 
 
 class DatasetDetail(BaseModel):

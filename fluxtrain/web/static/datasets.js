@@ -164,7 +164,8 @@ function captionCard(name, image, signal) {
     .catch(() => img.replaceWith(h("div", { class: "noimg" }, "no preview")));
   const id = `caption-${image.file.replace(/[^A-Za-z0-9_-]/g, "_")}`;
   const text = h("textarea", { id, rows: "3", "data-image": image.file }, image.caption ?? "");
-  const state = h("span", { class: "state", "aria-live": "polite" }, image.caption === null ? "no caption" : "");
+  const unread = image.caption_error ? `${image.caption_error}; saving replaces it` : "no caption";
+  const state = h("span", { class: "state", "aria-live": "polite" }, image.caption === null ? unread : "");
   let saved = image.caption ?? "";
   text.addEventListener("blur", async () => {
     if (text.value === saved) return;
