@@ -12,7 +12,7 @@ from typing import Any
 
 from fluxtrain.datasets.locks import dataset_lock
 from fluxtrain.datasets.pairs import CONTROL_DIR
-from fluxtrain.errors import InvalidInputError, NotFoundError
+from fluxtrain.errors import ConflictError, InvalidInputError, NotFoundError
 from fluxtrain.fsutil import atomic_write_text
 from fluxtrain.names import safe_join
 from fluxtrain.settings import Settings
@@ -42,10 +42,20 @@ def dataset_dir(settings: Settings, name: str, *, must_exist: bool = True) -> Pa
 
 
 def list_dataset_names(settings: Settings) -> list[str]:
+    """The datasets a request can name: a folder put in by hand under a name `dataset_dir` refuses
+    (a space, `*.toml`, a link out of the folder) is left out rather than failing the listing."""
     root = settings.datasets_dir
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _nameable(settings, p.name))
+
+
+def _nameable(settings: Settings, name: str) -> bool:
+    try:
+        dataset_dir(settings, name, must_exist=False)
+    except InvalidInputError:
+        return False
+    return True
 
 
 def _is_image_name(name: str) -> bool:
@@ -134,12 +144,15 @@ def delete_dataset(settings: Settings, name: str) -> None:
     Its config `<name>.toml` goes too: it would point a later /train at a folder that is gone.
     """
     folder = dataset_dir(settings, name)
+    config = folder.with_name(folder.name + CONFIG_SUFFIX)
     with dataset_lock(folder):
         if not folder.is_dir():
             raise NotFoundError(f"dataset '{name}' does not exist")
+        if config.is_dir():
+            raise ConflictError(f"{config.name} is a folder, not the dataset's config: move it away first")
         doomed = folder.with_name(f".deleting-{folder.name}-{uuid.uuid4().hex}")
         folder.rename(doomed)
-        folder.with_name(folder.name + CONFIG_SUFFIX).unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
     shutil.rmtree(doomed, ignore_errors=True)
     if doomed.exists():
         logger.warning("could not remove all of %s; it is hidden from listings", doomed)

@@ -9,6 +9,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -216,6 +217,30 @@ def test_a_caption_file_that_is_not_utf8_is_named_and_the_rest_is_shown(
     assert client.put("/datasets/d1/captions/a.jpg", json={"caption": "fixed"}).status_code == 200
     fixed = client.get("/datasets/d1").json()["images"][0]
     assert fixed["caption"] == "fixed" and fixed["caption_error"] is None
+
+
+def test_folders_no_request_could_name_are_left_out_of_the_listing(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    client.post("/datasets/d1/images", files=[("files", ("a.png", png(), "image/png"))])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for odd in ("my set", "caf\u00e9", "weird.toml"):
+        (settings.datasets_dir / odd).mkdir()
+    (settings.datasets_dir / "linked").symlink_to(elsewhere, target_is_directory=True)
+    assert client.get("/datasets").json() == {"datasets": [{"name": "d1", "images": 1, "captions": 0}]}
+
+
+def test_delete_refuses_when_the_config_name_is_a_folder_and_changes_nothing(
+    client: TestClient, settings: Settings
+) -> None:
+    client.post("/datasets/d1/images", files=[("files", ("a.png", png(), "image/png"))])
+    (settings.datasets_dir / "d1.toml").mkdir()
+    response = client.delete("/datasets/d1")
+    assert response.status_code == 409
+    assert response.json()["detail"] == "d1.toml is a folder, not the dataset's config: move it away first"
+    assert sorted(p.name for p in settings.datasets_dir.iterdir()) == ["d1", "d1.toml"]
+    assert client.get("/datasets/d1").json()["images"][0]["file"] == "a.jpg"
 
 
 ROUTES = [
