@@ -18,6 +18,7 @@ import asyncio
 import logging
 import threading
 import time
+import urllib.parse
 
 from sqlalchemy import and_, or_, select, update
 
@@ -66,6 +67,15 @@ def post_status(url: str, body: str, settings: Settings, *, timeout: float = WEB
         return asyncio.run(_post(url, body, settings, timeout))
     except Exception as exc:  # noqa: BLE001 - any failure is a reason to try again later
         return str(exc) or type(exc).__name__
+
+
+def _shown(url: str, reason: str) -> tuple[str, str]:
+    """The URL and a failure's reason as the log may show them: a user name, password, query or
+    fragment can carry the receiver's secret, so none of them is written."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    shown = urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return shown, reason.replace(userinfo, "***") if userinfo else reason
 
 
 def _owed() -> object:
@@ -147,7 +157,7 @@ class WebhookOutbox:
             self._settle(run, owed, "sent")
             return True
         attempts = run.webhook_attempts + 1
-        safe_url = str(run.webhook).split("?", 1)[0]
+        safe_url, reason = _shown(str(run.webhook), reason)
         if attempts >= self.max_attempts:
             log.warning(
                 "webhook %s of run %s: gave up after %d tries: %s", safe_url, run.id, attempts, reason

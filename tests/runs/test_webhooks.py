@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import socket
 import threading
 import time
@@ -140,6 +141,29 @@ def test_delivery_gives_up_after_its_tries(
         outbox.send_due()
     assert len(hook.received) == 3
     assert get_run(db=db, run_id=run.id).webhook_ended == "failed"
+
+
+def test_the_log_shows_no_user_name_password_or_query_of_the_webhook(
+    loopback: Settings,
+    db: Database,
+    submit: Callable[..., Run],
+    listener: Callable[..., Listener],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hook = listener(codes=(500,) * 10)
+    secret_url = hook.url.replace("http://", "http://hookuser:hunter2-pw@") + "?token=abc#frag"
+    run = submit("demo", webhook=secret_url)
+    cancel_run(db=db, run_id=run.id)
+    outbox = WebhookOutbox(settings=loopback, db=db, max_attempts=2, backoff=0.0, timeout=2)
+    with caplog.at_level(logging.INFO, logger="fluxtrain.runs.webhooks"):
+        for _ in range(3):
+            outbox.send_due()
+    assert len(hook.received) == 2
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"webhook {hook.url} of run {run.id} failed (HTTP 500)" in logged
+    assert f"webhook {hook.url} of run {run.id}: gave up after 2 tries: HTTP 500" in logged
+    for secret in ("hookuser", "hunter2", "token=abc", "frag"):
+        assert secret not in logged
 
 
 def test_a_receiver_that_never_answers_does_not_hold_up_the_executor(
