@@ -27,9 +27,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, computed_field
 
 from fluxtrain.dataset_config.schema import DatasetConfigFile
+from fluxtrain.datasets.store import list_images
 from fluxtrain.training.buckets import BucketSpec, Size, bucket_resolutions, choose_bucket
 from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS
-from fluxtrain.training.data import IMAGE_ERRORS, IMAGE_SUFFIXES, _caption_extensions
+from fluxtrain.training.data import IMAGE_ERRORS, _caption_extensions
 
 Severity = Literal["error", "warning"]
 FindingKind = Literal[
@@ -178,15 +179,6 @@ def _prefix(image_dir: Path, dataset_folder: Path) -> str:
         if image_dir.is_relative_to(base):
             return f"{image_dir.relative_to(base).as_posix()}/"
     return f"{image_dir.as_posix()}/"
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The files the trainer reads from a subset's folder: its image suffixes, hidden names skipped."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
 
 
 def _oriented_size(image: Image.Image) -> Size:
@@ -522,7 +514,7 @@ def lint_subsets(
                 )
             )
             continue
-        work.extend((subset, path) for path in image_files(subset.image_dir))
+        work.extend((subset, path) for path in list_images(subset.image_dir))
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         inspected = list(pool.map(lambda item: _inspect(*item), work))
     findings.extend(_unreadable_findings([item for item in inspected if isinstance(item, _Unreadable)]))

@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 CAPTION_SUFFIX = ".txt"
 CONFIG_SUFFIX = ".toml"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# What kohya's sd-scripts read as images, hence the trainer, the lint and the listings: one set, so
+# a file shown in a dataset is one that trains (every stored image is a .jpg).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
 def dataset_dir(settings: Settings, name: str, *, must_exist: bool = True) -> Path:
@@ -63,7 +65,8 @@ def _is_image_name(name: str) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files of a dataset folder, sorted by name, hidden and temporary files skipped."""
+    """Image files of a dataset folder (or any subset's folder), sorted by name; hidden and
+    temporary files, and folders whatever their name, skipped."""
     return sorted(p for p in folder.iterdir() if _is_image_name(p.name) and p.is_file())
 
 

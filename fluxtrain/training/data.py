@@ -28,11 +28,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fluxtrain.dataset_config.schema import DatasetSpec
 from fluxtrain.dataset_config.toml_file import load_dataset_config
 from fluxtrain.datasets.pairs import pair_controls
+from fluxtrain.datasets.store import list_images
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.training.buckets import BucketSpec, Size, choose_bucket
 from fluxtrain.training.config import DEFAULT_MAX_TRAIN_STEPS, TrainConfig, check_dataset_options
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 KOHYA_CAPTION_EXTENSION = ".caption"
 IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
 log = logging.getLogger(__name__)
@@ -150,11 +150,11 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
                 trigger_words.append(class_tokens)
             extensions = _caption_extensions(subset.caption_extension)
             uncaptioned = 0
-            files = image_files(subset.image_dir)
+            files = list_images(subset.image_dir)
             control_dir = subset.control_dir
             pairing = pair_controls(
                 (path.stem for path in files),
-                image_files(control_dir) if control_dir and control_dir.is_dir() else [],
+                list_images(control_dir) if control_dir and control_dir.is_dir() else [],
             )
             for path in files:
                 sha = _content_hash(path)
@@ -210,15 +210,6 @@ def load_training_data(toml_path: Path, *, enable_bucket: bool | None = None) ->
     )
 
 
-def image_files(image_dir: Path) -> list[Path]:
-    """The image files of a subset's folder, in name order (hidden names are files being written)."""
-    return [
-        path
-        for path in sorted(image_dir.iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-    ]
-
-
 def _bucket_counts(images: list[TrainImage]) -> dict[Size, int]:
     buckets: dict[Size, int] = {}
     for image in images:
@@ -230,7 +221,7 @@ def count_images(toml_path: Path) -> int:
     """The images a dataset TOML lists, counted without reading them (for `/train`'s checks)."""
     config = load_dataset_config(toml_path)
     return sum(
-        len(image_files(subset.image_dir))
+        len(list_images(subset.image_dir))
         for dataset in config.datasets
         for subset in dataset.subsets
         if subset.image_dir.is_dir()

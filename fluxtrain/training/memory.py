@@ -59,11 +59,11 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from fluxtrain.dataset_config.toml_file import load_dataset_config
 from fluxtrain.datasets.pairs import pair_controls
+from fluxtrain.datasets.store import list_images
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.model_paths import resolve_model_path
 from fluxtrain.training.config import TrainConfig
 from fluxtrain.training.convert_flux2 import infer_flux2_config
-from fluxtrain.training.data import image_files
 from fluxtrain.training.families.detect import ModelFamily
 from fluxtrain.training.model_checks import check_transformer, header_shapes, transformer_config
 
@@ -269,8 +269,8 @@ def _references_per_target(spec: Any) -> int:
         if not (control_dir.is_dir() and subset.image_dir.is_dir()):
             most = max(most, 1)
             continue
-        targets = (path.stem for path in image_files(subset.image_dir))
-        pairing = pair_controls(targets, image_files(control_dir))
+        targets = (path.stem for path in list_images(subset.image_dir))
+        pairing = pair_controls(targets, list_images(control_dir))
         most = max(most, max((len(controls) for controls in pairing.controls.values()), default=1))
     return most
 

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from fluxtrain.datasets.store import list_images
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.rundir import read_events
 from fluxtrain.training.config import load_config
@@ -99,6 +101,16 @@ def test_an_image_that_cannot_be_opened_is_named(
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     with pytest.raises(InvalidInputError, match=rf"image .*{gone.name} cannot be read: Permission denied"):
         load_training_data(dataset)
+
+
+def test_only_files_of_kohyas_image_suffixes_train_and_the_listing_shows_the_same(dataset: Path) -> None:
+    """A folder named like an image, and a GIF or TIFF put in by hand, neither train nor show."""
+    images = dataset.parent / "images"
+    (images / "folder.jpg").mkdir()
+    for name in ("still.gif", "scan.tif"):
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(images / name)
+    assert [image.path.name for image in load_training_data(dataset).images] == ["a.jpg", "b.jpg"]
+    assert [path.name for path in list_images(images)] == ["a.jpg", "b.jpg"]
 
 
 def test_txt_captions_are_read_when_the_toml_keeps_kohyas_default_extension(
