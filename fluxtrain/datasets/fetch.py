@@ -70,17 +70,7 @@ class _CheckedResolver(AbstractResolver):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family)
         except socket.gaierror as exc:
             raise FetchError(f"could not resolve host {host}") from exc
-        found: dict[str, int] = {}
-        for info_family, _, _, _, address in infos:
-            parsed = parse_ip(str(address[0]))
-            if parsed is not None:
-                found.setdefault(str(parsed), info_family)
-        if not found:
-            raise FetchError(f"could not resolve host {host}")
-        for text in found:
-            reason = refusal_reason(parse_ip(text), self._allow)  # type: ignore[arg-type]
-            if reason is not None:
-                raise AddressRefusedError(reason)
+        found = _judged(host, infos, self._allow)
         return [
             ResolveResult(hostname=host, host=text, port=port, family=found[text], proto=0, flags=0)
             for text in found
@@ -88,6 +78,32 @@ class _CheckedResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
+
+
+def _judged(host: str, infos: list[tuple], allow: Sequence[IPNetwork]) -> dict[str, int]:
+    """A resolver's answer as address -> family, refused unless every address passes the policy."""
+    found: dict[str, int] = {}
+    for info_family, _, _, _, address in infos:
+        parsed = parse_ip(str(address[0]))
+        if parsed is not None:
+            found.setdefault(str(parsed), info_family)
+    if not found:
+        raise FetchError(f"could not resolve host {host}")
+    for text in found:
+        reason = refusal_reason(parse_ip(text), allow)  # type: ignore[arg-type]
+        if reason is not None:
+            raise AddressRefusedError(reason)
+    return found
+
+
+def check_resolved_host(host: str, allow: Sequence[IPNetwork]) -> None:
+    """Refuse a host name now when its addresses are refused (AddressRefusedError): a check made
+    ahead, for a friendlier answer; the connection itself is judged again when it is made."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise FetchError(f"could not resolve host {host}") from exc
+    _judged(host, infos, allow)
 
 
 _HELD_HOSTS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(

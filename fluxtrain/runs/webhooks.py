@@ -22,7 +22,15 @@ import urllib.parse
 
 from sqlalchemy import and_, or_, select, update
 
-from fluxtrain.datasets.fetch import FetchError, check_url, make_client, post_bytes
+from fluxtrain.datasets.addresses import parse_ip
+from fluxtrain.datasets.fetch import (
+    AddressRefusedError,
+    FetchError,
+    check_resolved_host,
+    check_url,
+    make_client,
+    post_bytes,
+)
 from fluxtrain.errors import InvalidInputError
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.status import build_status
@@ -36,11 +44,22 @@ BATCH = 50
 
 
 def check_webhook(url: str, settings: Settings) -> str:
-    """Refuse a webhook URL before a run exists when its scheme or literal address is not allowed."""
+    """Refuse a webhook URL before a run exists when its scheme or address is not allowed.
+
+    A host name is resolved now too, so `localhost` is a 422 rather than eight refused deliveries;
+    one that does not resolve yet is let through: each delivery resolves and judges it again."""
     try:
-        check_url(url, settings.allow_networks)
+        parsed = check_url(url, settings.allow_networks)
     except FetchError as exc:
         raise InvalidInputError(f"webhook: {exc}") from exc
+    if parse_ip(parsed.host) is not None:
+        return url
+    try:
+        check_resolved_host(parsed.raw_host.decode("ascii"), settings.allow_networks)
+    except AddressRefusedError as exc:
+        raise InvalidInputError(f"webhook: {exc}") from exc
+    except FetchError:
+        return url
     return url
 
 

@@ -13,10 +13,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from fluxtrain.errors import InvalidInputError
 from fluxtrain.runs.db import Database
 from fluxtrain.runs.service import cancel_run, get_run
 from fluxtrain.runs.table import Run
-from fluxtrain.runs.webhooks import WebhookOutbox
+from fluxtrain.runs.webhooks import WebhookOutbox, check_webhook
 from fluxtrain.settings import Settings
 
 
@@ -164,6 +165,12 @@ def test_the_log_shows_no_user_name_password_or_query_of_the_webhook(
     assert f"webhook {hook.url} of run {run.id}: gave up after 2 tries: HTTP 500" in logged
     for secret in ("hookuser", "hunter2", "token=abc", "frag"):
         assert secret not in logged
+
+
+def test_a_host_name_is_judged_by_its_addresses_before_a_run_exists(run_settings: Settings) -> None:
+    with pytest.raises(InvalidInputError, match=r"webhook: refused address (127\.0\.0\.1|::1): loopback"):
+        check_webhook("http://localhost:9/hook", run_settings)
+    assert check_webhook("http://receiver.invalid/hook", run_settings) == "http://receiver.invalid/hook"
 
 
 def test_a_receiver_that_never_answers_does_not_hold_up_the_executor(
