@@ -50,6 +50,14 @@ def iter_images(
         return
     with archive:
         infos = [info for info in archive.infolist() if not _skipped(info)]
+        if not infos:
+            yield (
+                archive_name,
+                ArchiveEntryError(
+                    "the archive holds no files (folders, hidden files and __MACOSX/ are skipped)"
+                ),
+            )
+            return
         if len(infos) > MAX_ENTRIES:
             reason = f"too many entries: {len(infos)}, the limit is {MAX_ENTRIES}"
             yield archive_name, ArchiveEntryError(reason)

@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import stat
+import zipfile
 
 from PIL import Image
 
@@ -95,6 +96,24 @@ def test_repeated_labels_in_one_request_are_each_reported_once(settings: Setting
     }
     assert list(result.failed) == ["IMG_0001.png#3"]
     assert len(set(result.files.values())) == 3
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for name, data in entries.items():
+            bundle.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_a_zip_with_nothing_to_read_is_reported_not_passed_over(settings: Settings) -> None:
+    """Every part is reported once: an archive of only folders, hidden files and macOS forks too."""
+    skipped_only = _zip({"photos/": b"", "photos/.DS_Store": b"x", "__MACOSX/photos/._a.png": b"x"})
+    parts = [("empty.zip", _zip({})), ("skipped.zip", skipped_only), ("a.png", png((1, 2, 3)))]
+    result = upload(settings, *parts)
+    reason = "the archive holds no files (folders, hidden files and __MACOSX/ are skipped)"
+    assert result.failed == {"empty.zip": reason, "skipped.zip": reason}
+    assert list(result.files) == ["a.png"]
 
 
 def test_saved_images_are_readable_by_all(
