@@ -113,3 +113,12 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings; tests build their own `Settings` instead."""
     return Settings()
+
+
+SECRET_VARIABLES = frozenset({"FLUXTRAIN_API_KEY", "FLUXTRAIN_DATABASE_URL"})
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment without the service's own secrets, for the processes it starts:
+    trainers read their run.json and image workers their bodies, never the settings."""
+    return {name: value for name, value in os.environ.items() if name.upper() not in SECRET_VARIABLES}

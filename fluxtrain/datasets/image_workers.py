@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, TypeVar
 from fluxtrain.datasets.image_worker import LENGTH, decode, encode, encode_job, frame_length
 from fluxtrain.datasets.images import NormalizedImage, Stored, normalize_image
 from fluxtrain.datasets.ledger import DatasetDeletedError, write_incoming
+from fluxtrain.settings import child_environment
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class _Worker:
                 [sys.executable, "-m", "fluxtrain.datasets.image_worker", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                env=child_environment(),
             )
         except BaseException:
             ours.close()

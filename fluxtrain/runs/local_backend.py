@@ -19,6 +19,7 @@ import psutil
 from fluxtrain.fsutil import tail_lines
 from fluxtrain.rundir import RunDir
 from fluxtrain.runs.backend import LaunchSpec, PollResult, ProcessState
+from fluxtrain.settings import child_environment
 
 TRAINER_ENTRY = ("-m", "fluxtrain.training")
 
@@ -64,7 +65,7 @@ class LocalBackend:
         return [*cmd, *self._entry, str(spec.run_dir)]
 
     def launch(self, spec: LaunchSpec) -> str:
-        env = dict(os.environ)
+        env = child_environment()
         env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpu_ids) if spec.gpu_ids else ""
         env["PYTHONUNBUFFERED"] = "1"
         with RunDir(spec.run_dir).log.open("ab") as log:

@@ -208,6 +208,11 @@ def niceness() -> int:
     return os.nice(0)
 
 
+def environment_names() -> list[str]:
+    """A worker job: the names in its process's environment."""
+    return sorted(os.environ)
+
+
 class Unreadable(Exception):
     """An exception that pickles but does not unpickle: its constructor wants what it does not keep."""
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from fluxtrain.datasets import ingest
 from fluxtrain.datasets.image_worker import NICENESS
-from fluxtrain.datasets.image_workers import image_workers
+from fluxtrain.datasets.image_workers import ImageWorkers, image_workers
 from fluxtrain.datasets.images import normalize_image
 from fluxtrain.datasets.ingest import DownloadResult, download_images
 from fluxtrain.settings import Settings
@@ -71,6 +71,19 @@ def test_workers_import_no_model_libraries_and_the_parents_main_is_not_rerun() -
 
 def test_workers_yield_the_cpu_to_the_event_loop() -> None:
     assert asyncio.run(image_workers(2).run(support.niceness)) == min(19, os.nice(0) + NICENESS)
+
+
+def test_workers_do_not_inherit_the_services_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUXTRAIN_API_KEY", "sekrit")
+    monkeypatch.setenv("fluxtrain_database_url", "postgresql://u:pw@db/x")
+    monkeypatch.setenv("FLUXTRAIN_IMAGE_WORKERS", "1")
+    pool = ImageWorkers(1)
+    try:
+        names = asyncio.run(pool.run(support.environment_names))
+    finally:
+        pool.close()
+    assert "FLUXTRAIN_IMAGE_WORKERS" in names
+    assert not {"FLUXTRAIN_API_KEY", "fluxtrain_database_url"} & set(names)
 
 
 def test_answers_reach_their_own_jobs_with_two_jobs_queued_in_each_worker() -> None:

@@ -266,3 +266,24 @@ def test_unsaved_reference_without_trainer_starts_it(make_executor, submit, driv
     done = drive(make_executor(), run.id, lambda r: r.status in ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
     assert done.attempts == 1
+
+
+def test_the_trainer_does_not_inherit_the_services_secrets(tmp_path, monkeypatch):
+    """It reads run.json, never the settings: the API key and the database URL stay with the service."""
+    monkeypatch.setenv("FLUXTRAIN_API_KEY", "sekrit")
+    monkeypatch.setenv("FLUXTRAIN_DATABASE_URL", "postgresql://u:pw@db/x")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    entry = tmp_path / "dump_env.py"
+    entry.write_text(
+        "import os, pathlib, sys\n"
+        "pathlib.Path(sys.argv[1], 'names').write_text('\\n'.join(sorted(os.environ)))\n"
+    )
+    folder = tmp_path / "run"
+    folder.mkdir()
+    ref = LocalBackend(gpus="", entry=(str(entry),)).launch(
+        LaunchSpec(run_id="r1", run_dir=folder, gpu_ids=[], num_gpus=1)
+    )
+    psutil.Process(_parse(ref)[0]).wait(timeout=120)
+    names = (folder / "names").read_text().split("\n")
+    assert "HF_HUB_OFFLINE" in names and "CUDA_VISIBLE_DEVICES" in names
+    assert "FLUXTRAIN_API_KEY" not in names and "FLUXTRAIN_DATABASE_URL" not in names
