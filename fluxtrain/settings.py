@@ -81,8 +81,25 @@ class Settings(BaseSettings):
 
     @field_validator("api_key", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, value: object) -> object:
-        return None if value == "" else value
+    def _checked_key(cls, value: object) -> object:
+        """Surrounding whitespace (a key pasted from a CRLF file) is dropped on both ends of the
+        wire alike; what is left must fit an HTTP header, or no client could send it."""
+        if not isinstance(value, str):
+            return value
+        key = value.strip()
+        if key and not (key.isascii() and key.isprintable()):
+            raise ValueError("may only hold printable ASCII characters (it is sent in an HTTP header)")
+        return key or None
+
+    @field_validator("mount_path", "fs_path", mode="before")
+    @classmethod
+    def _folder(cls, value: object) -> object:
+        """An empty value means unset (not the current directory); a path that is a file is refused."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        if value is not None and Path(str(value)).exists() and not Path(str(value)).is_dir():
+            raise ValueError(f"{value} is not a directory")
+        return value
 
     @property
     def data_root(self) -> Path:
@@ -116,6 +133,17 @@ def get_settings() -> Settings:
 
 
 SECRET_VARIABLES = frozenset({"FLUXTRAIN_API_KEY", "FLUXTRAIN_DATABASE_URL"})
+
+
+def variable_name(field: str) -> str:
+    """The environment variable that sets `field` (named by field or by alias, as pydantic's
+    errors do): the seed's own name, or FLUXTRAIN_<FIELD>."""
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = [str(choice) for choice in alias.choices] if isinstance(alias, AliasChoices) else []
+        if field == name or field in choices:
+            return choices[0] if choices else f"FLUXTRAIN_{name.upper()}"
+    return field
 
 
 def child_environment() -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Finding, loading and keeping the Florence-2 caption model: once per process, shared by threads.
 
-`FLUXTRAIN_CAPTION_MODEL` is a local folder, a folder name under `$MODELS_ROOT`, or a hub id
-(`owner/name`) whose copy lives at `$MODELS_ROOT/owner/name`, downloaded there once when the
+`FLUXTRAIN_CAPTION_MODEL` is a local folder, a folder name under `$FS_PATH`, or a hub id
+(`owner/name`) whose copy lives at `$FS_PATH/owner/name`, downloaded there once when the
 machine has a network. Only the native transformers classes are used, never remote code.
 """
 
@@ -83,7 +83,7 @@ def _require_folder(value: str, folder: Path) -> Path:
         raise UnavailableError(
             f"caption model not found: {MODEL_SETTING}={value!r}, looked in {folder}, which holds no "
             f"Florence-2 model (no config.json). Point {MODEL_SETTING} at a Florence-2 folder, a folder name "
-            "under MODELS_ROOT, or a hub id on a machine with a network."
+            "under FS_PATH (the models folder), or a hub id on a machine with a network."
         )
     return folder.resolve()
 

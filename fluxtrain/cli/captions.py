@@ -18,7 +18,14 @@ from rich.progress import (
 from rich.table import Table
 
 from fluxtrain.captioning.request import CaptionRequest
-from fluxtrain.cli.options import EXIT_FAILED, build_request, documented, fail, with_model_options
+from fluxtrain.cli.options import (
+    EXIT_FAILED,
+    build_request,
+    documented,
+    fail,
+    load_settings,
+    with_model_options,
+)
 from fluxtrain.errors import FluxtrainError
 
 OPTION_NAMES = {"trigger_word": ("--trigger-word", "-t")}
@@ -36,7 +43,6 @@ def caption(
     from transformers.utils import logging as transformers_logging
 
     from fluxtrain.captioning.service import caption_request
-    from fluxtrain.settings import get_settings
 
     transformers_logging.disable_progress_bar()
 
@@ -63,7 +69,7 @@ def caption(
 
     try:
         with progress:
-            result = caption_request(settings=get_settings(), request=request, on_progress=on_progress)
+            result = caption_request(settings=load_settings(), request=request, on_progress=on_progress)
     except FluxtrainError as exc:
         fail(exc)
     out = Console()

@@ -9,11 +9,10 @@ from typing import Any
 
 import typer
 
-from fluxtrain.cli.options import build_request, documented, fail, with_model_options
+from fluxtrain.cli.options import build_request, documented, fail, load_settings, with_model_options
 from fluxtrain.dataset_config.request import DatasetConfig
 from fluxtrain.dataset_config.service import create_dataset_config
 from fluxtrain.errors import FluxtrainError
-from fluxtrain.settings import get_settings
 
 OPTION_NAMES = {"trigger_word": ("--trigger-word", "-t"), "enable_bucket": ("--bucket",)}
 
@@ -32,7 +31,7 @@ def config(
         labels={"output_name": "NAME", "enable_bucket": "--bucket", "trigger_word": "--trigger-word"},
     )
     try:
-        path = create_dataset_config(settings=get_settings(), request=request)
+        path = create_dataset_config(settings=load_settings(), request=request)
     except FluxtrainError as exc:
         fail(exc)
     typer.echo(str(path))

@@ -27,6 +27,7 @@ from fluxtrain.cli.options import (
     build_request,
     documented,
     fail,
+    load_settings,
     with_model_options,
 )
 from fluxtrain.datasets.catalog import summarize_datasets
@@ -35,27 +36,45 @@ from fluxtrain.datasets.lint import EXAMPLES, LintReport
 from fluxtrain.datasets.lint_service import LintRequest, lint_dataset
 from fluxtrain.errors import FluxtrainError
 from fluxtrain.names import check_name
-from fluxtrain.settings import get_settings
+
+FAILURES_SHOWN = 100
 
 
 def _read_url_file(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """The URLs of a file, one a line; blank lines and `#` comments skipped. Not UTF-8: exit 2."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        Console(stderr=True).print(
+            f"[red]invalid --file:[/red] {escape(str(path))} is not UTF-8 text "
+            f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 class _RateColumn(ProgressColumn):
-    """URLs finished per second, rich's estimate over the last seconds."""
+    """URLs finished per second, rich's estimate over the last seconds; none in the first second,
+    whose few finished URLs would read as tens of thousands a second."""
 
     def render(self, task: Task) -> Text:
+        if not task.elapsed or task.elapsed < 1.0:
+            return Text("- img/s")
         return Text(f"{task.speed or 0:.1f} img/s")
 
 
 def _failure_table(result: DownloadResult) -> Table:
-    table = Table(title=f"{len(result.failed)} URL(s) failed", show_lines=False)
+    """The failed URLs with their reasons, the first FAILURES_SHOWN of them (a 10,000-URL list
+    that all failed would otherwise scroll every other line away)."""
+    failed = list(result.failed.items())
+    table = Table(title=f"{len(failed)} URL(s) failed", show_lines=False)
     table.add_column("URL", overflow="fold")
     table.add_column("reason", overflow="fold")
-    for url, reason in result.failed.items():
-        table.add_row(url, reason)
+    for url, reason in failed[:FAILURES_SHOWN]:
+        table.add_row(Text(url), Text(reason))
+    if len(failed) > FAILURES_SHOWN:
+        table.add_row(Text(f"(+{len(failed) - FAILURES_SHOWN} more not shown)"), Text(""))
     return table
 
 
@@ -78,16 +97,18 @@ def download(
     try:
         check_name(name, what="dataset name")
     except ValueError as exc:
-        console.print(f"[red]invalid NAME:[/red] {exc}", highlight=False)
+        console.print(f"[red]invalid NAME:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     all_urls = list(urls or []) + (_read_url_file(file) if file else [])
     if not all_urls:
         console.print("[red]error:[/red] give at least one URL or --file", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     if role not in ("target", "control"):
-        console.print(f"[red]invalid --role:[/red] {role!r}: 'target' or 'control'", highlight=False)
+        console.print(
+            f"[red]invalid --role:[/red] {escape(repr(role))}: 'target' or 'control'", highlight=False
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
-    settings = get_settings()
+    settings = load_settings()
     distinct = len(dict.fromkeys(all_urls))
     with Progress(
         TextColumn("[bold]downloading"),
@@ -119,7 +140,9 @@ def download(
             )
         except FluxtrainError as exc:
             fail(exc)
-    console.print(f"saved {len(result.files)} of {distinct} image(s) into dataset '{name}'", highlight=False)
+    console.print(
+        f"saved {len(result.files)} of {distinct} image(s) into dataset '{escape(name)}'", highlight=False
+    )
     if result.failed:
         console.print(_failure_table(result))
         raise typer.Exit(EXIT_FAILED)
@@ -132,7 +155,7 @@ def datasets() -> None:
     table.add_column("name")
     table.add_column("images", justify="right")
     table.add_column("captions", justify="right")
-    for summary in summarize_datasets(settings=get_settings()):
+    for summary in summarize_datasets(settings=load_settings()):
         table.add_row(summary.name, str(summary.images), str(summary.captions))
     Console().print(table)
 
@@ -168,7 +191,7 @@ def lint(
     exists); exits 1 when it has errors (training would fail), 0 with warnings only."""
     request = build_request(LintRequest, fields, labels={"enable_bucket": "--bucket"})
     try:
-        report = lint_dataset(settings=get_settings(), name=name, request=request)
+        report = lint_dataset(settings=load_settings(), name=name, request=request)
     except FluxtrainError as exc:
         fail(exc)
     if as_json:

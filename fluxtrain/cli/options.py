@@ -18,10 +18,12 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 
 from fluxtrain.errors import FluxtrainError, InvalidInputError, TooLargeError
+from fluxtrain.settings import Settings, get_settings, variable_name
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -48,7 +50,10 @@ def _option_type(annotation: Any) -> Any:
 
 def _help(field: FieldInfo) -> str | None:
     default = field.get_default(call_default_factory=True)
-    shown = "" if default is None or default == [] else escape(f" [default: {default}]")
+    if field.is_required():
+        shown = escape(" [required]")
+    else:
+        shown = "" if default is None or default == [] else escape(f" [default: {default}]")
     return ((field.description or "") + shown).strip() or None
 
 
@@ -123,13 +128,29 @@ def build_request(
             field = ".".join(str(part) for part in error["loc"])
             label = (labels or {}).get(field) or (option_name(field) if field else "options")
             reason = error["msg"].removeprefix("Value error, ")
-            console.print(f"[red]invalid {label}:[/red] {reason}", highlight=False)
+            console.print(f"[red]invalid {escape(label)}:[/red] {escape(reason)}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+
+
+def load_settings() -> Settings:
+    """The process's settings; a variable that does not validate is named, one line each, exit 2."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        console = Console(stderr=True)
+        for error in exc.errors():
+            name = variable_name(str(error["loc"][0])) if error["loc"] else "settings"
+            reason = error["msg"].removeprefix("Value error, ")
+            console.print(f"[red]invalid {name}:[/red] {escape(reason)}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except SettingsError as exc:
+        Console(stderr=True).print(f"[red]invalid settings:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
 
 
 def fail(exc: FluxtrainError) -> NoReturn:
     """Print a library error and exit: 2 when it refused an input, 1 when the operation failed."""
-    Console(stderr=True).print(f"[red]error:[/red] {exc.message}", highlight=False)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
     raise typer.Exit(EXIT_BAD_INPUT if isinstance(exc, BAD_INPUT_ERRORS) else EXIT_FAILED) from exc
 
 

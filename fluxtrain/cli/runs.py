@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,17 @@ from fluxtrain.cli.options import (
     EXIT_FAILED,
     build_request,
     documented,
+    load_settings,
     with_model_options,
 )
 from fluxtrain.fsutil import atomic_write_bytes
 from fluxtrain.runs.schemas import TrainRequest
-from fluxtrain.settings import get_settings
 
 console = Console()
 notes = Console(stderr=True)
 TERMINAL = {"succeeded", "failed", "canceled"}
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+FOLLOW_RETRIES = 30
 BAD_INPUT_STATUSES = frozenset({400, 413, 422})
 TRAIN_OPTION_NAMES = {
     "max_train_epochs": ("--epochs", "--max-train-epochs"),
@@ -47,8 +50,18 @@ UrlOption = typer.Option(
 
 
 def _client(url: str | None) -> httpx.Client:
-    settings = get_settings()
+    settings = load_settings()
     base = url or os.environ.get("FLUXTRAIN_URL") or f"http://127.0.0.1:{settings.port}"
+    try:
+        parsed = httpx.URL(base)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port or 1) <= 65535
+    except (httpx.InvalidURL, ValueError):
+        valid = False
+    if not valid:
+        notes.print(
+            f"[red]invalid --url:[/] {escape(base)!r}: expected http(s)://host[:port]", highlight=False
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
     headers = {}
     if settings.api_key is not None:
         headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
@@ -64,19 +77,47 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
         response = client.request(method, path, **kwargs)
     except httpx.TransportError as exc:
         notes.print(
-            f"[red]cannot reach the service at {client.base_url}: {exc}[/] (is `fluxtrain serve` running?)"
+            f"[red]cannot reach the service at {escape(str(client.base_url))}: {escape(str(exc))}[/] "
+            "(is `fluxtrain serve` running?)",
+            highlight=False,
         )
         raise typer.Exit(EXIT_FAILED) from exc
     if response.is_error:
         try:
             detail = response.json().get("detail", response.text)
-        except ValueError:
+        except (ValueError, AttributeError):
             detail = response.text
-        notes.print(
-            f"[red]{response.status_code}: {detail if isinstance(detail, str) else json.dumps(detail)}[/]"
-        )
+        shown = detail if isinstance(detail, str) else _validation_messages(detail)
+        notes.print(f"[red]{response.status_code}: {escape(shown)}[/]", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT if response.status_code in BAD_INPUT_STATUSES else EXIT_FAILED)
-    return response.json()
+    try:
+        body = response.json() if response.is_success else None
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        kind = response.headers.get("content-type", "no content type")
+        notes.print(
+            f"[red]the service at {escape(str(client.base_url))} did not answer with fluxtrain's JSON "
+            f"(HTTP {response.status_code}, {escape(kind)})[/]: does --url name the service itself?",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED)
+    return body
+
+
+def _validation_messages(detail: Any) -> str:
+    """FastAPI's list of validation errors as `field: message` lines; anything else as JSON."""
+    if isinstance(detail, list) and all(isinstance(item, dict) and "msg" in item for item in detail):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in item.get('loc', [])[1:]) or 'request'}: {item['msg']}"
+            for item in detail
+        )
+    return json.dumps(detail)
+
+
+def _path(template: str, run_id: str) -> str:
+    """A run's endpoint with its id quoted as one path segment, so `../health` names no other endpoint."""
+    return template.format(urllib.parse.quote(run_id, safe=""))
 
 
 def _parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -96,7 +137,7 @@ def _sse(client: httpx.Client, run_id: str, after: int) -> Iterator[tuple[str | 
     """(id, event name, data) of each server-sent event of a run."""
     headers = {"Last-Event-ID": str(after)} if after else {}
     timeout = httpx.Timeout(30.0, read=None)
-    with client.stream("GET", f"/runs/{run_id}/events", headers=headers, timeout=timeout) as response:
+    with client.stream("GET", _path("/runs/{}/events", run_id), headers=headers, timeout=timeout) as response:
         response.raise_for_status()
         event_id, name, data = None, "message", []
         for line in response.iter_lines():
@@ -125,7 +166,7 @@ def _fmt(value: Any, pattern: str) -> str:
 
 def follow(client: httpx.Client, run_id: str) -> dict[str, Any]:
     """Show a live progress bar until the run ends; reconnects without losing an event."""
-    status = _call(client, "GET", f"/status/{run_id}")
+    status = _call(client, "GET", _path("/status/{}", run_id))
     total = status["progress"]["total_steps"]
     last_id, final = 0, None
     columns = (
@@ -160,10 +201,17 @@ def follow(client: httpx.Client, run_id: str) -> dict[str, Any]:
                         )
                     elif kind in ("started", "caching", "checkpoint", "sample", "interrupted"):
                         progress.update(task, description=kind, total=total)
-            except (httpx.TransportError, httpx.HTTPStatusError):
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
                 failures += 1
-                if failures > 30:
-                    raise
+                if failures > FOLLOW_RETRIES:
+                    progress.stop()
+                    notes.print(
+                        f"[red]lost the service at {escape(str(client.base_url))}: {escape(str(exc))}[/]; "
+                        f"the run may still be going (fluxtrain status {escape(run_id)})",
+                        highlight=False,
+                    )
+                    raise typer.Exit(EXIT_FAILED) from exc
+                progress.update(task, description=f"reconnecting ({failures}/{FOLLOW_RETRIES})")
                 time.sleep(min(failures, 5))
     return final
 
@@ -187,6 +235,10 @@ def register(app: typer.Typer) -> None:
         fields: dict[str, Any],
     ) -> None:
         """Start a training run on the service and follow it (Ctrl-C detaches)."""
+        if idempotency_key is not None and not (idempotency_key.isascii() and idempotency_key.isprintable()):
+            raise typer.BadParameter(
+                "printable ASCII only (it is sent in an HTTP header)", param_hint="--idempotency-key"
+            )
         values = {"output_name": name, **fields, **_parse_set(set_)}
         request = build_request(TrainRequest, values, labels={"output_name": "NAME"})
         body = request.model_dump(mode="json", exclude_unset=True)
@@ -196,12 +248,12 @@ def register(app: typer.Typer) -> None:
             if no_follow:
                 typer.echo(run_id)
                 return
-            notes.print(f"run [bold]{run_id}[/] queued")
+            notes.print(f"run [bold]{escape(run_id)}[/] queued")
             try:
                 final = follow(client, run_id)
             except KeyboardInterrupt:
                 if cancel_on_exit:
-                    _call(client, "POST", f"/runs/{run_id}/cancel")
+                    _call(client, "POST", _path("/runs/{}/cancel", run_id))
                     notes.print(f"canceling run {run_id}")
                 else:
                     notes.print(f"detached; the run goes on (fluxtrain status {run_id})")
@@ -218,7 +270,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show a run's status, progress, outputs and last log lines."""
         with _client(url) as client:
-            body = _call(client, "GET", f"/status/{run_id}")
+            body = _call(client, "GET", _path("/status/{}", run_id))
         if as_json:
             console.print_json(data=body)
         else:
@@ -232,6 +284,10 @@ def register(app: typer.Typer) -> None:
         url: str | None = UrlOption,
     ) -> None:
         """List runs, newest first."""
+        if status is not None and status not in RUN_STATUSES:
+            raise typer.BadParameter(
+                f"{status!r} is not one of {', '.join(RUN_STATUSES)}", param_hint="--status"
+            )
         params: dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status
@@ -251,7 +307,7 @@ def register(app: typer.Typer) -> None:
     def cancel(run_id: str, url: str | None = UrlOption) -> None:
         """Cancel a run: a queued one is dropped, a running one saves its state and stops."""
         with _client(url) as client:
-            body = _call(client, "POST", f"/runs/{run_id}/cancel")
+            body = _call(client, "POST", _path("/runs/{}/cancel", run_id))
         console.print(
             f"run {run_id}: {body['status']}" + (" (stopping)" if body["status"] == "running" else "")
         )
@@ -265,13 +321,24 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write a run's contact sheet now (a row per prompt, a column per sampled step); prints its name."""
         with _client(url) as client:
-            body = _call(client, "POST", f"/runs/{run_id}/contact-sheet")
+            body = _call(client, "POST", _path("/runs/{}/contact-sheet", run_id))
             if output is not None:
-                response = client.get(f"/runs/{run_id}/artifacts/{body['name']}")
+                artifact = _path("/runs/{}/artifacts/", run_id) + urllib.parse.quote(body["name"])
+                try:
+                    response = client.get(artifact)
+                except httpx.TransportError as exc:
+                    notes.print(f"[red]could not download {escape(body['name'])}: {escape(str(exc))}[/]")
+                    raise typer.Exit(EXIT_FAILED) from exc
                 if response.is_error:
-                    notes.print(f"[red]{response.status_code}: could not download {body['name']}[/]")
+                    notes.print(f"[red]{response.status_code}: could not download {escape(body['name'])}[/]")
                     raise typer.Exit(EXIT_FAILED)
-                atomic_write_bytes(output, response.content)
+                try:
+                    atomic_write_bytes(output, response.content)
+                except OSError as exc:
+                    notes.print(
+                        f"[red]cannot write {escape(str(output))}: {escape(str(exc))}[/]", highlight=False
+                    )
+                    raise typer.Exit(EXIT_BAD_INPUT) from exc
                 notes.print(f"saved {output} ({len(response.content)} bytes)")
         console.out(body["name"], highlight=False)
 
@@ -287,7 +354,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print the trainer's log."""
         with _client(url) as client:
-            body = _call(client, "GET", f"/runs/{run_id}/logs", params={"tail": tail})
+            body = _call(client, "GET", _path("/runs/{}/logs", run_id), params={"tail": tail})
             for line in body["lines"]:
                 console.out(line, highlight=False)
             offset = body["next_offset"]
@@ -295,20 +362,20 @@ def register(app: typer.Typer) -> None:
                 while follow_log:
                     time.sleep(1.0)
                     # read the status first: lines written before the run ended are then all in the log
-                    ended = _call(client, "GET", f"/status/{run_id}")["status"] in TERMINAL
-                    body = _call(client, "GET", f"/runs/{run_id}/logs", params={"offset": offset})
+                    ended = _call(client, "GET", _path("/status/{}", run_id))["status"] in TERMINAL
+                    body = _call(client, "GET", _path("/runs/{}/logs", run_id), params={"offset": offset})
                     for line in body["lines"]:
                         console.out(line, highlight=False)
                     offset = body["next_offset"]
                     if ended and not body["lines"]:
                         return
             except KeyboardInterrupt:
-                return
+                raise typer.Exit(130) from None
 
 
 def _print_status(body: dict[str, Any]) -> None:
     progress = body["progress"]
-    console.print(f"run [bold]{body['run_id']}[/]: [bold]{body['status']}[/]")
+    console.print(f"run [bold]{escape(body['run_id'])}[/]: [bold]{escape(body['status'])}[/]")
     console.print(
         f"  step {progress['step']}/{progress['total_steps'] or '?'}  epoch {progress['epoch']}"
         f"/{progress['total_epochs'] or '?'}  loss {_fmt(progress['loss'], '{:.4f}')}"
@@ -317,14 +384,16 @@ def _print_status(body: dict[str, Any]) -> None:
     if progress.get("validation_loss") is not None:
         console.print(f"  validation loss {_fmt(progress['validation_loss'], '{:.5f}')}")
     if body.get("best_checkpoint"):
-        console.print(f"  best checkpoint {body['best_checkpoint']}")
+        console.print(f"  best checkpoint {escape(body['best_checkpoint'])}", highlight=False)
     for output in body["outputs"]:
-        console.print(f"  {output['name']}  {output['url'] or output['path']}")
+        console.print(
+            f"  {escape(output['name'])}  {escape(output['url'] or output['path'])}", highlight=False
+        )
     if body.get("waiting"):
-        console.print(f"[yellow]{body['waiting']}[/]")
+        console.print(f"[yellow]{escape(body['waiting'])}[/]", highlight=False)
     for warning in body.get("warnings", []):
         console.print(f"[yellow]warning {warning['kind']}: {escape(warning['message'])}[/]", highlight=False)
     if body["error"]:
-        console.print(f"[red]{body['error']}[/]")
+        console.print(f"[red]{escape(body['error'])}[/]", highlight=False)
     for line in body["logs"]:
         console.out(f"  | {line}", highlight=False)

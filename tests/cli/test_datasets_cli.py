@@ -1,6 +1,6 @@
 from typer.testing import CliRunner
 
-from fluxtrain.cli import datasets as datasets_cli
+from fluxtrain.cli import options as cli_options
 from fluxtrain.cli.main import app
 from fluxtrain.settings import Settings
 from tests.datasets.support import LoopbackServer, Reply
@@ -9,7 +9,7 @@ from tests.datasets.support import LoopbackServer, Reply
 def test_download_reports_failures_and_exits_1(
     server: LoopbackServer, open_settings: Settings, png_bytes: bytes, tmp_path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(datasets_cli, "get_settings", lambda: open_settings)
+    monkeypatch.setattr(cli_options, "get_settings", lambda: open_settings)
     good = server.add("/good.png", Reply(body=png_bytes))
     url_file = tmp_path / "urls.txt"
     url_file.write_text(f"# comment\n{server.url('/gone.png')}\n\n")
@@ -28,7 +28,7 @@ def test_download_reports_failures_and_exits_1(
 
 
 def test_download_refuses_a_bad_name_and_no_urls(open_settings: Settings, monkeypatch) -> None:
-    monkeypatch.setattr(datasets_cli, "get_settings", lambda: open_settings)
+    monkeypatch.setattr(cli_options, "get_settings", lambda: open_settings)
     bad = CliRunner().invoke(app, ["download", "../up", "http://example.com/a.png"])
     assert bad.exit_code == 2
     assert "invalid NAME" in bad.output
@@ -40,7 +40,7 @@ def test_download_refuses_a_bad_name_and_no_urls(open_settings: Settings, monkey
 def test_download_shows_a_progress_bar_with_rate_and_failures(
     server: LoopbackServer, open_settings: Settings, png_bytes: bytes, tmp_path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(datasets_cli, "get_settings", lambda: open_settings)
+    monkeypatch.setattr(cli_options, "get_settings", lambda: open_settings)
     url_file = tmp_path / "urls.txt"
     urls = [server.add(f"/p{index}.png", Reply(body=png_bytes)) for index in range(5)]
     url_file.write_text("\n".join([*urls, server.url("/missing.png")]) + "\n")
@@ -54,7 +54,7 @@ def test_download_shows_a_progress_bar_with_rate_and_failures(
 def test_download_of_controls_stores_them_under_their_stems(
     server: LoopbackServer, open_settings: Settings, png_bytes: bytes, monkeypatch
 ) -> None:
-    monkeypatch.setattr(datasets_cli, "get_settings", lambda: open_settings)
+    monkeypatch.setattr(cli_options, "get_settings", lambda: open_settings)
     source = server.add("/x/source.png", Reply(body=png_bytes))
     command = ["download", "pairs", source, "--role", "control", "--control-for", "cat"]
     result = CliRunner().invoke(app, command)

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from fluxtrain.cli import datasets as datasets_cli
+from fluxtrain.cli import options as cli_options
 from fluxtrain.cli.main import app
 from fluxtrain.settings import Settings
 from fluxtrain.training.tiny import write_tiny_tokenizers
@@ -16,7 +16,7 @@ from tests.datasets.pictures import add_image, picture
 
 @pytest.fixture
 def cli_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setattr(datasets_cli, "get_settings", lambda: settings)
+    monkeypatch.setattr(cli_options, "get_settings", lambda: settings)
     monkeypatch.setenv("COLUMNS", "200")
     write_tiny_tokenizers(settings.models_root)
     folder = settings.datasets_dir / "pets"
