@@ -3,7 +3,8 @@
 A name is one path segment of letters, digits, '-', '_' and '.', without a leading dot, at most
 100 characters: it can never climb out of, or hide inside, the folder it is joined to. A trigger
 word is one line of text that captioning writes first in every caption and the dataset config
-ties to every image: the same rule for both.
+ties to every image: the same rule for both. A value sent in an HTTP header (the API key, an
+idempotency key) is printable ASCII.
 """
 
 from __future__ import annotations
@@ -79,3 +80,8 @@ def safe_join(root: Path, name: str, *, what: str = "name") -> Path:
     if path.parent != root.resolve():
         raise InvalidInputError(f"{what} escapes its folder")
     return path
+
+
+def header_safe(value: str) -> bool:
+    """Whether `value` can be sent as an HTTP header value as it is: printable ASCII only."""
+    return value.isascii() and value.isprintable()

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fluxtrain.names import header_safe
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -87,7 +89,7 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         key = value.strip()
-        if key and not (key.isascii() and key.isprintable()):
+        if key and not header_safe(key):
             raise ValueError("may only hold printable ASCII characters (it is sent in an HTTP header)")
         return key or None
 

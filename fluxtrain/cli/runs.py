@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import typing
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,12 +32,13 @@ from fluxtrain.cli.options import (
     with_model_options,
 )
 from fluxtrain.fsutil import atomic_write_bytes
-from fluxtrain.runs.schemas import TrainRequest
+from fluxtrain.names import header_safe
+from fluxtrain.runs.schemas import RunStatus, TrainRequest
 
 console = Console()
 notes = Console(stderr=True)
 TERMINAL = {"succeeded", "failed", "canceled"}
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+RUN_STATUSES = typing.get_args(RunStatus)
 FOLLOW_RETRIES = 30
 BAD_INPUT_STATUSES = frozenset({400, 413, 422})
 TRAIN_OPTION_NAMES = {
@@ -59,7 +61,8 @@ def _client(url: str | None) -> httpx.Client:
         valid = False
     if not valid:
         notes.print(
-            f"[red]invalid --url:[/] {escape(base)!r}: expected http(s)://host[:port]", highlight=False
+            f"[red]invalid --url:[/] {escape(repr(base))}: expected {escape('http(s)://host[:port]')}",
+            highlight=False,
         )
         raise typer.Exit(EXIT_BAD_INPUT)
     headers = {}
@@ -235,7 +238,7 @@ def register(app: typer.Typer) -> None:
         fields: dict[str, Any],
     ) -> None:
         """Start a training run on the service and follow it (Ctrl-C detaches)."""
-        if idempotency_key is not None and not (idempotency_key.isascii() and idempotency_key.isprintable()):
+        if idempotency_key is not None and not header_safe(idempotency_key):
             raise typer.BadParameter(
                 "printable ASCII only (it is sent in an HTTP header)", param_hint="--idempotency-key"
             )
